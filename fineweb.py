@@ -1,0 +1,611 @@
+"""Turn FineWeb-Edu into the token shards that gpt2.py trains on.
+
+    python fineweb.py                          # sample-10BT: ~28 GB download, ~10B tokens
+    python fineweb.py --name sample-100BT      # the bigger samples, same pipeline
+    python fineweb.py --input a.parquet b.parquet --out_dir /tmp/shards   # local files, no network
+    python fineweb.py --help                   # every flag, its default and why
+
+It is the first thing to run and the longest, so it is built to finish: stop it at any
+moment (Ctrl-C, kill -9, a crash, a full disk), run the same command again, and it carries on
+where it stopped and writes the same bytes an uninterrupted run would have written.
+
+The pipeline, in the order the data flows:
+
+1. Download. The hub's tree API (`{HF_ENDPOINT}/api/datasets/HuggingFaceFW/fineweb-edu/tree/
+   main/sample/10BT`, paginated with a `Link: <...>; rel="next"` header) lists the parquet
+   files with their size and sha256. Each file is streamed to `<name>.part` in the cache
+   folder, resumed with an HTTP Range request after a dropped connection, retried with
+   backoff on timeouts and 5xx, checked (size, sha256), and only then renamed. 401/403/404
+   fail at once. The next file downloads in the background while this one is tokenized.
+2. Tokenize. The main process reads the `text` column one parquet row group at a time (so
+   memory does not grow with the file) and hands batches of documents to a pool of
+   processes, one per core. Each worker returns the GPT-2 tokens of its batch, with
+   <|endoftext|> (50256) before every document, as one uint16 array.
+3. Shard. Results are taken back in input order and cut into shards of exactly
+   `--shard_size` tokens (documents run on across shard boundaries; the last shard is
+   shorter). Shard 0 is validation, the rest training: `fineweb_edu_val_000000.bin`,
+   `fineweb_edu_train_000001.bin`, ... The token stream depends only on the input, never on
+   `--num_proc`, batch sizes or interruptions, so the shards are byte-identical across runs.
+
+Shard format (llm.c's, read by gpt2.read_shard): a 1024-byte header of 256 little-endian
+int32 `[20240520, 1, number of tokens, 0, ...]`, then the tokens as little-endian uint16.
+
+Restart. `manifest.json` in the output folder records the inputs, the parameters and, for
+each finished shard, where the next shard starts: (file, document row, tokens to skip in
+the stream that starts at that document). A rerun skips to that position and re-tokenizes
+at most one batch it had already seen; files before it are not needed again, which is why a
+downloaded parquet file is deleted (unless `--keep_parquet`) once a finished shard lies past
+it: the disk holds ~20 GB of shards, not 48 GB of both. Every file another run may read (a
+shard, the manifest, a download) is written to a temporary name and renamed when complete.
+
+Imports: numpy, tiktoken, requests, pyarrow, tqdm. Not torch and not gpt2: every tokenizer
+worker would pay ~220 MB of memory for `import torch`.
+"""
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import tiktoken
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------
+# The shard format: llm.c's, shared with gpt2.py (which holds the reader, gpt2.read_shard).
+# ---------------------------------------------------------------------------------------
+SHARD_MAGIC = 20240520  # llm.c's magic number for token files
+SHARD_VERSION = 1  # version 1: tokens are uint16
+HEADER_INTS = 256  # the header is 256 int32 = 1024 bytes, then the tokens
+HEADER_BYTES = HEADER_INTS * 4
+EOT = 50256  # <|endoftext|>, GPT-2's only special token; it opens every document
+
+
+class UserError(Exception):
+    """Something the user can fix (a bad file, the network, a flag): one line, exit code 1."""
+
+
+class TokenIdError(UserError, ValueError):
+    """A token id that does not fit the shards' uint16."""
+
+
+def as_uint16(tokens, where):
+    """Return `tokens` (1-D ints) as little-endian uint16; raise TokenIdError naming `where` if
+    an id is outside [0, 2**16), because a plain cast would wrap it silently."""
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return np.zeros(0, dtype="<u2")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TokenIdError(f"{where}: tokens must be a 1-D sequence of ints, got {arr.dtype} of shape {arr.shape}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= 2**16:
+        raise TokenIdError(f"{where}: token id {hi if hi >= 2**16 else lo} does not fit in a uint16 shard")
+    return arr.astype("<u2", copy=False)
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Add the file name to an OSError that lacks one: a write() on a full disk raises ENOSPC
+    with no name, and the error line must say which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = os.fspath(path)
+        raise
+
+
+def atomic_write(path, *buffers):
+    """Write the buffers to `path + ".tmp"`, fsync, then rename onto `path`: a reader sees the
+    old file or the complete new one, never a half-written one, even after kill -9."""
+    tmp = f"{os.fspath(path)}.tmp"
+    try:
+        with naming(tmp), open(tmp, "wb") as f:
+            for buffer in buffers:
+                f.write(buffer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)  # on a full disk, give the space back
+        raise
+
+
+def write_shard(path, tokens):
+    """Write `tokens` (a 1-D array-like of ints, each in [0, 2**16)) as a shard at `path`.
+
+    The file is llm.c's format: 256 little-endian int32 `[SHARD_MAGIC, SHARD_VERSION,
+    len(tokens), 0, ...]`, then the tokens as little-endian uint16. It is written atomically
+    (`path.tmp`, fsync, rename). Raises ValueError naming the file if an id does not fit."""
+    tokens = as_uint16(tokens, path)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = [SHARD_MAGIC, SHARD_VERSION, len(tokens)]
+    atomic_write(path, header.tobytes(), memoryview(tokens))
+
+
+def shard_name(index):
+    split = "val" if index == 0 else "train"
+    return f"fineweb_edu_{split}_{index:06d}.bin"
+
+
+# ---------------------------------------------------------------------------------------
+# Download from the Hugging Face hub.
+# ---------------------------------------------------------------------------------------
+REPO = "HuggingFaceFW/fineweb-edu"
+SAMPLES = {"sample-10BT": "sample/10BT", "sample-100BT": "sample/100BT", "sample-350BT": "sample/350BT"}
+TIMEOUT = (10, 60)  # seconds to connect, and to wait for the next bytes of an answer
+MAX_TRIES = 8  # 1+2+4+...+64 s: about two minutes of a failing network before giving up
+RETRY_STATUS = {408, 429}  # and every 5xx: the server's trouble, which passes
+
+
+class TransientError(Exception):
+    """A failure that trying again may fix: 5xx, 429, or a download cut short."""
+
+
+TRANSIENT = (TransientError, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def hub_base():
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def open_url(session, url, headers=None):
+    """GET `url`, streamed. Errors that retrying cannot fix (401, 403, 404, ...) raise UserError
+    at once; the server's passing trouble (5xx, 429) raises TransientError."""
+    r = session.get(url, headers=headers, stream=True, timeout=TIMEOUT)
+    if r.status_code >= 400:
+        r.close()
+        message = f"{url}: HTTP {r.status_code} {r.reason}"
+        if r.status_code in RETRY_STATUS or r.status_code >= 500:
+            raise TransientError(message)
+        raise UserError(f"{message} (check --name and HF_ENDPOINT)")
+    return r
+
+
+def with_retries(url, attempt, progress=lambda: 0):
+    """Return attempt(), calling it again after transient failures with exponential backoff.
+    A try that made `progress` (bytes on disk) restarts the count: a long download over a
+    flaky line gets there as long as it moves."""
+    failures = 0
+    while True:
+        before = progress()
+        try:
+            return attempt()
+        except TRANSIENT as e:
+            failures = 1 if progress() > before else failures + 1
+            if failures >= MAX_TRIES:
+                raise UserError(f"{url}: {e}; gave up after {MAX_TRIES} tries, rerun to resume") from None
+            delay = 2 ** (failures - 1)
+            tqdm.write(f"{url}: {e}; retrying in {delay} s", file=sys.stderr)
+            time.sleep(delay)
+
+
+def list_files(name, max_files):
+    """The parquet files of a FineWeb-Edu sample, sorted, as {"name", "size", "sha256"}.
+
+    Asks the hub's tree API, as huggingface_hub's HfApi.list_repo_tree does, and follows its
+    pagination. "name" is the path in the repository; sha256 is the LFS oid, when there is one."""
+    url = f"{hub_base()}/api/datasets/{REPO}/tree/main/{SAMPLES[name]}"
+    entries = []
+    with requests.Session() as session:
+        while url:
+            page, url = with_retries(url, lambda: read_page(session, url))
+            entries += page
+    files = sorted(
+        ({"name": e["path"], "size": e["size"], "sha256": (e.get("lfs") or {}).get("oid")}
+         for e in entries if e.get("type") == "file" and e["path"].endswith(".parquet")),
+        key=lambda f: f["name"])
+    if not files:
+        raise UserError(f"{hub_base()}: the hub lists no parquet files for {name}")
+    return files[:max_files]
+
+
+def read_page(session, url):
+    """One page of the tree API: its JSON entries and the URL of the next page (or None)."""
+    with open_url(session, url) as r:
+        try:
+            entries = r.json()
+        except ValueError:
+            raise UserError(f"{url}: not the hub's JSON file list (check HF_ENDPOINT)") from None
+        return entries, r.links.get("next", {}).get("url")
+
+
+def download(file, dest):
+    """Download a hub file to `dest`, through `dest.part`, and return `dest`.
+
+    Resumes the .part with a Range request, retries transient failures, checks size and
+    sha256, then renames: a file at `dest` is always complete and checked."""
+    if os.path.exists(dest):
+        return dest
+    url = f"{hub_base()}/datasets/{REPO}/resolve/main/{file['name']}"
+    part = f"{dest}.part"
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with requests.Session() as session, tqdm(total=file["size"], unit="B", unit_scale=True, desc=file["name"],
+                                             disable=None) as bar:
+        with_retries(url, lambda: fetch_rest(session, url, part, file["size"], bar), progress=lambda: size_of(part))
+    check_download(url, part, file)
+    os.replace(part, dest)
+    tqdm.write(f"downloaded {file['name']} ({file['size']:,} bytes)")
+    return dest
+
+
+def size_of(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def fetch_rest(session, url, part, size, bar):
+    """Append to `part` the bytes it is missing, asking only for those (HTTP Range)."""
+    have = size_of(part)
+    if have >= size:
+        return
+    with open_url(session, url, {"Range": f"bytes={have}-"} if have else None) as r:
+        if r.status_code != 206:
+            have = 0  # the server sent the whole file: start the .part again
+        bar.reset(total=size)
+        bar.update(have)
+        with naming(part), open(part, "ab" if have else "wb") as f:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if size_of(part) < size:
+        raise TransientError(f"the connection closed after {size_of(part):,} of {size:,} bytes")
+
+
+def check_download(url, part, file):
+    """Compare a finished .part with the size and sha256 the hub lists; delete it if it differs."""
+    problem = None
+    if size_of(part) != file["size"]:
+        problem = f"got {size_of(part):,} bytes, the hub lists {file['size']:,}"
+    elif file["sha256"]:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != file["sha256"]:
+            problem = f"sha256 {digest.hexdigest()} differs from the hub's {file['sha256']}"
+    if problem:
+        os.remove(part)
+        raise UserError(f"{url}: {problem}; deleted the download, rerun to fetch it again")
+
+
+def in_background(fn, *args):
+    """Start fn(*args) in a daemon thread and return a Future of its result. Daemon, unlike a
+    ThreadPoolExecutor's threads, so that Ctrl-C or an error never waits for a download."""
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever waits for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+# ---------------------------------------------------------------------------------------
+# Read parquet files and tokenize them in a pool of processes.
+# ---------------------------------------------------------------------------------------
+def open_parquet(path):
+    """Open a parquet file and check it has a string column `text`; one-line errors otherwise."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise UserError(f"{path}: no 'text' column (it has: {', '.join(schema.names)}); "
+                        "fineweb.py tokenizes the 'text' column of FineWeb-Edu's files")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}: the 'text' column holds {kind}, not strings")
+    return pf
+
+
+def read_documents(path, start_row, docs_per_batch):
+    """Yield (row, texts): the documents of one parquet file from `start_row` on, in batches.
+
+    One row group of the `text` column is in memory at a time, whatever the file's size
+    (datatrove, which wrote FineWeb-Edu, puts 1,000 documents in a row group)."""
+    pf = open_parquet(path)
+    first = 0  # the row where this row group starts
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        if first + rows > start_row:
+            try:
+                texts = pf.read_row_group(group, columns=["text"]).column(0)
+            except (pa.ArrowException, OSError) as e:
+                raise UserError(f"{path}: row group {group} is unreadable ({e})") from None
+            for i in range(max(start_row - first, 0), rows, docs_per_batch):
+                yield first + i, texts.slice(i, docs_per_batch).to_pylist()
+        first += rows
+
+
+_encoder = None
+
+
+def init_worker():
+    """Run once in each pool process: load the tokenizer, and leave Ctrl-C to the main
+    process, which stops the pool (otherwise every worker prints a traceback)."""
+    global _encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _encoder = tiktoken.get_encoding("gpt2")
+
+
+def tokenize(texts, where):
+    """The GPT-2 tokens of a batch of documents, <|endoftext|> before each, as one uint16 array."""
+    parts = []
+    eot = np.array([EOT], dtype=np.uint32)
+    for text in texts:
+        parts.append(eot)
+        # encode_to_numpy with no special tokens allowed or disallowed is encode_ordinary
+        # (any "<|endoftext|>" in the text is plain text), minus the Python list of ints.
+        parts.append(_encoder.encode_to_numpy(text, disallowed_special=()))
+    return as_uint16(np.concatenate(parts), where)
+
+
+def tokenize_in_order(pool, batches, window):
+    """For each (position, where, texts) in `batches`, yield (position, tokens) in input order,
+    with at most `window` batches in the pool. (Pool.imap would read `batches` from a thread of
+    its own, as far ahead as it likes, and an exit would wait for it: we keep the reading here.)"""
+    pending = collections.deque()
+    for position, where, texts in batches:
+        pending.append((position, pool.apply_async(tokenize, (texts, where))))
+        if len(pending) >= window:
+            position, result = pending.popleft()
+            yield position, result.get()
+    for position, result in pending:
+        yield position, result.get()
+
+
+# ---------------------------------------------------------------------------------------
+# Shards and the manifest that makes a run restartable.
+# ---------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+
+
+def save_manifest(out_dir, manifest):
+    atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+
+
+def next_start(manifest):
+    """Where the next shard starts: [file, row, tokens of that row's stream to skip]."""
+    return manifest["shards"][-1]["next"] if manifest["shards"] else [0, 0, 0]
+
+
+class ShardWriter:
+    """Cuts the token stream into shards of exactly `shard_size` tokens, recording each in the
+    manifest together with where the next one starts: (file, row, tokens to skip)."""
+
+    def __init__(self, out_dir, shard_size, manifest):
+        self.out_dir, self.manifest = out_dir, manifest
+        self.buffer = np.empty(shard_size, dtype=np.uint16)
+        self.fill = 0
+
+    def add(self, file, row, skipped, tokens):
+        """Add the tokens of the documents from (file, row) on, whose first `skipped` tokens
+        are already in an earlier shard."""
+        done = 0
+        while done < len(tokens):
+            n = min(len(self.buffer) - self.fill, len(tokens) - done)
+            self.buffer[self.fill:self.fill + n] = tokens[done:done + n]
+            self.fill, done = self.fill + n, done + n
+            if self.fill == len(self.buffer):
+                self.write([file, row, skipped + done])
+
+    def finish(self, end):
+        if self.fill:
+            self.write(end)  # the last shard, shorter than the others
+        self.manifest["done"] = True
+        save_manifest(self.out_dir, self.manifest)
+
+    def write(self, next_start):
+        name = shard_name(len(self.manifest["shards"]))
+        tokens = self.buffer[:self.fill]
+        write_shard(os.path.join(self.out_dir, name), tokens)
+        self.manifest["shards"].append({"name": name, "tokens": self.fill,
+                                        "docs": int(np.count_nonzero(tokens == EOT)), "next": next_start})
+        save_manifest(self.out_dir, self.manifest)  # after the shard: a listed shard is complete
+        tqdm.write(f"wrote {name} ({self.fill:,} tokens)")
+        self.fill = 0
+
+
+def run_params(args):
+    """What decides the shards' bytes; a rerun must match them to continue a job."""
+    if args.input:
+        source = {"input": [os.path.abspath(p) for p in args.input]}
+    else:
+        source = {"name": args.name, "max_files": args.max_files}
+    return {"source": source, "shard_size": args.shard_size}
+
+
+def open_manifest(args):
+    """Load the manifest of `--out_dir`, or start one (listing the input files)."""
+    path = os.path.join(args.out_dir, MANIFEST)
+    params = run_params(args)
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+        if manifest["params"] != params:
+            raise UserError(f"{args.out_dir} holds shards made with {json.dumps(manifest['params'])}, not "
+                            f"{json.dumps(params)}; pick another --out_dir, or delete that one to start over")
+        drop_damaged_shards(args.out_dir, manifest)
+        return manifest
+    os.makedirs(args.out_dir, exist_ok=True)
+    if any(f.startswith("fineweb_edu_") and f.endswith(".bin") for f in os.listdir(args.out_dir)):
+        raise UserError(f"{args.out_dir} holds shards but no {MANIFEST}, so they are not ours to continue; "
+                        "pick another --out_dir, or empty that one")
+    for p in args.input or []:
+        if not os.path.isfile(p):
+            raise UserError(f"{p}: no such file (--input)")
+    files = [{"path": p} for p in params["source"]["input"]] if args.input else list_files(args.name, args.max_files)
+    manifest = {"params": params, "files": files, "shards": [], "done": False}
+    save_manifest(args.out_dir, manifest)
+    return manifest
+
+
+def drop_damaged_shards(out_dir, manifest):
+    """Forget the listed shards from the first one that is missing or has the wrong size on:
+    the run makes them again, from where the last good one ends."""
+    for i, shard in enumerate(manifest["shards"]):
+        if size_of(os.path.join(out_dir, shard["name"])) != HEADER_BYTES + 2 * shard["tokens"]:
+            tqdm.write(f"{shard['name']} is missing or damaged: making it and those after it again")
+            del manifest["shards"][i:]
+            manifest["done"] = False
+            return
+
+
+def report(args, manifest, tokens_this_run, seconds):
+    shards = manifest["shards"]
+    tokens, docs = sum(s["tokens"] for s in shards), sum(s["docs"] for s in shards)
+    print(f"{args.out_dir}: {docs:,} documents, {tokens:,} tokens in {len(shards)} shards "
+          f"({len(shards) * HEADER_BYTES + 2 * tokens:,} bytes)")
+    if tokens_this_run:
+        print(f"this run: {tokens_this_run:,} tokens in {seconds:.1f} s = {tokens_this_run / seconds:,.0f} tokens/s "
+              f"with {args.num_proc} tokenizer processes")
+
+
+# ---------------------------------------------------------------------------------------
+# The run: download -> tokenize -> shard, from where the last run stopped.
+# ---------------------------------------------------------------------------------------
+class Inputs:
+    """The input files: where each one is on disk, fetching it if it comes from the hub."""
+
+    def __init__(self, files, cache_dir, keep_parquet):
+        self.files, self.cache_dir, self.keep = files, cache_dir, keep_parquet
+        self.forgotten = 0  # files before this one are deleted (or kept, with --keep_parquet)
+
+    def local_path(self, i):
+        file = self.files[i]
+        return file.get("path") or os.path.join(self.cache_dir, file["name"])
+
+    def fetch(self, i):
+        return self.local_path(i) if "path" in self.files[i] else download(self.files[i], self.local_path(i))
+
+    def forget_before(self, i):
+        """Delete the downloads of the files before `i`: no finished shard needs them again."""
+        for j in range(self.forgotten, i):
+            if not self.keep and "name" in self.files[j]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.local_path(j))
+        self.forgotten = max(self.forgotten, i)
+
+    def documents(self, start, docs_per_batch):
+        """Yield ((file, row), description, texts) from position `start` on, downloading the
+        next file in the background while this one is read."""
+        upcoming = in_background(self.fetch, start[0])
+        for i in range(start[0], len(self.files)):
+            path = upcoming.result()
+            if i + 1 < len(self.files):
+                upcoming = in_background(self.fetch, i + 1)
+            for row, texts in read_documents(path, start[1] if i == start[0] else 0, docs_per_batch):
+                yield (i, row), f"{path} row {row}", texts
+
+
+def run(args):
+    started = time.time()
+    manifest = open_manifest(args)
+    if manifest["done"]:
+        print(f"nothing to do: {args.out_dir} is complete")
+        report(args, manifest, 0, 0)
+        return 0
+    start = next_start(manifest)
+    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet)
+    inputs.forget_before(start[0])
+    if manifest["shards"]:
+        print(f"resuming after {len(manifest['shards'])} shards, at file {start[0]} row {start[1]}")
+    to_skip, tokens_this_run = start[2], 0
+    # The pool first: its processes fork before the shard buffer and the download threads exist.
+    with multiprocessing.Pool(args.num_proc, initializer=init_worker) as pool:
+        writer = ShardWriter(args.out_dir, args.shard_size, manifest)
+        batches = inputs.documents(start, args.docs_per_batch)
+        with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
+            for (file, row), tokens in tokenize_in_order(pool, batches, window=2 * args.num_proc):
+                skipped = min(to_skip, len(tokens))  # tokens already in a shard before a restart
+                to_skip -= skipped
+                writer.add(file, row, skipped, tokens[skipped:])
+                inputs.forget_before(next_start(manifest)[0])
+                tokens_this_run += len(tokens) - skipped
+                bar.update(len(tokens) - skipped)
+        writer.finish([len(inputs.files), 0, 0])
+        pool.close()
+        pool.join()
+    inputs.forget_before(len(inputs.files))
+    report(args, manifest, tokens_this_run, time.time() - started)
+    return 0
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", "fineweb")
+
+
+def default_num_proc():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Download FineWeb-Edu and tokenize it into GPT-2 token shards for gpt2.py. "
+                    "After any interruption, run the same command again: it continues where it stopped.")
+    p.add_argument("--name", default="sample-10BT", choices=sorted(SAMPLES),
+                   help="which FineWeb-Edu sample to download (default: %(default)s: ~28 GB of parquet, "
+                        "~10B GPT-2 tokens, what GPT-2 124M trains on)")
+    p.add_argument("--input", nargs="+", metavar="PATH",
+                   help="tokenize these local parquet files instead, without network (default: download "
+                        "--name from the hub at $HF_ENDPOINT, else https://huggingface.co)")
+    p.add_argument("--max_files", type=int, metavar="N",
+                   help="download only the first N parquet files, for a quick try (default: all of them)")
+    p.add_argument("--out_dir", default=os.path.join("data", "fineweb_edu"),
+                   help="where the shards and manifest.json go (default: %(default)s, which is also "
+                        "the default --data_dir of gpt2.py)")
+    p.add_argument("--cache_dir", default=default_cache_dir(),
+                   help="where downloads and their resumable .part files go (default: %(default)s, "
+                        "from $XDG_CACHE_HOME or ~/.cache: outside the repository)")
+    p.add_argument("--shard_size", type=int, default=100_000_000, metavar="TOKENS",
+                   help="tokens per shard (default: %(default)s, 200 MB files as in llm.c and build-nanogpt); "
+                        "shard 0 is the validation set, so this is its size too")
+    p.add_argument("--num_proc", type=int, default=default_num_proc(), metavar="N",
+                   help="tokenizer processes (default: %(default)s, every core this process may use); "
+                        "the shards do not depend on it")
+    p.add_argument("--docs_per_batch", type=int, default=512, metavar="N",
+                   help="documents per task handed to a tokenizer process (default: %(default)s, ~0.5 s "
+                        "of work, so handing it over costs nothing); the shards do not depend on it")
+    p.add_argument("--keep_parquet", action="store_true",
+                   help="keep the downloaded parquet files (default: delete each once finished shards hold "
+                        "its tokens, so the disk ends with ~20 GB of shards, not 48 GB)")
+    args = p.parse_args(argv)
+    for flag in ("max_files", "shard_size", "num_proc", "docs_per_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    except UserError as e:
+        message = str(e)
+    except OSError as e:  # a full disk, a folder we may not write to, ...
+        message = f"{e.filename}: {e.strerror}; fix that and rerun to continue" if e.filename else str(e)
+    print(f"error: {message}".replace("\n", " "), file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":  # needed where processes start by importing this file (macOS, Windows)
+    sys.exit(main())
