@@ -208,10 +208,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk: int):
-        # x: (N, C) final hidden states, weight: (V, C), targets: (N,)
+    def forward(ctx, x, weight, targets, chunk: int, needs_grad: bool):
+        # x: (N, C) final hidden states, weight: (V, C), targets: (N,). needs_grad is passed in
+        # because inside forward grad mode is always off and needs_input_grad ignores no_grad().
         N = x.size(0)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if needs_grad else None
         grad_w = torch.zeros_like(weight) if needs_grad else None
         buf = x.new_empty(min(chunk, N), weight.size(0))  # (chunk, V), reused for every chunk
@@ -234,7 +234,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        return grad_x * scale, grad_w * scale, None, None
+        return grad_x * scale, grad_w * scale, None, None, None
 
 
 class GPT(nn.Module):
@@ -306,7 +306,8 @@ class GPT(nn.Module):
             weight = self.lm_head.weight[:self.config.vocab_size]  # (V, C)
             with torch.autocast(device_type=x.device.type, enabled=False):  # float32 throughout
                 loss = ChunkedCrossEntropy.apply(
-                    x.flatten(0, 1).float(), weight.float(), targets.flatten(), loss_chunk)
+                    x.flatten(0, 1).float(), weight.float(), targets.flatten(), loss_chunk,
+                    torch.is_grad_enabled())
             return None, loss
         logits = self.logits(x)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -632,3 +633,741 @@ def save_pretrained(model: GPT, path):
     write_safetensors(path / "model.safetensors", tensors)
 
 
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The data
+#
+# Training text is tokenized once, ahead of time, by fineweb.py into "shards": files of uint16
+# token ids (the vocabulary fits in 16 bits), 100M tokens each. The format is llm.c's, so shards
+# from either project serve both:
+#
+#     1024 bytes    256 little-endian int32: magic 20240520, version 1, number of tokens, zeros
+#     2 * n bytes   the tokens, little-endian uint16; each document starts with <|endoftext|>
+#
+# The writer lives in fineweb.py (which must not import torch); the reader is here. The tests
+# write with one and read with the other, so the two cannot drift apart.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def read_shard(path) -> np.ndarray:
+    """The tokens of a shard as a read-only uint16 memmap, after checking its header."""
+    path = Path(path)
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise UserError(f"{path}: not a token shard (no llm.c header with magic {SHARD_MAGIC}); "
+                        f"rewrite it with `python fineweb.py`")
+    if header[1] != SHARD_VERSION:
+        raise UserError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
+    n, size = int(header[2]), path.stat().st_size
+    if n < 0 or size != 4 * HEADER_INTS + 2 * n:
+        raise UserError(f"{path}: header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) but "
+                        f"the file has {size} bytes: truncated or corrupt, rewrite it")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(n,))
+
+
+def find_shards(data_dir, split: str) -> list[Path]:
+    """Shards of one split ("train" or "val") in data_dir, in name order."""
+    return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
+
+
+# The loader. One optimizer step consumes `step_tokens` = B * T * grad_accum * world_size
+# tokens (+1, since each input's target is the next token): a "slot" of a shard. Inside a slot,
+# micro-step m of rank r reads chunk m * world_size + r, so the same slot gives the same
+# training data whatever the split between processes and accumulation: that is what lets a
+# 2-GPU run be checked against 1 GPU, and a run resume on a different number of GPUs.
+#
+# Every slot of every shard is used once per epoch; only a shard's last (len - 1) % step_tokens
+# tokens, fewer than one step, are left out. Each epoch shuffles the order of the shards and
+# of the slots inside each shard, seeded by (seed, epoch), so every rank computes the same
+# order without talking to the others. The position is four integers: exact to save and restore.
+
+class ShardedDataLoader:
+    def __init__(self, files, batch_size: int, seq_len: int, grad_accum: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        self.files = [str(f) for f in files]
+        self.shards = [read_shard(f) for f in files]  # memmaps: nothing is read yet
+        self.B, self.T, self.grad_accum = batch_size, seq_len, grad_accum
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.step_tokens = batch_size * seq_len * grad_accum * world_size
+        self.slots = [max(0, (len(s) - 1) // self.step_tokens) for s in self.shards]
+        if self.steps_per_epoch == 0:
+            total = sum(len(s) for s in self.shards)
+            raise UserError(f"the train shards hold {total:,} tokens, fewer than one step needs "
+                            f"({self.step_tokens + 1:,}): lower --total_batch_size")
+        self.epoch = self.shard_pos = self.slot_pos = self.micro = 0
+        self._plan_epoch()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.slots)
+
+    def _plan_epoch(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.shard_order = rng.permutation(len(self.shards))
+        self.slot_orders = [rng.permutation(n) for n in self.slots]
+
+    def next_batch(self):
+        """This rank's next micro-batch: inputs and targets, (B, T) int64 each."""
+        while self.slot_pos >= self.slots[self.shard_order[self.shard_pos]]:
+            self.shard_pos, self.slot_pos = self.shard_pos + 1, 0
+            if self.shard_pos == len(self.shards):
+                self.epoch, self.shard_pos = self.epoch + 1, 0
+                self._plan_epoch()
+        shard = self.shard_order[self.shard_pos]
+        slot = self.slot_orders[shard][self.slot_pos]
+        chunk = self.micro * self.world_size + self.rank
+        start = slot * self.step_tokens + chunk * self.B * self.T
+        buf = torch.from_numpy(self.shards[shard][start:start + self.B * self.T + 1].astype(np.int64))
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.micro, self.slot_pos = 0, self.slot_pos + 1
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, shard_pos=self.shard_pos, slot_pos=self.slot_pos,
+                    micro=self.micro, step_tokens=self.step_tokens, seed=self.seed,
+                    files=[os.path.basename(f) for f in self.files])
+
+    def load_state_dict(self, state: dict):
+        expected = self.state_dict()
+        for key in ("step_tokens", "seed", "files"):
+            if state[key] != expected[key]:
+                raise UserError(f"cannot resume: the checkpoint's loader had {key}="
+                                f"{state[key]!r}, this run has {expected[key]!r}")
+        self.epoch, self.shard_pos = state["epoch"], state["shard_pos"]
+        self.slot_pos, self.micro = state["slot_pos"], state["micro"]
+        self._plan_epoch()
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Optimization
+#
+# AdamW with GPT-3's settings (Brown et al., 2020, appendix B): betas (0.9, 0.95), eps 1e-8,
+# weight decay 0.1, applied only to the 2-D tensors (the matmul weights and embeddings), never
+# to biases and LayerNorm gains, whose scale decay would only distort. The learning rate warms
+# up linearly (early gradients are large and noisy), then follows a cosine down to min_lr.
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str):
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    try:  # one kernel for all parameters: CUDA, and CPU/MPS on recent torch
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Evaluation
+#
+# Three signals during training. The validation loss, over a fixed budget of tokens from the
+# val shard: the same sequences whatever the number of processes or the micro-batch (each rank
+# takes every world_size-th sequence and the summed losses are reduced), so curves from
+# different setups can be compared. Samples from a fixed prompt, to see what the loss means.
+# And HellaSwag accuracy (hellaswag.py), the benchmark small GPTs are compared on.
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
+                  ctx: "Context", autocast, loss_chunk: int) -> float:
+    """Mean loss per token over the first val_tokens // seq_len sequences of the val shard."""
+    model.eval()
+    n_seq = min(val_tokens, len(tokens) - 1) // seq_len
+    mine = list(range(ctx.rank, n_seq, ctx.world_size))
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [loss sum, tokens]
+    for i in range(0, len(mine), batch_size):
+        rows = [torch.from_numpy(tokens[s * seq_len:(s + 1) * seq_len + 1].astype(np.int64))
+                for s in mine[i:i + batch_size]]
+        buf = torch.stack(rows).to(ctx.device)  # (b, T + 1)
+        with autocast:
+            _, loss = model(buf[:, :-1], buf[:, 1:], loss_chunk=loss_chunk or 1024)
+        total += torch.stack([loss.double() * buf[:, 1:].numel(),
+                              torch.tensor(buf[:, 1:].numel(), dtype=torch.float64,
+                                           device=ctx.device)])
+    all_reduce_sum(total, ctx)
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
+                 seed: int, top_k: int | None = 50) -> list[str]:
+    """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
+    enc = tiktoken.get_encoding("gpt2")
+    idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    out = model.generate(idx, max_new_tokens, top_k=top_k, seed=seed)
+    return [enc.decode([t for t in row.tolist() if t != EOT]) for row in out]
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Distributed setup
+#
+# torchrun starts one process per GPU and tells each who it is through environment variables:
+# RANK (0..WORLD_SIZE-1, unique across all machines), LOCAL_RANK (which GPU of this machine)
+# and WORLD_SIZE. On several machines RANK != LOCAL_RANK, so the GPU is chosen by LOCAL_RANK and
+# "am I the one that prints" by RANK == 0. Plain `python gpt2.py` has none of them: one process.
+# NCCL talks between GPUs, gloo between CPU processes. gloo has no AVG reduction, so a mean is
+# always computed as a SUM divided by the world size.
+
+@dataclass
+class Context:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """--device auto prefers a CUDA GPU, then Apple's mps, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but torch sees no CUDA GPU")
+        return torch.device("cuda", local_rank if device.index is None else device.index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps, but torch has no MPS backend here")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 on GPUs that have it (Ampere and newer), fp16 on those that don't
+    (T4, V100: needs a gradient scaler), float32 on CPU and mps."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast_context(ctx: Context):
+    """Mixed precision: matmuls in ctx.dtype, weights and reductions kept in float32."""
+    if ctx.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.dtype)
+
+
+def setup_distributed(device: str, dtype: str) -> Context:
+    if "RANK" not in os.environ:
+        dev = pick_device(device)
+        return Context(device=dev, dtype=pick_dtype(dtype, dev))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Context(rank, local_rank, world_size, dev, pick_dtype(dtype, dev))
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# Peak dense bf16/fp16 tensor-core FLOP/s from NVIDIA's datasheets (without sparsity), for MFU:
+# the share of the hardware's arithmetic that goes into the model's own FLOPs.
+PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+              "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def datasheet_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter that takes part in a
+    matmul (forward 2, backward 4), plus attention's QK^T and AV, 12 * n_layer * T * n_embd."""
+    c = config
+    matmul_params = 12 * c.n_layer * c.n_embd ** 2 + c.n_embd * c.padded_vocab_size
+    return 6 * matmul_params + 12 * c.n_layer * seq_len * c.n_embd
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Checkpoints
+#
+# A checkpoint is everything needed to continue as if nothing happened: the weights, the
+# optimizer's moments, the step, the loader's position, every random number generator, and
+# the config and flags it was made with. It is written to a temporary file and renamed (a crash
+# mid-write leaves the previous checkpoint untouched), the newest --keep_checkpoints are kept,
+# and it is read with weights_only=True: plain tensors and numbers, never pickled code.
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(log_dir, step: int) -> Path:
+    return Path(log_dir) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(log_dir) -> list[Path]:
+    return sorted(Path(log_dir).glob("ckpt_[0-9]*.pt"))
+
+
+def save_checkpoint(path: Path, state: dict, keep: int):
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    for old in list_checkpoints(path.parent)[:-keep]:
+        old.unlink()
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        assert isinstance(state, dict) and "model" in state and "config" in state
+        return state
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # torch raises several kinds for a damaged zip or pickle
+        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
+                        f"move it away to resume from an older one") from None
+
+
+def load_checkpoint_model(path, map_location="cpu") -> GPT:
+    state = load_checkpoint(path, map_location)
+    model = GPT(GPTConfig(**state["config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Training
+#
+# One optimizer step, in order: set the learning rate; run grad_accum micro-batches forward and
+# backward, summing gradients (with DDP, the gradient all-reduce is skipped on all but the last
+# micro-batch: one sync per step, not per micro-batch); clip the global gradient norm to 1.0
+# (GPT-3's value: one bad batch cannot throw the model far); take the AdamW step. Then log, and
+# every so often evaluate and checkpoint. The loss is read back from the GPU once per step, for
+# the log line: the only host-device sync in the step.
+
+class EventLog:
+    """<log_dir>/log.jsonl: one JSON object per event (training step, evaluation, ...)."""
+
+    def __init__(self, log_dir: Path, enabled: bool, resume_step: int | None):
+        self.path = log_dir / "log.jsonl"
+        self.enabled = enabled
+        if enabled and resume_step is not None and self.path.exists():
+            # A resumed run forgets what the interrupted one logged after its checkpoint.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if _event_step(line) is not None and _event_step(line) <= resume_step]
+            with atomic_write(self.path, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+        elif enabled:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, **event):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+
+def _event_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
+def read_events(log_dir) -> list[dict]:
+    path = Path(log_dir) / "log.jsonl"
+    if not path.exists():
+        raise UserError(f"no {path}: train with --log_dir {log_dir} first")
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if _event_step(line) is not None]
+
+
+def model_config(args) -> GPTConfig:
+    return GPTConfig.from_preset(args.model, n_layer=args.n_layer, n_head=args.n_head,
+                                 n_embd=args.n_embd, block_size=args.block_size,
+                                 pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of)
+
+
+def say(ctx: Context, *message):
+    if ctx.is_main:
+        print(*message, flush=True)
+
+
+class Trainer:
+    """Holds the training state, so that each part of a step is a small method."""
+
+    def __init__(self, args, ctx: Context):
+        self.args, self.ctx = args, ctx
+        self.log_dir = Path(args.log_dir)
+        train_files = find_shards(args.data_dir, "train")
+        val_files = find_shards(args.data_dir, "val")
+        if not train_files:
+            raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
+                            f"(or pass --data_dir)")
+        B, T, W = args.batch_size, args.seq_len, ctx.world_size
+        if args.total_batch_size % (B * T * W):
+            raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+                            f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
+        self.grad_accum = args.total_batch_size // (B * T * W)
+        self.config = model_config(args)
+        if T > self.config.block_size:
+            raise UserError(f"--seq_len {T} > --block_size {self.config.block_size}")
+        self.loader = ShardedDataLoader(train_files, B, T, self.grad_accum, ctx.rank, W, args.seed)
+        self.val_tokens = read_shard(val_files[0]) if val_files else None
+        self.max_steps = args.max_steps or args.num_epochs * self.loader.steps_per_epoch
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        self.model = GPT(self.config).to(ctx.device)
+        self.optimizer = configure_optimizer(self.model, args.max_lr, args.weight_decay,
+                                             ctx.device.type)
+        # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
+        self.step = 0
+        if args.resume:
+            self._resume()
+        self.train_model = torch.compile(self.model) if args.compile else self.model
+        if ctx.ddp:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.train_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        self.events = EventLog(self.log_dir, ctx.is_main, self.step if args.resume else None)
+        self.peak_flops = args.peak_flops or datasheet_peak_flops(ctx.device)
+        self.hellaswag_examples = self._load_hellaswag() if args.hellaswag_every else None
+
+    def _resume(self):
+        checkpoints = list_checkpoints(self.log_dir)
+        if not checkpoints:
+            say(self.ctx, f"--resume: no checkpoint in {self.log_dir}, starting from step 0")
+            return
+        state = load_checkpoint(checkpoints[-1], map_location=self.ctx.device)
+        if GPTConfig(**state["config"]) != self.config:
+            raise UserError(f"{checkpoints[-1]} is a {state['config']} model, not this run's "
+                            f"{asdict(self.config)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        say(self.ctx, f"resumed from {checkpoints[-1]} at step {self.step}")
+
+    def _load_hellaswag(self):
+        import hellaswag  # only when asked for: it downloads its data on first use
+        return hellaswag.load_examples(file=self.args.hellaswag_file,
+                                       limit=self.args.hellaswag_limit or None)
+
+    def train_step(self) -> dict:
+        args, ctx = self.args, self.ctx
+        t0 = time.perf_counter()
+        lr = get_lr(self.step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps,
+                    self.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for micro in range(self.grad_accum):
+            x, y = self.loader.next_batch()
+            x = x.to(ctx.device, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            # DDP all-reduces gradients during backward; skip it but on the last micro-batch.
+            # no_sync() must be entered before the forward pass, which records the intent.
+            last = micro == self.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not ctx.ddp else self.train_model.no_sync()
+            with sync:
+                with autocast_context(ctx):
+                    _, loss = self.train_model(x, y, loss_chunk=args.loss_chunk)
+                loss = loss / self.grad_accum  # a mean over the whole step, not a sum
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss = all_reduce_sum(loss_sum, ctx).item() / ctx.world_size  # syncs with the device
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            last = list_checkpoints(self.log_dir)
+            raise UserError(f"loss is {loss} at step {self.step}: stopping. Lower --max_lr or "
+                            f"check the data; last good checkpoint: "
+                            f"{last[-1] if last else 'none'}")
+        tokens_per_s = args.total_batch_size / dt
+        event = dict(step=self.step, loss=loss, lr=lr, norm=norm.item(), ms=1000 * dt,
+                     tokens_per_s=tokens_per_s)
+        if self.peak_flops:
+            event["mfu"] = flops_per_token(self.config, args.seq_len) * tokens_per_s / (
+                self.peak_flops * ctx.world_size)
+        self.step += 1
+        return event
+
+    def evaluate(self):
+        args, ctx, event = self.args, self.ctx, dict(step=self.step)
+        if self.val_tokens is not None:
+            event["val_loss"] = evaluate_loss(self.model, self.val_tokens, args.seq_len,
+                                              args.batch_size, args.val_tokens, ctx,
+                                              autocast_context(ctx), args.loss_chunk)
+        if self.hellaswag_examples and (self.step % args.hellaswag_every == 0
+                                        or self.step == self.max_steps):
+            import hellaswag
+            result = hellaswag.evaluate(self.model, self.hellaswag_examples, ctx.device,
+                                        rank=ctx.rank, world_size=ctx.world_size,
+                                        autocast_dtype=None if ctx.dtype == torch.float32
+                                        else ctx.dtype)
+            event["hellaswag"] = result["acc_norm"]
+        if ctx.is_main and args.num_samples:
+            event["samples"] = sample_texts(self.model, args.sample_prompt, args.num_samples,
+                                            args.sample_tokens, ctx.device, args.seed)
+        self.events.write(**event)
+        if ctx.is_main:
+            parts = [f"{k} {v:.4f}" for k, v in event.items() if isinstance(v, float)]
+            print(f"step {self.step:6d} | eval | " + " | ".join(parts), flush=True)
+            for text in event.get("samples", []):
+                print("  >", text.replace("\n", " ")[:200], flush=True)
+
+    def checkpoint(self):
+        if not self.ctx.is_main:
+            return
+        state = dict(step=self.step, model=self.model.state_dict(),
+                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                     loader=self.loader.state_dict(), rng=rng_state(),
+                     config=asdict(self.config), args=vars(self.args))
+        save_checkpoint(checkpoint_path(self.log_dir, self.step), state, self.args.keep_checkpoints)
+
+    def run(self):
+        args, ctx = self.args, self.ctx
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        say(ctx, f"model {args.model}: {self.model.num_params():,} parameters | "
+                 f"{ctx.world_size} x {ctx.device.type} {str(ctx.dtype).removeprefix('torch.')} | "
+                 f"{args.total_batch_size:,} tokens/step = {args.batch_size} x {args.seq_len} x "
+                 f"{self.grad_accum} accum x {ctx.world_size} | {self.max_steps} steps "
+                 f"({self.loader.steps_per_epoch} per epoch)")
+        start = self.step
+        while True:
+            resumed_here = self.step == start and start > 0  # already evaluated before the stop
+            if (self.step % args.eval_every == 0 or self.step == self.max_steps) and not resumed_here:
+                self.evaluate()
+            if self.step >= self.max_steps:
+                break
+            event = self.train_step()
+            self.events.write(**event)
+            say(ctx, f"step {event['step']:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} "
+                     f"| norm {event['norm']:.3f} | {event['ms']:.0f} ms | "
+                     f"{event['tokens_per_s']:,.0f} tok/s" +
+                     (f" | MFU {100 * event['mfu']:.1f}%" if "mfu" in event else ""))
+            if self.step % args.checkpoint_every == 0 or self.step == self.max_steps:
+                self.checkpoint()
+
+
+def train(args):
+    ctx = setup_distributed(args.device, args.dtype)
+    try:
+        if ctx.device.type == "cuda":
+            # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
+            torch.set_float32_matmul_precision("high")
+        if args.loss_chunk < 0:  # auto: see ChunkedCrossEntropy; GPUs do better fused+compiled
+            args.loss_chunk = 256 if ctx.device.type == "cpu" else 0
+        Trainer(args, ctx).run()
+    finally:
+        if ctx.ddp:
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Tools around training
+
+def load_model(args, device) -> GPT:
+    """--checkpoint PATH (trained here) or --model NAME_OR_FOLDER (OpenAI's weights)."""
+    if args.checkpoint:
+        model = GPT.from_checkpoint(args.checkpoint)
+    else:
+        model = GPT.from_pretrained(args.model)
+    return model.to(device).eval()
+
+
+def sample(args):
+    """python gpt2.py sample: continue a prompt with OpenAI's GPT-2 or a checkpoint."""
+    device = pick_device(args.device)
+    model = load_model(args, device)
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = enc.encode(args.prompt) or [EOT]  # an empty prompt starts a fresh document
+    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)
+    dt = time.perf_counter() - t0
+    for row in out.tolist():
+        print("-" * 80)
+        print(enc.decode([t for t in row if t != EOT]))
+    print("-" * 80)
+    print(f"{args.num_samples} x {args.max_new_tokens} tokens in {dt:.2f} s "
+          f"({args.num_samples * args.max_new_tokens / dt:.1f} tokens/s)", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. main(): the command line
+#
+# Every hyperparameter is a flag, in one place, with the reason for its default. The defaults
+# are the GPT-2 124M recipe on FineWeb-Edu 10B tokens (build-nanogpt's, itself GPT-3 small's
+# settings): `torchrun --standalone --nproc_per_node=8 gpt2.py` runs it as is.
+
+def add_model_flags(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="gpt2", help=f"preset: {', '.join(PRESETS)} "
+                   "(default gpt2, the 124M model)")
+    g.add_argument("--n_layer", type=int, help="override the preset's number of blocks")
+    g.add_argument("--n_head", type=int, help="override the preset's attention heads")
+    g.add_argument("--n_embd", type=int, help="override the preset's width")
+    g.add_argument("--block_size", type=int, help="longest context (default 1024, GPT-2's)")
+    g.add_argument("--pad_vocab_to_multiple_of", type=int, default=64,
+                   help="embedding rows rounded up to a multiple of this: 64 gives 50304, which "
+                        "tiles evenly on GPUs (default 64; 1 = no padding)")
+
+
+def add_device_flags(p):
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default auto)")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt2.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train GPT-2 (the default command). Other commands: "
+                    "`gpt2.py sample --help`, `gpt2.py bench --help`, `gpt2.py plot --help`.")
+    add_model_flags(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="data/fineweb_edu",
+                   help="folder of token shards written by fineweb.py")
+    g.add_argument("--batch_size", type=int, default=64,
+                   help="micro-batch B per process: 64 x 1024 fits the 124M model in 80 GB; "
+                        "lower it on smaller GPUs, gradient accumulation keeps the step the same")
+    g.add_argument("--seq_len", type=int, default=1024, help="sequence length T (GPT-2's context)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--total_batch_size", type=int, default=2 ** 19,
+                   help="tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="optimizer steps; 0 = derive from --num_epochs and the train shards "
+                        "(10B tokens / 2**19 ~ 19,000 steps)")
+    g.add_argument("--num_epochs", type=int, default=1,
+                   help="passes over the train shards when --max_steps is 0")
+    g.add_argument("--max_lr", type=float, default=6e-4, help="peak learning rate, GPT-3 small's")
+    g.add_argument("--min_lr_ratio", type=float, default=0.1,
+                   help="final learning rate as a fraction of max_lr (GPT-3: decay to 10%%)")
+    g.add_argument("--warmup_steps", type=int, default=715,
+                   help="linear warmup: GPT-3 warms up over 375M tokens = 715 steps of 2**19")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of 2-D weights")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--loss_chunk", type=int, default=-1,
+                   help="rows per chunk of the fused loss (0 = plain cross-entropy over full "
+                        "logits; -1 = auto: 256 on CPU, where it is faster and saves ~1.5 GB, "
+                        "0 on GPUs)")
+    g.add_argument("--seed", type=int, default=1337, help="weights init and data order")
+    g = p.add_argument_group("evaluation and logs")
+    g.add_argument("--log_dir", default="log", help="log.jsonl and checkpoints go here")
+    g.add_argument("--eval_every", type=int, default=250,
+                   help="steps between evaluations (val loss, samples)")
+    g.add_argument("--val_tokens", type=int, default=10_485_760,
+                   help="validation budget: 10M tokens (build-nanogpt's 20 x 64 x 1024 x 8)")
+    g.add_argument("--hellaswag_every", type=int, default=250,
+                   help="steps between HellaSwag evaluations (0 = never)")
+    g.add_argument("--hellaswag_file", help="local HellaSwag jsonl (default: download val)")
+    g.add_argument("--hellaswag_limit", type=int, default=0,
+                   help="score only the first N examples (0 = all 10,042)")
+    g.add_argument("--num_samples", type=int, default=4, help="samples printed at each eval")
+    g.add_argument("--sample_tokens", type=int, default=32, help="tokens per sample")
+    g.add_argument("--sample_prompt", default="Hello, I'm a language model,",
+                   help="prompt of the samples (build-nanogpt's)")
+    g.add_argument("--checkpoint_every", type=int, default=1000,
+                   help="steps between checkpoints (and one at the end)")
+    g.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="newest checkpoints kept (a 124M one is 1.5 GB with the optimizer)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --log_dir")
+    g = p.add_argument_group("speed")
+    add_device_flags(g)
+    g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 autocast on GPUs that have it, float16 + loss scaling "
+                        "on older GPUs, float32 on CPU and mps")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward/backward (GPUs: ~2x faster)")
+    g.add_argument("--peak_flops", type=float,
+                   help="peak FLOP/s for MFU (default: the datasheet of known GPUs)")
+    return p
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2.py sample",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Sample text from OpenAI's GPT-2 or a checkpoint.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="gpt2",
+                     help=f"OpenAI weights ({', '.join(HUB_MODELS)}) or a save_pretrained folder")
+    src.add_argument("--checkpoint", help="a checkpoint written by training (ckpt_*.pt)")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
+    p.add_argument("--num_samples", type=int, default=4, help="continuations, batched")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to add to each")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--top_p", type=float, help="nucleus sampling threshold (default off)")
+    p.add_argument("--seed", type=int, help="makes the samples reproducible (default random)")
+    p.add_argument("--no_cache", action="store_true", help="recompute the prefix every token")
+    add_device_flags(p)
+    return p
+
+
+COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    make_parser, run = COMMANDS[command]
+    args = make_parser().parse_args(argv)
+    args.command = command
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
