@@ -529,11 +529,12 @@ def download(url: str, dest: Path, retries: int = 3):
                 raise requests.ConnectionError(f"got {part.stat().st_size} of {total} bytes")
             os.replace(part, dest)
             return dest
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as e:
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
+                requests.exceptions.ChunkedEncodingError) as e:  # worth another try
             if attempt == retries:
                 raise UserError(f"cannot download {url}: {e} (no network? set HF_ENDPOINT, "
                                 f"or pass a local folder)") from None
-            time.sleep(2 ** attempt)
+            time.sleep(0.5 * 2 ** attempt)
 
 
 def hub_file(name: str, filename: str) -> Path:
