@@ -255,7 +255,8 @@ def fetch_rest(session, url, part, size, bar):
         bar.reset(total=size)
         bar.update(have)
         with naming(part), open(part, "ab" if have else "wb") as f:
-            for chunk in r.iter_content(chunk_size=1 << 20):
+            # Small chunks: urllib3 drops the chunk in hand when the connection breaks.
+            for chunk in r.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
     if size_of(part) < size:
