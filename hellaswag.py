@@ -1,0 +1,375 @@
+"""HellaSwag: the common-sense benchmark on which small GPTs are compared.
+
+HellaSwag (Zellers et al. 2019, https://github.com/rowanz/hellaswag) gives a context and four
+possible endings; one of them is what really happened next, three are machine-written
+distractors that fooled the models of 2019. Chance is 25%. For a language model the question
+becomes: which of the four endings does the model find the least surprising?
+
+    {"ctx": "A man is sitting on a roof. he", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], ...}
+
+How we score it: completion style
+---------------------------------
+Each example becomes 4 rows of tokens, `ctx + " " + ending` (tiktoken's GPT-2 encoding,
+the context and the ending encoded separately), right-padded to a common length, with a mask
+that is 1 over the ending's tokens. One forward pass gives the loss of every ending token.
+
+- `acc`: the prediction is the ending with the lowest *summed* loss (its total log-likelihood).
+- `acc_norm`: the lowest *mean* loss over the ending's tokens, which stops long endings being
+  punished just for having more tokens to be wrong about.
+
+This is the style of karpathy's build-nanogpt and llm.c `hellaswag.py`. With OpenAI's GPT-2
+124M weights on all 10,042 validation examples they report acc 0.2859, acc_norm 0.2955
+(2967/10042); GPT-2 XL gets 0.3842 / 0.4893; GPT-3's 124M model is quoted at 0.337.
+
+EleutherAI's lm-evaluation-harness scores the same data in *multiple-choice* style and reports
+acc 0.2892, acc_norm 0.3114 for GPT-2 124M (XL: 0.4004 / 0.5089). Its differences: it cleans
+the text first (drops "[title]"-style WikiHow artifacts, joins `activity_label: ctx_a ctx_b`),
+and normalizes the summed log-likelihood by the ending's length in *characters*, not tokens.
+The numbers of the two styles are not interchangeable: compare a completion-style score only
+with another completion-style score.
+
+How to run it
+-------------
+    python hellaswag.py --model gpt2                  # OpenAI's weights (downloaded once)
+    python hellaswag.py --model path/to/hf_folder     # a transformers save_pretrained folder
+    python hellaswag.py --checkpoint log/model.pt     # a training checkpoint of gpt2.py
+    python hellaswag.py --model gpt2 --limit 500 --device cpu
+
+During training, gpt2.py calls `evaluate(model, examples, device, rank=..., world_size=...)`
+every `--hellaswag_every` steps: each rank scores every world_size-th example and the counts
+are summed across ranks, so 8 GPUs finish the 10,042 examples 8 times sooner.
+
+The data (`hellaswag_{train,val,test}.jsonl`, val is 11 MB) is downloaded once into
+`$XDG_CACHE_HOME/gpt2/hellaswag` (default `~/.cache/gpt2/hellaswag`) from `$HELLASWAG_URL`
+or `--base_url`; `--file PATH` reads a local copy in the same jsonl format instead.
+
+Reading order: data (download, validate), rendering (tokens and mask), scoring, command line.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
+SPLITS = ("train", "val", "test")
+N_ENDINGS = 4
+# GPT-2's real vocabulary. Models may pad their embedding to 50304 (a multiple of 128, faster
+# on GPUs); the padded ids never occur in text, so their logits are left out of the softmax.
+N_VOCAB = 50257
+
+
+class HellaSwagError(ValueError):
+    """A problem the user can fix: a missing or malformed data file, a failed download."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: download once, then read and validate every row.
+# ---------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where downloads live: the user's cache folder, never the repository."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "gpt2" / "hellaswag"
+
+
+def download(split: str, base_url: str | None = None) -> Path:
+    """Fetch `hellaswag_{split}.jsonl` into the cache unless it is already there."""
+    if split not in SPLITS:
+        raise HellaSwagError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = cache_dir() / f"hellaswag_{split}.jsonl"
+    if path.exists():
+        return path
+    base_url = (base_url or os.environ.get("HELLASWAG_URL") or DEFAULT_URL).rstrip("/")
+    url = f"{base_url}/{path.name}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Every DDP rank on a node may download at the same moment: each writes its own temporary
+    # file and renames it into place, so a reader only ever sees a complete file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with requests.get(url, stream=True, timeout=60) as response:
+            response.raise_for_status()
+            size = int(response.headers.get("content-length", 0)) or None
+            with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True,
+                                            desc=path.name) as bar:
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    bar.update(f.write(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except requests.RequestException as e:
+        raise HellaSwagError(f"could not download {url}: {e} "
+                             "(set --base_url or HELLASWAG_URL, or pass --file PATH)") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_example(row, where: str) -> dict:
+    """Return `row` if it has what scoring needs; otherwise say what is wrong, and where."""
+    if not isinstance(row, dict):
+        raise HellaSwagError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if not isinstance(row.get("ctx"), str):
+        raise HellaSwagError(f"{where}: 'ctx' must be a string")
+    endings = row.get("endings")
+    if (not isinstance(endings, list) or len(endings) != N_ENDINGS
+            or not all(isinstance(e, str) for e in endings)):
+        count = len(endings) if isinstance(endings, list) else "no"
+        raise HellaSwagError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings, "
+                             f"found {count} endings")
+    if "label" not in row:
+        raise HellaSwagError(f"{where}: no 'label' (the test split's labels are not public; "
+                             "score val or train)")
+    label = row["label"]
+    # bool is a subclass of int in Python, but `true` is not a valid answer index.
+    if type(label) is not int or not 0 <= label < N_ENDINGS:
+        raise HellaSwagError(f"{where}: 'label' must be an integer 0-{N_ENDINGS - 1}, "
+                             f"got {label!r}")
+    return row
+
+
+def read_examples(path: Path, limit: int | None = None) -> list[dict]:
+    """Parse a HellaSwag jsonl file (one example per line), validating each line read."""
+    if not path.is_file():
+        raise HellaSwagError(f"{path}: no such file")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue  # a trailing blank line is not an example
+            where = f"{path}: line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HellaSwagError(f"{where}: not valid JSON ({e.msg})") from e
+            examples.append(check_example(row, where))
+    if not examples:
+        raise HellaSwagError(f"{path}: no examples in the file")
+    return examples
+
+
+def load_examples(split: str = "val", file: str | os.PathLike | None = None,
+                  limit: int | None = None, *, base_url: str | None = None) -> list[dict]:
+    """The first `limit` (default: all) examples of `file`, or of the downloaded `split`."""
+    path = Path(file) if file is not None else download(split, base_url)
+    return read_examples(path, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: one example becomes 4 rows of tokens and a mask over each row's ending.
+# ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 BPE, loaded on first use (not at import: gpt2.py imports us)."""
+    return tiktoken.get_encoding("gpt2")
+
+
+def render_example(example: dict, enc: tiktoken.Encoding | None = None,
+                   max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Return (tokens, mask, label): the 4 candidate completions, right-padded with 0.
+
+    The context and the ending are encoded separately, the ending with a leading space: in
+    GPT-2's BPE the space belongs to the word after it (" roof" is one token), so this is how
+    the ending's first word would look in running text. If a row would be longer than
+    `max_len` (a model's block_size), the context loses tokens from its start; the endings,
+    which are what we score, stay whole.
+    """
+    enc = enc or gpt2_encoding()
+    ctx = enc.encode(example["ctx"])
+    endings = [enc.encode(" " + ending) for ending in example["endings"]]
+    longest = max(len(end) for end in endings)
+    if max_len is not None and len(ctx) + longest > max_len:
+        ctx = ctx[len(ctx) + longest - max_len:]
+    tokens = torch.zeros((N_ENDINGS, len(ctx) + longest), dtype=torch.long)  # (4, L)
+    mask = torch.zeros_like(tokens)  # (4, L), 1 where a token belongs to the ending
+    for i, end in enumerate(endings):
+        row = ctx + end
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(ctx):len(row)] = 1
+    return tokens, mask, example["label"]
+
+
+def pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (4, L_i) tensors into one (4 * B, max L_i) tensor, right-padding with 0."""
+    width = max(r.size(1) for r in rows)
+    return torch.cat([F.pad(r, (0, width - r.size(1))) for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: the loss of each ending, the prediction, and the counts across ranks.
+# ---------------------------------------------------------------------------------------------
+
+def ending_losses(model: torch.nn.Module, tokens: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed and mean cross-entropy of each row's masked tokens: two (R,) float tensors.
+
+    Padding cannot leak into the result: attention is causal, so a padded position only
+    influences positions after it, and those are masked out.
+    """
+    out = model(tokens)
+    logits = out[0] if isinstance(out, tuple) else out  # (R, L, V), V may be padded
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for tokens "
+                         f"of shape {tuple(tokens.shape)}: every position's logits are needed")
+    # Position t predicts token t + 1: the logits at t are scored against the token at t + 1.
+    ending = mask[:, 1:].bool()  # (R, L-1), True where the predicted token is an ending's
+    # Only about a third of the positions are endings: take those before the softmax, and
+    # only then go to fp32 (a stable softmax) and drop the padded vocabulary columns.
+    picked = logits[:, :-1][ending][:, :N_VOCAB].float()  # (E, 50257), E ending tokens
+    losses = torch.zeros(ending.shape, device=logits.device)  # (R, L-1)
+    losses[ending] = F.cross_entropy(picked, tokens[:, 1:][ending], reduction="none")
+    summed = losses.sum(dim=1)  # (R,)
+    return summed, summed / ending.sum(dim=1)
+
+
+def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
+            autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score `examples` with `model`: (labels, pred, pred_norm), each (N,) on the CPU.
+
+    `pred` is the ending with the lowest summed loss, `pred_norm` with the lowest mean loss.
+    `batch_size` examples (4 rows each) share one forward pass; the results do not depend on
+    it. `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
+    """
+    max_len = getattr(getattr(model, "config", None), "block_size", None)  # crop if limited
+    rendered = [render_example(ex, max_len=max_len) for ex in examples]
+    labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)  # (N,)
+    pred, pred_norm = torch.empty_like(labels), torch.empty_like(labels)  # (N,), (N,)
+    # Batch examples of similar length together, so that little of a batch is padding.
+    order = sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1))
+    device_type = torch.device(device).type
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    try:
+        with torch.no_grad(), tqdm(total=len(order), unit="ex", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                tokens = pad_cat([rendered[i][0] for i in batch]).to(device)  # (4B, L)
+                mask = pad_cat([rendered[i][1] for i in batch]).to(device)  # (4B, L)
+                with torch.autocast(device_type, dtype=autocast_dtype,
+                                    enabled=autocast_dtype is not None):
+                    summed, mean = ending_losses(model, tokens, mask)  # (4B,), (4B,)
+                pred[batch] = summed.view(-1, N_ENDINGS).argmin(dim=1).cpu()  # (B,)
+                pred_norm[batch] = mean.view(-1, N_ENDINGS).argmin(dim=1).cpu()  # (B,)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return labels, pred, pred_norm
+
+
+def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
+             rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None,
+             batch_size: int = 8, progress: bool = False) -> dict:
+    """Accuracy of `model` on `examples`: {n, correct, correct_norm, acc, acc_norm}.
+
+    With `world_size` > 1 this rank scores examples i with i % world_size == rank. If
+    torch.distributed is initialized the three counts are then summed over all ranks (every
+    rank gets the totals); if not, the result is this rank's share, for the caller to sum.
+    """
+    mine = examples[rank::world_size]
+    labels, pred, pred_norm = predict(model, mine, device, autocast_dtype=autocast_dtype,
+                                      batch_size=batch_size, progress=progress)
+    counts = torch.tensor([len(mine), (pred == labels).sum().item(),
+                           (pred_norm == labels).sum().item()], dtype=torch.long, device=device)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # int64 SUM works on gloo and nccl
+    n, correct, correct_norm = counts.tolist()
+    return {"n": n, "correct": correct, "correct_norm": correct_norm,
+            "acc": correct / n if n else float("nan"),
+            "acc_norm": correct_norm / n if n else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    """The fastest device here: a CUDA GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Score a GPT-2 model on HellaSwag (completion style, as build-nanogpt "
+                    "and llm.c do). Prints acc, acc_norm, n, elapsed time and examples/s.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default="gpt2", metavar="NAME_OR_FOLDER",
+                        help="OpenAI weights by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
+                             "or a transformers save_pretrained folder (default: gpt2)")
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="a training checkpoint written by gpt2.py, used instead of "
+                             "--model (default: none)")
+    parser.add_argument("--split", default="val", choices=SPLITS,
+                        help="which split to download and score; test has no public labels "
+                             "(default: val)")
+    parser.add_argument("--file", metavar="PATH",
+                        help="read examples from this local jsonl file instead of "
+                             "downloading (default: none)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="score only the first N examples (default: all)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, mps, or auto for cuda > mps > cpu "
+                             "(default: auto)")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="examples per forward pass, 4 rows each; lower it if memory "
+                             "runs out (default: 8)")
+    parser.add_argument("--base_url", default=None,
+                        help="where to download the jsonl files from (default: $HELLASWAG_URL, "
+                             f"else {DEFAULT_URL})")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import gpt2  # here, not at the top: gpt2 imports this module for its training hook
+
+    try:
+        # The data first: a bad file should fail before minutes of downloading weights.
+        examples = load_examples(args.split, args.file, args.limit, base_url=args.base_url)
+        if args.checkpoint:
+            model = gpt2.GPT.from_checkpoint(args.checkpoint, map_location="cpu")
+        else:
+            model = gpt2.GPT.from_pretrained(args.model)
+    except (HellaSwagError, gpt2.UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    device = default_device() if args.device == "auto" else args.device
+    model.to(device)
+    # bf16 autocast on GPUs that have it: about twice as fast, and argmin barely notices.
+    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    start = time.perf_counter()
+    result = evaluate(model, examples, device, batch_size=args.batch_size, progress=True,
+                      autocast_dtype=torch.bfloat16 if use_bf16 else None)
+    elapsed = time.perf_counter() - start
+    print(f"acc      {result['acc']:.4f}  ({result['correct']}/{result['n']})")
+    print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")
+    print(f"n        {result['n']}")
+    print(f"elapsed  {elapsed:.1f} s  ({result['n'] / elapsed:.1f} examples/s on {device})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
