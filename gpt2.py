@@ -1358,7 +1358,7 @@ COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample)}
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     make_parser, run = COMMANDS[command]
     args = make_parser().parse_args(argv)

@@ -3,6 +3,7 @@
 The oracle is Hugging Face transformers' GPT2LMHeadModel, built from a config with random
 weights (nothing is downloaded): if our model computes what GPT-2 computes, the two agree.
 """
+import contextlib
 import http.server
 import json
 import math
@@ -323,3 +324,266 @@ def test_weights_of_the_wrong_shape_are_named(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 32}))
     err = cli_error(capsys, "sample", "--model", tmp_path)
     assert "has shape (192,), the model expects (96,)" in err
+
+
+# -- 2. Token shards and the loader ---------------------------------------------------------------
+
+from fineweb import write_shard  # noqa: E402  (the writer the project uses, against our reader)
+
+
+def write_numbered_shards(folder, sizes, split="train"):
+    """Shards whose tokens are consecutive integers: every token says where it came from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    start, paths = 0, []
+    for i, n in enumerate(sizes):
+        paths.append(folder / f"test_{split}_{i:06d}.bin")
+        write_shard(paths[-1], np.arange(start, start + n))
+        start += n
+    return paths
+
+
+def test_shard_written_by_fineweb_reads_back_with_llm_c_header(tmp_path):
+    path = tmp_path / "x_val_000000.bin"
+    write_shard(path, [50256, 15496, 995])
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:3]) == [20240520, 1, 3] and not header[3:].any()
+    assert gpt2.read_shard(path).tolist() == [50256, 15496, 995]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-2], "truncated or corrupt"),
+    (lambda b: b"\x00" * 4 + b[4:], "not a token shard"),
+    (lambda b: b[:4] + b"\x07\x00\x00\x00" + b[8:], "shard version 7"),
+])
+def test_a_damaged_shard_is_named_in_the_error(tmp_path, damage, message):
+    path = tmp_path / "x_train_000001.bin"
+    write_shard(path, np.arange(100))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(gpt2.UserError, match=message) as e:
+        gpt2.read_shard(path)
+    assert str(path) in str(e.value)
+
+
+def epoch_of_batches(paths, world_size, B=2, T=8, grad_accum=2, seed=0):
+    """Every rank's loader run for one epoch: {rank: [(x, y), ...]}."""
+    loaders = [gpt2.ShardedDataLoader(paths, B, T, grad_accum, r, world_size, seed)
+               for r in range(world_size)]
+    n = loaders[0].steps_per_epoch * grad_accum
+    return loaders, {r: [ld.next_batch() for _ in range(n)] for r, ld in enumerate(loaders)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ranks_read_disjoint_tokens_covering_each_shard_but_a_remainder(tmp_path, world_size):
+    sizes = [1000, 777, 1500]
+    paths = write_numbered_shards(tmp_path, sizes)
+    loaders, batches = epoch_of_batches(paths, world_size)
+    step_tokens = loaders[0].step_tokens  # 2 * 8 * 2 * world_size
+    seen = [set(x.flatten().tolist()) for r in batches for x, _ in batches[r]]
+    everything = set().union(*seen)
+    assert sum(len(s) for s in seen) == len(everything)  # no token read twice, by any rank
+    start = 0
+    for n in sizes:
+        used = (n - 1) // step_tokens * step_tokens
+        assert everything & set(range(start, start + n)) == set(range(start, start + used))
+        assert n - used < step_tokens + 1  # only a remainder smaller than one step is left
+        start += n
+    for r in batches:
+        for x, y in batches[r]:
+            assert torch.equal(y, x + 1)  # the target is the next token
+
+
+def test_each_epoch_reshuffles_the_shards_identically_on_every_rank(tmp_path):
+    paths = write_numbered_shards(tmp_path, [200] * 6)
+    loaders = [gpt2.ShardedDataLoader(paths, 2, 8, 1, r, 2, seed=5) for r in range(2)]
+    orders = {r: [] for r in range(2)}
+    for r, loader in enumerate(loaders):
+        for _ in range(2 * loader.steps_per_epoch):  # two epochs
+            x, _ = loader.next_batch()
+            shard = int(x[0, 0]) // 200
+            if not orders[r] or orders[r][-1] != shard:
+                orders[r].append(shard)
+    assert orders[0] == orders[1]
+    first, second = orders[0][:6], orders[0][6:]
+    assert sorted(first) == sorted(second) == list(range(6)) and first != second
+
+
+def test_loader_state_dict_round_trips_mid_epoch(tmp_path):
+    paths = write_numbered_shards(tmp_path, [300, 500])
+    a = gpt2.ShardedDataLoader(paths, 2, 8, 3, 1, 2, seed=1)
+    for _ in range(7):  # mid-step (7 % 3 != 0) and mid-shard
+        a.next_batch()
+    b = gpt2.ShardedDataLoader(paths, 2, 8, 3, 1, 2, seed=1)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # plain data, as in a checkpoint
+    for _ in range(40):  # across shard and epoch boundaries
+        assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+
+
+def test_validation_covers_the_same_tokens_whatever_the_micro_batch(tmp_path):
+    tokens = gpt2.read_shard(write_numbered_shards(tmp_path, [3000], "val")[0]) % 500
+    model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=32))
+    ctx = gpt2.Context()
+    losses = {B: gpt2.evaluate_loss(model, tokens, 32, B, 2000, ctx, contextlib.nullcontext(), 0)
+              for B in (1, 3, 8)}
+    assert losses[1] == pytest.approx(losses[3], abs=1e-6) == pytest.approx(losses[8], abs=1e-6)
+
+
+# -- 3. The learning-rate schedule --------------------------------------------------------------
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    lr = lambda step: gpt2.get_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    assert lr(0) == pytest.approx(6e-5)  # 1/10 of the way up
+    assert lr(9) == pytest.approx(6e-4)  # end of warmup: the peak
+    assert lr(60) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway down the cosine
+    assert lr(110) == pytest.approx(6e-5) and lr(500) == pytest.approx(6e-5)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    decay, no_decay = gpt2.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# -- 7. Training end to end, on Tiny Shakespeare --------------------------------------------------
+
+@pytest.fixture(scope="session")
+def shakespeare_tokens(shared_data):
+    text = (shared_data / "tinyshakespeare.txt").read_text()
+    return np.array([gpt2.EOT] + tiktoken.get_encoding("gpt2").encode_ordinary(text))
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory, shakespeare_tokens):
+    """A val shard and a small train shard of Tiny Shakespeare, written with fineweb's writer."""
+    folder = tmp_path_factory.mktemp("shakespeare")
+    write_shard(folder / "shakespeare_val_000000.bin", shakespeare_tokens[:20_000])
+    write_shard(folder / "shakespeare_train_000001.bin", shakespeare_tokens[20_000:28_192])
+    return folder
+
+
+TINY_RUN = ["--model", "tiny", "--n_embd", "64", "--seq_len", "64", "--batch_size", "4",
+            "--total_batch_size", "512", "--max_lr", "1e-2", "--warmup_steps", "2",
+            "--eval_every", "4", "--val_tokens", "1024", "--hellaswag_every", "0",
+            "--num_samples", "0"]
+
+
+def read_log(log_dir):
+    return gpt2.read_events(log_dir)
+
+
+def train_losses(log_dir):
+    return [e["loss"] for e in read_log(log_dir) if "loss" in e]
+
+
+def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--n_embd", "128",
+               "--max_steps", "80", "--eval_every", "80", "--val_tokens", "4096"])
+    losses = train_losses(tmp_path)  # 80 steps of 512 tokens: 5 epochs of the 8k-token shard
+    assert losses[0] == pytest.approx(math.log(gpt2.VOCAB_SIZE), abs=0.15)  # ~10.8
+    assert np.mean(losses[-5:]) < 5.5
+    val = [e["val_loss"] for e in read_log(tmp_path) if "val_loss" in e]
+    assert val[-1] < val[0] - 3.5  # and it generalizes to unseen Shakespeare
+
+
+def test_resume_continues_bit_exactly(shakespeare, tmp_path):
+    # One run of 6 steps checkpoints at 3 and 6. A second run resumes from the step-3
+    # checkpoint alone: its last 3 losses and final weights must equal the first run's.
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "6", "--checkpoint_every", "3",
+              "--keep_checkpoints", "5"]
+    gpt2.main([*common, "--log_dir", full])
+    resumed.mkdir()
+    (resumed / "ckpt_00000003.pt").write_bytes((full / "ckpt_00000003.pt").read_bytes())
+    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+    assert train_losses(resumed) == train_losses(full)[3:]
+    a = torch.load(full / "ckpt_00000006.pt", weights_only=True)
+    b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["loader"] == b["loader"]
+
+
+def torchrun(*args, nproc=2, extra=()):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
+         str(HERE / "gpt2.py"), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process):
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    return out
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_accumulation(shakespeare, tmp_path):
+    # 512 tokens a step: 2 ranks x 4 x 64, or 1 process x 2 micro-batches x 4 x 64.
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--device", "cpu"]
+    gpt2.main([*common, "--log_dir", tmp_path / "single"])
+    finish(torchrun(*common, "--log_dir", tmp_path / "ddp", extra=["--standalone"]))
+    single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    assert [e["step"] for e in ddp] == [e["step"] for e in single]
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose([e[key] for e in ddp if key in e],
+                                   [e[key] for e in single if key in e], atol=1e-5, rtol=0)
+
+
+def test_ddp_across_two_nodes_on_localhost_matches_one_process(shakespeare, tmp_path):
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "3", "--device", "cpu"]
+    gpt2.main([*common, "--log_dir", tmp_path / "single"])
+    rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
+                      extra=[*rendezvous, f"--node_rank={rank}"]) for rank in (0, 1)]
+    for node in nodes:
+        finish(node)
+    assert not (tmp_path / "node1/log.jsonl").exists()  # only global rank 0 writes logs
+    np.testing.assert_allclose(train_losses(tmp_path / "node0"), train_losses(tmp_path / "single"),
+                               atol=1e-5, rtol=0)
+
+
+# -- 7b. Errors a user can cause when training --------------------------------------------------
+
+def test_no_shards_says_run_fineweb_first(tmp_path, capsys):
+    err = cli_error(capsys, "--data_dir", tmp_path / "empty", "--log_dir", tmp_path)
+    assert err == f"error: no token shards in {tmp_path / 'empty'}: run `python fineweb.py` first (or pass --data_dir)"
+
+
+def test_a_shard_with_a_bad_header_stops_training_with_its_name(tmp_path, capsys):
+    bad = tmp_path / "data/x_train_000001.bin"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x00" * 2048)
+    err = cli_error(capsys, "--data_dir", bad.parent, "--log_dir", tmp_path, *TINY_RUN)
+    assert str(bad) in err and "not a token shard" in err
+
+
+def test_a_total_batch_not_divisible_by_the_micro_batch_is_refused(shakespeare, tmp_path, capsys):
+    err = cli_error(capsys, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
+                    "--total_batch_size", "1000")
+    assert "--total_batch_size 1000 is not divisible by batch_size * seq_len * world_size" in err
+
+
+def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, tmp_path, capsys):
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
+    gpt2.main(common)
+    ckpt = tmp_path / "ckpt_00000002.pt"
+    damaged = ckpt.read_bytes()[:5000]
+    ckpt.write_bytes(damaged)
+    err = cli_error(capsys, *common, "--resume")
+    assert str(ckpt) in err and "corrupt or truncated checkpoint" in err
+    assert ckpt.read_bytes() == damaged
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, tmp_path, capsys):
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
+    gpt2.main(common)
+    err = cli_error(capsys, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30")
+    assert "loss is nan" in err and "ckpt_00000002.pt" in err
+    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
