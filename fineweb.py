@@ -47,12 +47,12 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pyarrow as pa
@@ -90,7 +90,7 @@ def as_uint16(tokens, where):
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= 2**16:
         raise TokenIdError(f"{where}: token id {hi if hi >= 2**16 else lo} does not fit in a uint16 shard")
-    return arr.astype("<u2", copy=False)
+    return np.ascontiguousarray(arr, dtype="<u2")  # no copy if it already is one
 
 
 @contextlib.contextmanager
@@ -337,11 +337,20 @@ _encoder = None
 
 
 def init_worker():
-    """Run once in each pool process: load the tokenizer, and leave Ctrl-C to the main
-    process, which stops the pool (otherwise every worker prints a traceback)."""
+    """Run once in each pool process: load the tokenizer, leave Ctrl-C to the main process
+    (which stops the pool; otherwise every worker prints a traceback), and watch the parent."""
     global _encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _encoder = tiktoken.get_encoding("gpt2")
+
+
+def exit_with_parent(parent):
+    """Exit once the main process is gone (kill -9): an orphaned worker would otherwise wait
+    for work forever. Gone means this process was adopted by another, on Linux and macOS."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def tokenize(texts, where):
@@ -358,16 +367,20 @@ def tokenize(texts, where):
 
 def tokenize_in_order(pool, batches, window):
     """For each (position, where, texts) in `batches`, yield (position, tokens) in input order,
-    with at most `window` batches in the pool. (Pool.imap would read `batches` from a thread of
-    its own, as far ahead as it likes, and an exit would wait for it: we keep the reading here.)"""
+    with at most `window` batches in the pool, so memory stays bounded. (Pool.imap would read
+    `batches` from a thread of its own, as far ahead as it likes; we keep the reading here.)"""
     pending = collections.deque()
-    for position, where, texts in batches:
-        pending.append((position, pool.apply_async(tokenize, (texts, where))))
-        if len(pending) >= window:
-            position, result = pending.popleft()
-            yield position, result.get()
-    for position, result in pending:
-        yield position, result.get()
+    try:
+        for position, where, texts in batches:
+            pending.append((position, pool.submit(tokenize, texts, where)))
+            if len(pending) >= window:
+                position, result = pending.popleft()
+                yield position, result.result()
+        for position, result in pending:
+            yield position, result.result()
+    except BrokenProcessPool:  # where multiprocessing.Pool would wait forever
+        raise UserError("a tokenizer process died (killed for lack of memory?); "
+                        "rerun to continue, with a lower --num_proc if it happens again") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,7 +518,7 @@ class Inputs:
     def documents(self, start, docs_per_batch):
         """Yield ((file, row), description, texts) from position `start` on, downloading the
         next file in the background while this one is read."""
-        upcoming = in_background(self.fetch, start[0])
+        upcoming = in_background(self.fetch, start[0]) if start[0] < len(self.files) else None
         for i in range(start[0], len(self.files)):
             path = upcoming.result()
             if i + 1 < len(self.files):
@@ -527,8 +540,10 @@ def run(args):
     if manifest["shards"]:
         print(f"resuming after {len(manifest['shards'])} shards, at file {start[0]} row {start[1]}")
     to_skip, tokens_this_run = start[2], 0
-    # The pool first: its processes fork before the shard buffer and the download threads exist.
-    with multiprocessing.Pool(args.num_proc, initializer=init_worker) as pool:
+    with concurrent.futures.ProcessPoolExecutor(args.num_proc, initializer=init_worker) as pool:
+        # Start the processes now, before the shard buffer and the download thread exist: fork
+        # copies only the thread that forks, and a lock held by another would stay locked.
+        pool.submit(int).result()
         writer = ShardWriter(args.out_dir, args.shard_size, manifest)
         batches = inputs.documents(start, args.docs_per_batch)
         with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
@@ -540,8 +555,6 @@ def run(args):
                 tokens_this_run += len(tokens) - skipped
                 bar.update(len(tokens) - skipped)
         writer.finish([len(inputs.files), 0, 0])
-        pool.close()
-        pool.join()
     inputs.forget_before(len(inputs.files))
     report(args, manifest, tokens_this_run, time.time() - started)
     return 0

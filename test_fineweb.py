@@ -55,6 +55,15 @@ def parquet_files(shared_data, tmp_path_factory):
             f"{HUB_DIR}/001_00000.parquet": regrouped.read_bytes()}
 
 
+@pytest.fixture
+def local_files(parquet_files, tmp_path):
+    """The same two files on local disk, for --input."""
+    paths = [tmp_path / Path(name).name for name in parquet_files]
+    for path, data in zip(paths, parquet_files.values()):
+        path.write_bytes(data)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def documents(parquet_files):
     """The texts of both files, in order: 300 documents."""
@@ -148,6 +157,10 @@ class FakeHub:
 
         return Handler
 
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
     def downloads(self, name):
         """The Range headers of the requests for one file."""
         return [rng for path, rng in self.requests if path.endswith(name)]
@@ -157,8 +170,7 @@ class FakeHub:
 def hub(parquet_files):
     hub = FakeHub(dict(parquet_files))
     yield hub
-    hub.server.shutdown()
-    hub.server.server_close()
+    hub.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,8 +215,7 @@ def clean_run(parquet_files, tmp_path_factory):
     try:
         code, out, err = run_fineweb(tmp, hub)
     finally:
-        hub.server.shutdown()
-        hub.server.server_close()
+        hub.close()
     assert code == 0, err
     return {"dir": tmp / "shards", "cache": tmp / "cache", "stdout": out, "shards": shards_in(tmp / "shards")}
 
@@ -314,40 +325,68 @@ def test_rerun_of_a_finished_job_does_nothing(tmp_path, hub, clean_run):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").iterdir()} == before
 
 
-def test_killed_run_finishes_on_rerun_with_identical_shards(tmp_path, hub, clean_run):
-    # The second file comes down a slow line, so the run is surely killed mid-way: after some
-    # shards of the first file, with the second one half downloaded.
+def start_and_stop_mid_way(tmp_path, hub):
+    """Start `python fineweb.py` with the second file coming down a slow line; once it is surely
+    mid-way (some shards of the first file written, the second file partly downloaded), return
+    the process and the pids of its two tokenizer processes."""
     second = f"{HUB_DIR}/001_00000.parquet"
     hub.faults[second] = ["slow"]
     part = tmp_path / "cache" / f"{second}.part"
     manifest = tmp_path / "shards" / "manifest.json"
     run = subprocess.Popen(fineweb_command(tmp_path), env=hub_env(hub), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+                           stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (manifest.exists() and json.loads(manifest.read_text())["shards"] and part.exists()
                and part.stat().st_size > 0):
         assert run.poll() is None and time.time() < deadline
         time.sleep(0.02)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    state = json.loads(manifest.read_text())
-    assert not state["done"] and 0 < len(state["shards"]) < len(clean_run["shards"])
     assert part.stat().st_size < len(hub.files[second])
+    workers = [int(pid) for pid in Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()]
+    assert len(workers) == 2  # --num_proc 2
+    return run, workers
 
+
+def is_running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def assert_rerun_finishes_the_job(tmp_path, hub, clean_run):
+    state = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert not state["done"] and 0 < len(state["shards"]) < len(clean_run["shards"])
     code, out, err = run_fineweb(tmp_path, hub)
     assert code == 0, err
     assert "resuming after" in out
-    assert hub.downloads(second)[-1] is not None  # the .part was continued with a Range request
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
 
 
-def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_run, parquet_files, monkeypatch,
+def test_killed_run_finishes_on_rerun_with_identical_shards(tmp_path, hub, clean_run):
+    run, workers = start_and_stop_mid_way(tmp_path, hub)
+    run.kill()  # SIGKILL: no chance to clean up
+    run.communicate(timeout=60)  # returns once the orphaned workers, which share stderr, exit too
+    deadline = time.time() + 5
+    while any(map(is_running, workers)):  # their last moments, after they closed their files
+        assert time.time() < deadline, "the killed run left tokenizer processes behind"
+        time.sleep(0.02)
+    assert_rerun_finishes_the_job(tmp_path, hub, clean_run)
+    assert hub.downloads(f"{HUB_DIR}/001_00000.parquet")[-1] is not None  # the .part was continued
+
+
+def test_a_dead_tokenizer_process_stops_the_run_with_one_line(tmp_path, hub, clean_run):
+    run, workers = start_and_stop_mid_way(tmp_path, hub)
+    os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 1
+    assert_one_error_line(err, "a tokenizer process died")
+    assert_rerun_finishes_the_job(tmp_path, hub, clean_run)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_run, local_files, monkeypatch,
                                                                 capsys):
-    inputs = []
-    for name, data in parquet_files.items():
-        inputs.append(tmp_path / Path(name).name)
-        inputs[-1].write_bytes(data)
-    argv = ["--input", *map(str, inputs), "--out_dir", str(tmp_path / "shards"), *FLAGS]
+    # In this process, so that os.fsync can be made to fail as it does on a full disk.
+    argv = ["--input", *map(str, local_files), "--out_dir", str(tmp_path / "shards"), *FLAGS]
     real_fsync, calls = os.fsync, []
 
     def fsync_on_a_disk_that_fills_up(fd):
@@ -423,15 +462,11 @@ def test_a_rerun_with_another_shard_size_refuses_to_mix_shards(tmp_path, hub, cl
 # ---------------------------------------------------------------------------------------
 # The shards depend on the documents only.
 # ---------------------------------------------------------------------------------------
-def test_input_gives_the_same_shards_as_the_download(tmp_path, parquet_files, clean_run):
-    inputs = []
-    for name, data in parquet_files.items():
-        inputs.append(tmp_path / Path(name).name)
-        inputs[-1].write_bytes(data)
-    code, _, err = run_fineweb(tmp_path, None, "--input", *map(str, inputs))
+def test_input_gives_the_same_shards_as_the_download(tmp_path, local_files, clean_run):
+    code, _, err = run_fineweb(tmp_path, None, "--input", *map(str, local_files))  # no hub: no network
     assert code == 0, err
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
-    assert all(p.exists() for p in inputs)  # a user's own files are never deleted
+    assert all(p.exists() for p in local_files)  # a user's own files are never deleted
 
 
 def test_shards_do_not_depend_on_num_proc_or_batch_size(tmp_path, hub, clean_run):
