@@ -59,6 +59,16 @@ class UserError(Exception):
     """A problem the user can fix (a missing file, a bad flag): main() prints it as one line."""
 
 
+def gpt2_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 BPE. Its files are downloaded on first use and cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (requests.RequestException, OSError) as e:
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken "
+                        f"downloads it once; offline, set TIKTOKEN_CACHE_DIR to a folder "
+                        f"holding its cached files") from None
+
+
 # -----------------------------------------------------------------------------------------------
 # 1. The model
 #
@@ -807,7 +817,7 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int,
 def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
                  seed: int, top_k: int | None = 50) -> list[str]:
     """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
     max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
     out = model.generate(idx, max_new_tokens, top_k=top_k, seed=seed)
@@ -1182,6 +1192,9 @@ class Trainer:
                  f"{self.grad_accum} accum x {ctx.world_size} | {self.max_steps} steps "
                  f"({self.loader.steps_per_epoch} per epoch)")
         start = self.step
+        if start == 0:
+            self.events.write(step=0, model=args.model, config=asdict(self.config),
+                              total_batch_size=args.total_batch_size, world_size=ctx.world_size)
         while True:
             resumed_here = self.step == start and start > 0  # already evaluated before the stop
             if (self.step % args.eval_every == 0 or self.step == self.max_steps) and not resumed_here:
@@ -1228,7 +1241,7 @@ def sample(args):
     """python gpt2.py sample: continue a prompt with OpenAI's GPT-2 or a checkpoint."""
     device = pick_device(args.device)
     model = load_model(args, device)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     prompt = enc.encode(args.prompt) or [EOT]  # an empty prompt starts a fresh document
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     t0 = time.perf_counter()
@@ -1241,6 +1254,195 @@ def sample(args):
     print("-" * 80)
     print(f"{args.num_samples} x {args.max_new_tokens} tokens in {dt:.2f} s "
           f"({args.num_samples * args.max_new_tokens / dt:.1f} tokens/s)", file=sys.stderr)
+
+
+# `bench` measures, in one process, everything that decides how fast training goes: the
+# device's own matmul speed (the ceiling), one training step split into its parts, generation
+# with and without the cache, the loader, and peak memory. MFU is the model's FLOPs per second
+# over that ceiling. Medians over repetitions, with the spread, since shared machines are noisy.
+
+def timed(fn, device) -> float:
+    """Seconds fn() takes, waiting for the GPU to finish its queued work."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure(fn, device, reps: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    return [timed(fn, device) for _ in range(reps)]
+
+
+def matmul_peak_flops(device, dtype, reps: int) -> float:
+    """FLOP/s of a large square matmul in the training dtype: what this device can do at best."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / float(np.median(measure(lambda: a @ b, device, reps)))
+
+
+def peak_memory_mib(device) -> dict:
+    if device.type == "cuda":
+        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+    import resource  # Linux and macOS; ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)}
+
+
+def bench_train_step(model, train_model, optimizer, args, ctx) -> dict[str, list[float]]:
+    """Seconds of forward, backward and optimizer, per repetition, on random tokens."""
+    B, T = args.batch_size, args.seq_len
+    x = torch.randint(0, VOCAB_SIZE, (B, T), device=ctx.device)
+    y = torch.randint(0, VOCAB_SIZE, (B, T), device=ctx.device)
+    parts = {"forward": [], "backward": [], "optimizer": []}
+    loss = None
+
+    def forward():
+        nonlocal loss
+        with autocast_context(ctx):
+            _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
+
+    for rep in range(args.warmup + args.reps):
+        times = [timed(forward, ctx.device), timed(lambda: loss.backward(), ctx.device),
+                 timed(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)),
+                       ctx.device)]
+        if rep >= args.warmup:
+            for name, t in zip(parts, times):
+                parts[name].append(t)
+    return parts
+
+
+def bench_generation(model, ctx, prompt_len: int, new_tokens: int, reps: int, use_cache: bool):
+    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len), device=ctx.device)
+    times = measure(lambda: model.generate(idx, new_tokens, top_k=50, seed=0, use_cache=use_cache),
+                    ctx.device, reps, warmup=1)
+    return [new_tokens / t for t in times]
+
+
+def bench_loader(args, reps: int) -> list[float]:
+    import tempfile
+
+    import fineweb  # the shard writer (no torch inside: cheap to import)
+    B, T = args.batch_size, args.seq_len
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench_train_000001.bin"
+        fineweb.write_shard(path, np.random.default_rng(0).integers(0, VOCAB_SIZE, 20 * B * T + 1))
+        loader = ShardedDataLoader([path], B, T)
+        n = 200
+        return [n / t for t in measure(lambda: [loader.next_batch() for _ in range(n)],
+                                       torch.device("cpu"), reps)]
+
+
+def spread(values: list[float]) -> str:
+    return f"{np.median(values):,.3f} (min {min(values):,.3f}, max {max(values):,.3f})"
+
+
+def bench(args):
+    device = pick_device(args.device)
+    ctx = Context(device=device, dtype=pick_dtype(args.dtype, device))
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    if args.loss_chunk < 0:
+        args.loss_chunk = 256 if device.type == "cpu" else 0
+    torch.manual_seed(0)
+    config = model_config(args)
+    model = GPT(config).to(device)
+    optimizer = configure_optimizer(model, 1e-4, 0.1, device.type)
+    train_model = torch.compile(model) if args.compile else model
+    peak = matmul_peak_flops(device, ctx.dtype, args.reps)
+    parts = bench_train_step(model, train_model, optimizer, args, ctx)
+    step = [sum(ts) for ts in zip(*parts.values())]
+    tok_s = [args.batch_size * args.seq_len / t for t in step]
+    flops = flops_per_token(config, args.seq_len)
+    model.eval()
+    gen = {use_cache: bench_generation(model, ctx, 16, args.gen_tokens, args.reps, use_cache)
+           for use_cache in (True, False)}
+    loader = bench_loader(args, args.reps)
+    datasheet = datasheet_peak_flops(device)
+    result = dict(device=str(device), dtype=str(ctx.dtype).removeprefix("torch."),
+                  params=model.num_params(), batch_size=args.batch_size, seq_len=args.seq_len,
+                  train_tok_s=float(np.median(tok_s)), peak_flops=peak,
+                  mfu=flops * float(np.median(tok_s)) / peak,
+                  gen_tok_s_cache=float(np.median(gen[True])),
+                  gen_tok_s_nocache=float(np.median(gen[False])),
+                  loader_batches_s=float(np.median(loader)), **peak_memory_mib(device))
+    if datasheet:
+        result["mfu_datasheet"] = flops * result["train_tok_s"] / datasheet
+    rows = [("device", f"{device} ({result['dtype']}), torch {torch.__version__}"),
+            ("model", f"{result['params']:,} parameters, {flops / 1e6:,.1f} MFLOP/token"),
+            ("matmul peak", f"{peak / 1e9:,.1f} GFLOP/s"),
+            *[(f"{name} (s)", spread(ts)) for name, ts in parts.items()],
+            ("train step (s)", spread(step)), ("train tokens/s", spread(tok_s)),
+            ("MFU (of measured peak)", f"{100 * result['mfu']:.1f}%"),
+            *([("MFU (of datasheet)", f"{100 * result['mfu_datasheet']:.1f}%")] if datasheet else []),
+            (f"generate 16+{args.gen_tokens}, cache (tok/s)", spread(gen[True])),
+            (f"generate 16+{args.gen_tokens}, no cache (tok/s)", spread(gen[False])),
+            ("loader (batches/s)", spread(loader)),
+            *[(k.replace("_", " "), f"{v:,.0f}") for k, v in peak_memory_mib(device).items()]]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(json.dumps(result))
+
+
+# `plot` draws a run's log.jsonl: train and val loss, and HellaSwag, against steps and tokens.
+# For the 124M model it adds OpenAI GPT-2 124M's own figures as reference lines: val loss 3.2924
+# on the FineWeb-Edu val shard (measured by build-nanogpt) and HellaSwag acc_norm 0.2955
+# (completion style, all 10,042 examples; build-nanogpt and llm.c).
+GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG = 3.2924, 0.2955
+
+
+def plot(args):
+    import matplotlib  # imported here only: training does not need it
+    matplotlib.use("Agg")  # files, no window
+    import matplotlib.pyplot as plt
+
+    events = read_events(args.log_dir)
+    run = next((e for e in events if "config" in e), {})
+    is_124m = run.get("config", {}).get("n_embd") == 768 and run["config"].get("n_layer") == 12
+    tokens_per_step = run.get("total_batch_size")
+    train = [(e["step"], e["loss"]) for e in events if "loss" in e]
+    val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
+    hella = [(e["step"], e["hellaswag"]) for e in events if "hellaswag" in e]
+    if not train:
+        raise UserError(f"{args.log_dir}/log.jsonl has no training steps yet")
+    fig, axes = plt.subplots(1, 2 if hella else 1, figsize=(13 if hella else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, label="val loss")
+    if is_124m:
+        ax.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", label="OpenAI GPT-2 124M val loss")
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=f"{run.get('model', '')} loss")
+    ax.set_ylim(top=min(11.5, max(l for _, l in train) + 0.2))
+    if hella:
+        hx = axes[0][1]
+        hx.plot(*zip(*hella), "o-", ms=3, color="g", label="HellaSwag acc_norm")
+        hx.axhline(0.25, color="gray", ls=":", label="chance")
+        if is_124m:
+            hx.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label="OpenAI GPT-2 124M")
+        hx.set(xlabel="step", ylabel="accuracy", title="HellaSwag")
+    for a in fig.axes:
+        a.grid(alpha=0.3)
+        a.legend()
+        if tokens_per_step:  # a second x-axis in tokens: comparable across batch sizes
+            top = a.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
+                                                      lambda t: t * 1e6 / tokens_per_step))
+            top.set_xlabel("tokens (millions)")
+    fig.tight_layout()
+    out = Path(args.out or Path(args.log_dir) / "loss.png")
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png", dpi=120)
+    print(f"wrote {out}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1354,7 +1556,36 @@ def sample_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample)}
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2.py bench",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Measure training and generation speed; the last "
+                                            "line printed is a JSON object of the results.")
+    add_model_flags(p)
+    p.add_argument("--batch_size", type=int, default=8, help="micro-batch B")
+    p.add_argument("--seq_len", type=int, default=256, help="sequence length T")
+    p.add_argument("--loss_chunk", type=int, default=-1, help="as in training (-1 = auto)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
+    p.add_argument("--gen_tokens", type=int, default=128, help="tokens generated after a "
+                   "16-token prompt, batch 1")
+    add_device_flags(p)
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="as in training")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2.py plot",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Plot a run's log.jsonl as a PNG.")
+    p.add_argument("--log_dir", default="log", help="the run's --log_dir")
+    p.add_argument("--out", help="PNG to write (default LOG_DIR/loss.png)")
+    return p
+
+
+COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample),
+            "bench": (bench_parser, bench), "plot": (plot_parser, plot)}
 
 
 def main(argv=None):
