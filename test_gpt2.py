@@ -8,6 +8,7 @@ import http.server
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -587,3 +588,77 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, tmp
     err = cli_error(capsys, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30")
     assert "loss is nan" in err and "ckpt_00000002.pt" in err
     assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+
+
+# -- 5. Device and precision choice ---------------------------------------------------------------
+
+def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpt2.pick_device("auto", local_rank=3) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert gpt2.pick_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert gpt2.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(gpt2.UserError, match="no CUDA GPU"):
+        gpt2.pick_device("cuda")
+
+
+def test_dtype_auto_is_bf16_on_new_gpus_fp16_on_old_ones_fp32_elsewhere(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert gpt2.pick_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
+    assert gpt2.pick_dtype("auto", cuda) == torch.float16
+    assert gpt2.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert gpt2.pick_dtype("auto", torch.device("mps")) == torch.float32
+    assert gpt2.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_fp16_autocast_with_a_gradient_scaler_trains_on_the_cpu(shakespeare, tmp_path):
+    ctx = gpt2.Context(dtype=torch.float16)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    with gpt2.autocast_context(ctx):
+        assert model(torch.zeros(1, 4, dtype=torch.long))[0].dtype == torch.float16
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "3",
+               "--dtype", "float16", "--loss_chunk", "0"])
+    assert all(math.isfinite(loss) for loss in train_losses(tmp_path))
+    scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 1 and scaler["_growth_tracker"] == 3  # 3 unskipped scaled steps
+
+
+def test_compiled_training_saves_plain_keys_and_still_evaluates_and_samples(shakespeare, tmp_path):
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2",
+               "--eval_every", "2", "--num_samples", "1", "--compile"])
+    state = torch.load(tmp_path / "ckpt_00000002.pt", weights_only=True)
+    assert not [k for k in state["model"] if "_orig_mod" in k]
+    evals = [e for e in read_log(tmp_path) if "val_loss" in e]
+    assert [e["step"] for e in evals] == [0, 2] and all(e["samples"] for e in evals)
+    code, out, err = run_cli("sample", "--checkpoint", tmp_path / "ckpt_00000002.pt",
+                             "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
+    assert code == 0 and out.startswith("-" * 80), err
+
+
+# -- 8. Tools -------------------------------------------------------------------------------------
+
+def test_plot_writes_a_png_of_a_short_run(shakespeare, tmp_path):
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "4",
+               "--eval_every", "2", "--hellaswag_every", "2",
+               "--hellaswag_file", HERE.parent / "shared/data/hellaswag_val_1000.jsonl",
+               "--hellaswag_limit", "8"])
+    gpt2.main(["plot", "--log_dir", tmp_path, "--out", tmp_path / "run.png"])
+    png = (tmp_path / "run.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    width, height = struct.unpack(">II", png[16:24])
+    assert width >= 800 and height >= 400
+    assert [e["hellaswag"] for e in read_log(tmp_path) if "hellaswag" in e] != []
+
+
+def test_bench_reports_every_figure_as_json_on_its_last_line(capsys):
+    gpt2.main(["bench", "--model", "tiny", "--n_embd", "64", "--batch_size", "2", "--seq_len",
+               "32", "--reps", "2", "--warmup", "1", "--gen_tokens", "8", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("train_tok_s", "mfu", "peak_flops", "gen_tok_s_cache", "gen_tok_s_nocache",
+                "peak_rss_mib", "loader_batches_s"):
+        assert result[key] > 0, key
+    assert 0 < result["mfu"] < 1.5
