@@ -409,6 +409,21 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
 # ---------------------------------------------------------------------------------------
 # Errors: one clear line, exit code 1, the shards already written intact.
 # ---------------------------------------------------------------------------------------
+class TokenizerWithTooBigAnId:
+    """Stands in for tiktoken's GPT-2 encoding: every document becomes the id 70,000."""
+
+    def encode_to_numpy(self, text, disallowed_special):
+        return np.array([70_000], dtype=np.uint32)
+
+
+def test_a_token_id_outside_uint16_stops_with_one_line_naming_the_file(tmp_path, local_files, monkeypatch, capsys):
+    # In this process: the tokenizer processes fork from it and find the stand-in.
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: TokenizerWithTooBigAnId())
+    assert fineweb.main(["--input", str(local_files[0]), "--out_dir", str(tmp_path / "shards"), *FLAGS]) == 1
+    assert_one_error_line(capsys.readouterr().err, str(local_files[0]), "token id 70000 does not fit")
+    assert not shards_in(tmp_path / "shards")
+
+
 def without_text(data):
     table = pq.read_table(pa.BufferReader(data)).drop_columns(["text"])
     sink = pa.BufferOutputStream()
