@@ -38,8 +38,8 @@ downloaded parquet file is deleted (unless `--keep_parquet`) once a finished sha
 it: the disk holds ~20 GB of shards, not 48 GB of both. Every file another run may read (a
 shard, the manifest, a download) is written to a temporary name and renamed when complete.
 
-Imports: numpy, tiktoken, requests, pyarrow, tqdm. Not torch and not gpt2: every tokenizer
-worker would pay ~220 MB of memory for `import torch`.
+Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
+not gpt2: every tokenizer worker would pay ~220 MB of memory for `import torch`.
 """
 import argparse
 import collections
@@ -529,6 +529,8 @@ class Inputs:
 
 def run(args):
     started = time.time()
+    if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
+        raise UserError(f"tiktoken {tiktoken.__version__} is too old: pip install 'tiktoken>=0.9'")
     manifest = open_manifest(args)
     if manifest["done"]:
         print(f"nothing to do: {args.out_dir} is complete")
