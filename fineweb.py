@@ -530,7 +530,7 @@ class Inputs:
 def run(args):
     started = time.time()
     if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
-        raise UserError(f"tiktoken {tiktoken.__version__} is too old: pip install 'tiktoken>=0.9'")
+        raise UserError("this tiktoken is too old (no encode_to_numpy): pip install 'tiktoken>=0.9'")
     manifest = open_manifest(args)
     if manifest["done"]:
         print(f"nothing to do: {args.out_dir} is complete")
