@@ -1333,6 +1333,24 @@ def bench_generation(model, ctx, prompt_len: int, new_tokens: int, reps: int, us
     return [new_tokens / t for t in times]
 
 
+def bench_transformers_generation(model, ctx, prompt_len: int, new_tokens: int, reps: int):
+    """The same weights in transformers' GPT2LMHeadModel, its cached generate (for comparison;
+    transformers is a test-only dependency, imported only for --vs_transformers)."""
+    import tempfile
+
+    import transformers
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).to(ctx.device).eval()
+    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len), device=ctx.device)
+
+    def generate():
+        with torch.no_grad():
+            hf.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                        top_k=50, pad_token_id=EOT)
+    return [new_tokens / t for t in measure(generate, ctx.device, reps, warmup=1)]
+
+
 def bench_loader(args, reps: int) -> list[float]:
     import tempfile
 
@@ -1371,6 +1389,8 @@ def bench(args):
     model.eval()
     gen = {use_cache: bench_generation(model, ctx, 16, args.gen_tokens, args.reps, use_cache)
            for use_cache in (True, False)}
+    hf_gen = (bench_transformers_generation(model, ctx, 16, args.gen_tokens, args.reps)
+              if args.vs_transformers else None)
     loader = bench_loader(args, args.reps)
     datasheet = datasheet_peak_flops(device)
     result = dict(device=str(device), dtype=str(ctx.dtype).removeprefix("torch."),
@@ -1380,6 +1400,8 @@ def bench(args):
                   gen_tok_s_cache=float(np.median(gen[True])),
                   gen_tok_s_nocache=float(np.median(gen[False])),
                   loader_batches_s=float(np.median(loader)), **peak_memory_mib(device))
+    if hf_gen:
+        result["gen_tok_s_transformers"] = float(np.median(hf_gen))
     if datasheet:
         result["mfu_datasheet"] = flops * result["train_tok_s"] / datasheet
     rows = [("device", f"{device} ({result['dtype']}), torch {torch.__version__}"),
@@ -1391,6 +1413,8 @@ def bench(args):
             *([("MFU (of datasheet)", f"{100 * result['mfu_datasheet']:.1f}%")] if datasheet else []),
             (f"generate 16+{args.gen_tokens}, cache (tok/s)", spread(gen[True])),
             (f"generate 16+{args.gen_tokens}, no cache (tok/s)", spread(gen[False])),
+            *([(f"transformers generate 16+{args.gen_tokens} (tok/s)", spread(hf_gen))]
+              if hf_gen else []),
             ("loader (batches/s)", spread(loader)),
             *[(k.replace("_", " "), f"{v:,.0f}") for k, v in peak_memory_mib(device).items()]]
     width = max(len(name) for name, _ in rows)
@@ -1577,6 +1601,9 @@ def bench_parser() -> argparse.ArgumentParser:
     add_device_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="as in training")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--vs_transformers", action="store_true",
+                   help="also time transformers' cached generate on the same weights "
+                        "(needs requirements-dev.txt)")
     return p
 
 

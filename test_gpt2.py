@@ -656,9 +656,10 @@ def test_plot_writes_a_png_of_a_short_run(shakespeare, tmp_path):
 
 def test_bench_reports_every_figure_as_json_on_its_last_line(capsys):
     gpt2.main(["bench", "--model", "tiny", "--n_embd", "64", "--batch_size", "2", "--seq_len",
-               "32", "--reps", "2", "--warmup", "1", "--gen_tokens", "8", "--device", "cpu"])
+               "32", "--reps", "2", "--warmup", "1", "--gen_tokens", "8", "--device", "cpu",
+               "--vs_transformers"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("train_tok_s", "mfu", "peak_flops", "gen_tok_s_cache", "gen_tok_s_nocache",
-                "peak_rss_mib", "loader_batches_s"):
+                "peak_rss_mib", "loader_batches_s", "gen_tok_s_transformers"):
         assert result[key] > 0, key
     assert 0 < result["mfu"] < 1.5
