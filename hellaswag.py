@@ -297,15 +297,6 @@ def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.d
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def default_device() -> str:
-    """The fastest device here: a CUDA GPU, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Score a GPT-2 model on HellaSwag (completion style, as build-nanogpt "
@@ -326,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, metavar="N",
                         help="score only the first N examples (default: all)")
     parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:1, mps, or auto for cuda > mps > cpu "
+                        help="cpu, cuda, cuda:N, mps, or auto for cuda, else mps, else cpu "
                              "(default: auto)")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="examples per forward pass, 4 rows each; lower it if memory "
@@ -349,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The data first: a bad file should fail before minutes of downloading weights.
         examples = load_examples(args.split, args.file, args.limit, base_url=args.base_url)
+        device = gpt2.pick_device(args.device)
         if args.checkpoint:
             model = gpt2.GPT.from_checkpoint(args.checkpoint, map_location="cpu")
         else:
@@ -356,13 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     except (HellaSwagError, gpt2.UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    device = default_device() if args.device == "auto" else args.device
-    model.to(device)
-    # bf16 autocast on GPUs that have it: about twice as fast, and argmin barely notices.
-    use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    # Training's choice of precision: bf16 autocast on GPUs that have it (fp16 on older ones),
+    # fp32 elsewhere. Half precision moves an ending's loss by ~1e-3, rarely its argmin.
+    dtype = gpt2.pick_dtype("auto", device)
     start = time.perf_counter()
-    result = evaluate(model, examples, device, batch_size=args.batch_size, progress=True,
-                      autocast_dtype=torch.bfloat16 if use_bf16 else None)
+    result = evaluate(model.to(device), examples, device, batch_size=args.batch_size,
+                      autocast_dtype=None if dtype == torch.float32 else dtype, progress=True)
     elapsed = time.perf_counter() - start
     print(f"acc      {result['acc']:.4f}  ({result['correct']}/{result['n']})")
     print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")

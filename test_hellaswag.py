@@ -1,0 +1,382 @@
+"""Tests for hellaswag.py, offline: real HellaSwag rows from ../shared/data, transformers as the
+oracle, a local HTTP server standing in for GitHub, torchrun on 127.0.0.1 for two ranks.
+
+Every model here has random weights (no network), built by transformers.GPT2LMHeadModel and
+loaded into our GPT through save_pretrained, as OpenAI's weights would be. Random weights are
+enough to check the scoring: it must pick, example by example, the ending that transformers'
+own logits pick, whatever the batch, the padding or the number of ranks.
+"""
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import tiktoken
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import gpt2
+import hellaswag
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def val_file(shared_data) -> Path:
+    return shared_data / "hellaswag_val_1000.jsonl"
+
+
+@pytest.fixture(scope="session")
+def val_1000(val_file) -> list[dict]:
+    return hellaswag.load_examples(file=val_file)
+
+
+@pytest.fixture(scope="session")
+def hf_model() -> GPT2LMHeadModel:
+    """A random 2-layer GPT-2, fp32, eager attention: the reference implementation.
+
+    Its weights are drawn 10x wider than GPT-2's N(0, 0.02), so that the four endings' losses
+    differ by much more than float rounding. It is narrow (n_embd 32) because on a CPU the time
+    goes into the 50,257 logits of every position, and those cost less in a narrow model.
+    """
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256, initializer_range=0.2,
+                        attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def model_folder(hf_model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("random_gpt2")
+    hf_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model(model_folder) -> gpt2.GPT:
+    """The same weights in our GPT, as `python hellaswag.py --model FOLDER` loads them."""
+    return gpt2.GPT.from_pretrained(str(model_folder))
+
+
+@pytest.fixture(scope="session")
+def scored_1000(model, val_1000):
+    """(labels, pred, pred_norm) of our scoring on the 1,000 real rows, computed once.
+
+    Scoring is per example (a test checks that batching changes nothing), so the first n
+    entries are also what scoring only the first n examples gives.
+    """
+    return hellaswag.predict(model, val_1000, "cpu", batch_size=16)
+
+
+def counts(scored, n: int) -> dict:
+    """The counts `evaluate` reports for the first n examples, from `scored_1000`."""
+    labels, pred, pred_norm = (t[:n] for t in scored)
+    return {"n": n, "correct": (pred == labels).sum().item(),
+            "correct_norm": (pred_norm == labels).sum().item()}
+
+
+# -- Rendering --------------------------------------------------------------------------------
+
+def test_render_example_gives_the_literal_tokens_and_mask_of_the_roof_example(val_1000):
+    example = val_1000[519]  # val row 24, the example in build-nanogpt's docstring
+    assert example["ctx"] == "A man is sitting on a roof. he"
+    tokens, mask, label = hellaswag.render_example(example)
+    ctx = [32, 582, 318, 5586, 319, 257, 9753, 13, 339]  # "A man is sitting on a roof. he"
+    endings = [[318, 1262, 14441, 284, 14441, 257, 5166, 286, 1341, 271, 13],  # " is using wrap.."
+               [318, 34759, 1241, 19867, 572, 13],  # " is ripping level tiles off."
+               [318, 4769, 257, 6437, 1134, 338, 23441, 13],  # " is holding a rubik's cube."
+               [4940, 10427, 510, 9753, 278, 319, 257, 9753, 13]]  # " starts pulling up roofing.."
+    assert tokens.tolist() == [ctx + end + [0] * (11 - len(end)) for end in endings]
+    assert mask.tolist() == [[0] * 9 + [1] * len(end) + [0] * (11 - len(end)) for end in endings]
+    assert tokens.dtype == mask.dtype == torch.long and label == 3
+
+
+def test_render_example_crops_the_context_from_the_left_to_fit_max_len(val_1000):
+    tokens, mask, _ = hellaswag.render_example(val_1000[519])  # (4, 20)
+    cropped, cropped_mask, _ = hellaswag.render_example(val_1000[519], max_len=15)  # (4, 15)
+    assert torch.equal(cropped, tokens[:, 5:]) and torch.equal(cropped_mask, mask[:, 5:])
+
+
+# -- Scoring ----------------------------------------------------------------------------------
+
+def transformers_losses(hf: GPT2LMHeadModel, examples: list[dict]) -> torch.Tensor:
+    """Each ending's summed and mean loss under transformers: (N, 4, 2).
+
+    Written without hellaswag.py: its own tokenization, padding with <|endoftext|> and an
+    attention mask as transformers expects, and logits from hf.lm_head at the positions that
+    predict an ending (all of a row's logits would cost 3x the time, for the same numbers).
+    """
+    enc = tiktoken.get_encoding("gpt2")
+    rows, spans = [], []  # the 4N token rows, where each row's ending starts and stops
+    for example in examples:
+        ctx = enc.encode(example["ctx"])
+        for ending in example["endings"]:
+            end = enc.encode(" " + ending)
+            rows.append(ctx + end)
+            spans.append((len(ctx), len(ctx) + len(end)))
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [50256] * (width - len(row)) for row in rows])  # (4N, W)
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    hidden = hf.transformer(ids, attention_mask=attention).last_hidden_state  # (4N, W, C)
+    losses = []
+    for r, (start, stop) in enumerate(spans):
+        logits = hf.lm_head(hidden[r, start - 1:stop - 1])  # (len(end), V): t predicts t + 1
+        nll = -logits.log_softmax(dim=-1)[torch.arange(stop - start), rows[r][start:stop]]
+        losses.append([nll.sum().item(), nll.mean().item()])
+    return torch.tensor(losses).view(-1, 4, 2)
+
+
+def test_predicted_endings_match_transformers_on_1000_real_rows(hf_model, val_1000, scored_1000):
+    with torch.no_grad():
+        losses = torch.cat([transformers_losses(hf_model, val_1000[i:i + 25])
+                            for i in range(0, len(val_1000), 25)])  # (1000, 4, 2)
+    labels, pred, pred_norm = scored_1000
+    assert labels.tolist() == [ex["label"] for ex in val_1000]
+    for ours, loss in ((pred, losses[..., 0]), (pred_norm, losses[..., 1])):  # (1000,), (1000, 4)
+        # The two implementations round differently (about 1e-6), so where two endings tie to
+        # that precision either answer is right. Our choice must be transformers' best up to
+        # rounding everywhere, and exactly its best but for such rare near-ties.
+        picked = loss[torch.arange(len(loss)), ours]  # transformers' loss of our choice
+        assert (picked - loss.min(dim=1).values < 1e-4).all()
+        assert (ours != loss.argmin(dim=1)).sum() <= 2
+
+
+def test_a_random_model_scores_near_chance_without_favouring_a_position(scored_1000):
+    labels, pred, pred_norm = scored_1000
+    for p in (pred, pred_norm):
+        assert abs((p == labels).float().mean().item() - 0.25) < 0.05
+        # A scorer whose losses came out equal (a mask that missed the ending) would always
+        # answer 0; one that counted padding would favour the shortest or longest row. Labels
+        # sit at each position 23-27% of the time in these rows, so answers should too.
+        share = torch.bincount(p, minlength=4) / len(p)  # (4,)
+        assert share.min() > 0.15 and share.max() < 0.35, share
+
+
+def test_predictions_do_not_depend_on_the_batch_size(model, val_1000, scored_1000):
+    for batch_size in (1, 7):
+        predicted = hellaswag.predict(model, val_1000[:24], "cpu", batch_size=batch_size)
+        assert all(torch.equal(a, b[:24]) for a, b in zip(predicted, scored_1000))
+
+
+class PaddedVocab(torch.nn.Module):
+    """`model` with 47 extra vocabulary columns (50304 in all) that beat every real token."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        logits, _ = self.model(idx)  # (B, T, 50257)
+        return torch.cat([logits, torch.full((*logits.shape[:2], 47), 1e4)], dim=-1)
+
+
+def test_padded_vocabulary_columns_are_never_scored(model, val_1000, scored_1000):
+    padded = hellaswag.predict(PaddedVocab(model), val_1000[:24], "cpu")  # logits, no tuple
+    assert all(torch.equal(a, b[:24]) for a, b in zip(padded, scored_1000))
+
+
+class Spy(torch.nn.Module):
+    """Records whether autograd and training mode were on during each forward pass."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, idx):
+        self.seen.append((torch.is_grad_enabled(), self.training))
+        return self.model(idx)
+
+
+def test_evaluate_runs_without_grad_in_eval_mode_and_restores_training_mode(model, val_1000):
+    spy = Spy(model).train()
+    result = hellaswag.evaluate(spy, val_1000[:5], "cpu", batch_size=2)
+    assert spy.seen == [(False, False)] * 3  # 5 examples, 2 per forward
+    assert spy.training and model.training  # as before the call
+    assert result["n"] == 5 and result["acc"] == result["correct"] / 5
+
+
+def test_bf16_autocast_gives_nearly_the_same_accuracy(model, val_1000, scored_1000):
+    bf16 = hellaswag.evaluate(model, val_1000[:40], "cpu", autocast_dtype=torch.bfloat16)
+    assert bf16["n"] == 40
+    assert abs(bf16["correct_norm"] - counts(scored_1000, 40)["correct_norm"]) <= 4
+
+
+# -- Two ranks --------------------------------------------------------------------------------
+
+def test_two_ranks_shares_sum_to_the_single_process_counts(model, val_1000, scored_1000):
+    examples = val_1000[:41]  # odd: rank 0 scores 21 examples, rank 1 scores 20
+    shares = [hellaswag.evaluate(model, examples, "cpu", rank=r, world_size=2) for r in (0, 1)]
+    assert [s["n"] for s in shares] == [21, 20]
+    for key, total in counts(scored_1000, 41).items():
+        assert shares[0][key] + shares[1][key] == total
+
+
+WORKER = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+import gpt2, hellaswag
+model_folder, data_file, limit, out = sys.argv[1:]
+dist.init_process_group("gloo")  # torchrun's environment says where rank 0 listens
+model = gpt2.GPT.from_pretrained(model_folder)
+examples = hellaswag.load_examples(file=data_file, limit=int(limit))
+rank, world_size = dist.get_rank(), dist.get_world_size()
+result = hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
+Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
+        model_folder, val_file, scored_1000, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+         script, model_folder, val_file, "41", tmp_path],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    for rank in (0, 1):  # after the all_reduce, each rank holds the sum of both shares
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert {k: result[k] for k in ("n", "correct", "correct_norm")} == counts(scored_1000, 41)
+
+
+# -- Download ---------------------------------------------------------------------------------
+
+class FakeGitHub(http.server.BaseHTTPRequestHandler):
+    """Serves the files of `root` and counts the requests, like raw.githubusercontent.com."""
+    root: Path
+    paths: list
+
+    def do_GET(self):
+        self.paths.append(self.path)
+        path = self.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass  # keep pytest's output clean
+
+
+@pytest.fixture
+def github(tmp_path, monkeypatch, val_file):
+    """A server on 127.0.0.1 holding hellaswag_val.jsonl (our 1,000 rows); a fresh cache."""
+    root = tmp_path / "github"
+    root.mkdir()
+    (root / "hellaswag_val.jsonl").write_bytes(val_file.read_bytes())
+    handler = type("Handler", (FakeGitHub,), {"root": root, "paths": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    handler.url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("HELLASWAG_URL", handler.url)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_writes_the_cache_once_and_reads_it_after(github, tmp_path, val_file):
+    examples = hellaswag.load_examples("val", limit=10)
+    cached = tmp_path / "cache/gpt2/hellaswag/hellaswag_val.jsonl"
+    assert cached.read_bytes() == val_file.read_bytes()
+    assert list(cached.parent.iterdir()) == [cached]  # no temporary file left behind
+    assert hellaswag.load_examples("val")[:10] == examples  # from the cache:
+    assert github.paths == ["/hellaswag_val.jsonl"]  # one request in all
+
+
+def test_a_failed_download_names_the_url_and_leaves_no_file(github, tmp_path):
+    with pytest.raises(hellaswag.HellaSwagError, match=r"hellaswag_train.jsonl: 404"):
+        hellaswag.load_examples("train")
+    assert list((tmp_path / "cache/gpt2/hellaswag").iterdir()) == []
+
+
+# -- Command line -----------------------------------------------------------------------------
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    """`python hellaswag.py ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, HERE / "hellaswag.py", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=HERE,
+                          env={**os.environ, **(env or {})})
+
+
+def report_lines(scored, n: int) -> list[str]:
+    """The acc and acc_norm lines the command line prints for the first n examples."""
+    c = counts(scored, n)
+    return [f"acc      {c['correct'] / n:.4f}  ({c['correct']}/{n})",
+            f"acc_norm {c['correct_norm'] / n:.4f}  ({c['correct_norm']}/{n})"]
+
+
+def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
+        github, model_folder, scored_1000):
+    run = run_cli("--model", model_folder, "--limit", "12", "--device", "cpu",
+                  "--base_url", github.url, env={"HELLASWAG_URL": "http://127.0.0.1:9/nothing"})
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:3] == [*report_lines(scored_1000, 12), "n        12"]
+    assert lines[3].startswith("elapsed") and "examples/s on cpu" in lines[3]
+
+
+def test_help_gives_every_flags_default(capsys):
+    with pytest.raises(SystemExit):
+        hellaswag.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for flag in ("--model", "--checkpoint", "--split", "--file", "--limit", "--device",
+                 "--batch_size", "--base_url"):
+        assert flag in text
+    assert text.count("(default:") == 8
+
+
+ROOF = {"ctx": "A man is sitting on a roof. he", "label": 3,
+        "endings": ["is using wrap.", "is ripping tiles.", "is holding a cube.", "starts."]}
+BAD_FILES = {
+    "malformed JSON": ([ROOF, "{\"ctx\": 1", ROOF], "line 2: not valid JSON"),
+    "3 endings": ([ROOF, {**ROOF, "endings": ROOF["endings"][:3]}],
+                  "line 2: 'endings' must be a list of 4 strings, found 3 endings"),
+    "label 7": ([ROOF, ROOF, {**ROOF, "label": 7}],
+                "line 3: 'label' must be an integer 0-3, got 7"),
+    "no label": ([{k: v for k, v in ROOF.items() if k != "label"}], "line 1: no 'label'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, capsys):
+    rows, message = BAD_FILES[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    # The data is read before the model is loaded: this folder is never looked at.
+    assert hellaswag.main(["--file", str(path), "--model", str(tmp_path / "no_model")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
+
+
+def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
+    run = run_cli("--file", tmp_path / "nope.jsonl")
+    assert (run.returncode, run.stderr) == (1, f"error: {tmp_path / 'nope.jsonl'}: no such file\n")
+
+
+def test_cli_scores_a_training_checkpoint(model, val_file, scored_1000, tmp_path, capsys):
+    path = gpt2.checkpoint_path(tmp_path, 0)
+    gpt2.save_checkpoint(path, dict(model=model.state_dict(), config=asdict(model.config)), keep=1)
+    assert hellaswag.main(["--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
+                           "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == report_lines(scored_1000, 12)
