@@ -663,3 +663,27 @@ def test_bench_reports_every_figure_as_json_on_its_last_line(capsys):
                 "peak_rss_mib", "loader_batches_s", "gen_tok_s_transformers"):
         assert result[key] > 0, key
     assert 0 < result["mfu"] < 1.5
+
+
+# -- The README's quick start, as written (shortened: fewer steps) --------------------------------
+
+def quickstart_commands() -> list[str]:
+    readme = (HERE / "README.md").read_text()
+    block = readme.split("<!-- quickstart -->")[1].split("<!-- /quickstart -->")[0]
+    return [line for line in block.splitlines() if line.startswith("python ")]
+
+
+def test_readme_quick_start_runs_as_written(tmp_path):
+    commands = quickstart_commands()
+    assert [c.split()[1] for c in commands] == ["fineweb.py", "gpt2.py", "gpt2.py", "gpt2.py"]
+    for command in commands:
+        command = (command.replace("data/quickstart", str(tmp_path / "data"))
+                   .replace("log/quickstart", str(tmp_path / "log"))
+                   .replace("assets/quickstart.png", str(tmp_path / "quickstart.png"))
+                   .replace("--max_steps 40", "--max_steps 2")
+                   .replace("--hellaswag_limit 200", "--hellaswag_limit 20")
+                   .replace("ckpt_00000040.pt", "ckpt_00000002.pt"))
+        r = subprocess.run(command, shell=True, cwd=HERE, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"{command}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    assert (tmp_path / "quickstart.png").stat().st_size > 20_000
