@@ -21,7 +21,8 @@ that is 1 over the ending's tokens. One forward pass gives the loss of every end
 
 This is the style of karpathy's build-nanogpt and llm.c `hellaswag.py`. With OpenAI's GPT-2
 124M weights on all 10,042 validation examples they report acc 0.2859, acc_norm 0.2955
-(2967/10042); GPT-2 XL gets 0.3842 / 0.4893; GPT-3's 124M model is quoted at 0.337.
+(2967/10042); GPT-2 XL gets 0.3842 / 0.4893. The GPT-3 paper's 124M model, the line
+build-nanogpt plots its training runs against, is quoted at 0.337.
 
 EleutherAI's lm-evaluation-harness scores the same data in *multiple-choice* style and reports
 acc 0.2892, acc_norm 0.3114 for GPT-2 124M (XL: 0.4004 / 0.5089). Its differences: it cleans
@@ -34,12 +35,12 @@ How to run it
 -------------
     python hellaswag.py --model gpt2                  # OpenAI's weights (downloaded once)
     python hellaswag.py --model path/to/hf_folder     # a transformers save_pretrained folder
-    python hellaswag.py --checkpoint log/model.pt     # a training checkpoint of gpt2.py
+    python hellaswag.py --checkpoint log/ckpt_00019073.pt   # a checkpoint of gpt2.py
     python hellaswag.py --model gpt2 --limit 500 --device cpu
 
 During training, gpt2.py calls `evaluate(model, examples, device, rank=..., world_size=...)`
 every `--hellaswag_every` steps: each rank scores every world_size-th example and the counts
-are summed across ranks, so 8 GPUs finish the 10,042 examples 8 times sooner.
+are summed across ranks, so 8 GPUs get through the 10,042 examples about 8 times sooner.
 
 The data (`hellaswag_{train,val,test}.jsonl`, val is 11 MB) is downloaded once into
 `$XDG_CACHE_HOME/gpt2/hellaswag` (default `~/.cache/gpt2/hellaswag`) from `$HELLASWAG_URL`
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     # Training's choice of precision: bf16 autocast on GPUs that have it (fp16 on older ones),
-    # fp32 elsewhere. Half precision moves an ending's loss by ~1e-3, rarely its argmin.
+    # fp32 elsewhere. Half precision rounds the losses, so an ending that ties another to three
+    # digits may flip: expect a score within a few examples of the fp32 one.
     dtype = gpt2.pick_dtype("auto", device)
     start = time.perf_counter()
     result = evaluate(model.to(device), examples, device, batch_size=args.batch_size,

@@ -103,6 +103,12 @@ def test_render_example_crops_the_context_from_the_left_to_fit_max_len(val_1000)
     assert torch.equal(cropped, tokens[:, 5:]) and torch.equal(cropped_mask, mask[:, 5:])
 
 
+def test_rows_longer_than_the_models_block_size_are_cropped_to_fit(val_1000):
+    short = gpt2.GPT(gpt2.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
+    labels, pred, pred_norm = hellaswag.predict(short, val_1000[519:520], "cpu")  # 20 tokens
+    assert labels.tolist() == [3] and 0 <= pred.item() < 4 and 0 <= pred_norm.item() < 4
+
+
 # -- Scoring ----------------------------------------------------------------------------------
 
 def transformers_losses(hf: GPT2LMHeadModel, examples: list[dict]) -> torch.Tensor:
