@@ -121,14 +121,14 @@ def check_example(row, where: str) -> dict:
     """Return `row` if it has what scoring needs; otherwise say what is wrong, and where."""
     if not isinstance(row, dict):
         raise HellaSwagError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if not isinstance(row.get("ctx"), str):
-        raise HellaSwagError(f"{where}: 'ctx' must be a string")
+    # A context of at least one token: the model needs something to predict an ending from.
+    if not isinstance(row.get("ctx"), str) or not row["ctx"].strip():
+        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string")
     endings = row.get("endings")
-    if (not isinstance(endings, list) or len(endings) != N_ENDINGS
-            or not all(isinstance(e, str) for e in endings)):
-        count = len(endings) if isinstance(endings, list) else "no"
-        raise HellaSwagError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings, "
-                             f"found {count} endings")
+    if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
+        raise HellaSwagError(f"{where}: 'endings' must be a list of strings")
+    if len(endings) != N_ENDINGS:
+        raise HellaSwagError(f"{where}: {len(endings)} endings, HellaSwag has {N_ENDINGS}")
     if "label" not in row:
         raise HellaSwagError(f"{where}: no 'label' (the test split's labels are not public; "
                              "score val or train)")

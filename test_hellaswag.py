@@ -4,7 +4,7 @@ oracle, a local HTTP server standing in for GitHub, torchrun on 127.0.0.1 for tw
 Every model here has random weights (no network), built by transformers.GPT2LMHeadModel and
 loaded into our GPT through save_pretrained, as OpenAI's weights would be. Random weights are
 enough to check the scoring: it must pick, example by example, the ending that transformers'
-own logits pick, whatever the batch, the padding or the number of ranks.
+own logits pick (up to float rounding), whatever the batch, the padding or the number of ranks.
 """
 import http.server
 import json
@@ -84,7 +84,7 @@ def counts(scored, n: int) -> dict:
 # -- Rendering --------------------------------------------------------------------------------
 
 def test_render_example_gives_the_literal_tokens_and_mask_of_the_roof_example(val_1000):
-    example = val_1000[519]  # val row 24, the example in build-nanogpt's docstring
+    example = val_1000[519]  # line 1 of hellaswag_val.jsonl, the one build-nanogpt quotes
     assert example["ctx"] == "A man is sitting on a roof. he"
     tokens, mask, label = hellaswag.render_example(example)
     ctx = [32, 582, 318, 5586, 319, 257, 9753, 13, 339]  # "A man is sitting on a roof. he"
@@ -357,7 +357,7 @@ ROOF = {"ctx": "A man is sitting on a roof. he", "label": 3,
 BAD_FILES = {
     "malformed JSON": ([ROOF, "{\"ctx\": 1", ROOF], "line 2: not valid JSON"),
     "3 endings": ([ROOF, {**ROOF, "endings": ROOF["endings"][:3]}],
-                  "line 2: 'endings' must be a list of 4 strings, found 3 endings"),
+                  "line 2: 3 endings, HellaSwag has 4"),
     "label 7": ([ROOF, ROOF, {**ROOF, "label": 7}],
                 "line 3: 'label' must be an integer 0-3, got 7"),
     "no label": ([{k: v for k, v in ROOF.items() if k != "label"}], "line 1: no 'label'"),
