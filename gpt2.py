@@ -397,8 +397,10 @@ class GPT(nn.Module):
                                              self.lm_head.weight.dtype)
                     cache.pos = 0
             x = self.hidden(step_input, cache)[:, -1]  # (B, C): only the last position matters
-            out[:, n] = sample_next_token(self.logits(x).float(), temperature, top_k, top_p,
-                                          generator)
+            # At batch 1, reading the 50304 x C lm_head matrix is most of a step's time; as
+            # weight @ x.T (a matrix-vector product on its natural layout) it is ~10% quicker.
+            logits = (self.lm_head.weight @ x.t()).t()[:, :self.config.vocab_size]  # (B, V)
+            out[:, n] = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
         self.train(was_training)
         return out
 
@@ -419,8 +421,15 @@ def sample_next_token(logits, temperature: float, top_k: int | None, top_p: floa
         # likeliest token always stays.
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+    # Draw by inverting the cumulative distribution: one uniform number per row, found in the
+    # running sum with a binary search. torch.multinomial draws an exponential variable per
+    # token instead: ~1 ms for 50,257 tokens, more than the rest of the sampling together.
+    cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]  # ~1
+    u = torch.rand(total.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u < total
+    # right=True: the first token whose cdf exceeds u, so a token of probability 0 is never hit.
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
 
 
 # -- OpenAI's weights, in and out ---------------------------------------------------------------

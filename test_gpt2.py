@@ -184,6 +184,15 @@ def test_top_k_and_top_p_never_emit_a_token_outside_their_set():
     assert set(drawn.tolist()) <= nucleus and len(set(drawn.tolist())) > 1
 
 
+def test_sampled_tokens_follow_the_softmax_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    logits = probs.log().repeat(40_000, 1)  # 40,000 independent draws
+    drawn = gpt2.sample_next_token(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=5) / len(drawn)
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # ~4 standard errors
+    assert frequencies[4] == 0
+
+
 def test_sampling_never_emits_a_padding_id():
     model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=1, n_embd=16,
                           pad_vocab_to_multiple_of=64))
