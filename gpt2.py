@@ -1255,6 +1255,10 @@ def train(args):
 
 # -----------------------------------------------------------------------------------------------
 # 8. Tools around training
+#
+# Three commands share the model code above: `sample` continues a prompt with OpenAI's weights
+# or a checkpoint of ours (the KV-cache generator of chapter 1), `bench` measures how fast all
+# of this runs on your machine, and `plot` turns a run's log.jsonl into a picture.
 
 def load_model(args, device) -> GPT:
     """--checkpoint PATH (trained here) or --model NAME_OR_FOLDER (OpenAI's weights)."""
