@@ -696,3 +696,16 @@ def test_readme_quick_start_runs_as_written(tmp_path):
                            timeout=600)
         assert r.returncode == 0, f"{command}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     assert (tmp_path / "quickstart.png").stat().st_size > 20_000
+
+
+def test_a_run_resumes_on_a_different_number_of_processes(shakespeare, tmp_path):
+    # The loader's position at a step boundary does not depend on the world size: a 1-process
+    # checkpoint continued by 2 processes gives the losses the 1-process run gave.
+    single, moved = tmp_path / "single", tmp_path / "moved"
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2",
+              "--keep_checkpoints", "5", "--device", "cpu"]
+    gpt2.main([*common, "--log_dir", single])
+    moved.mkdir()
+    (moved / "ckpt_00000002.pt").write_bytes((single / "ckpt_00000002.pt").read_bytes())
+    finish(torchrun(*common, "--log_dir", moved, "--resume", extra=["--standalone"]))
+    np.testing.assert_allclose(train_losses(moved), train_losses(single)[2:], atol=1e-5, rtol=0)
