@@ -976,8 +976,9 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     name, key, *rest = state["numpy"]
     np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # the GPUs both machines have
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def checkpoint_path(log_dir, step: int) -> Path:
