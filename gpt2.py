@@ -1240,14 +1240,19 @@ class Trainer:
                 self.checkpoint()
 
 
+def apply_speed_settings(args, device: torch.device):
+    """The device-dependent defaults shared by training and `bench`."""
+    if device.type == "cuda":
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
+        torch.set_float32_matmul_precision("high")
+    if args.loss_chunk < 0:  # auto: see ChunkedCrossEntropy; GPUs do better fused+compiled
+        args.loss_chunk = 256 if device.type == "cpu" else 0
+
+
 def train(args):
     ctx = setup_distributed(args.device, args.dtype)
     try:
-        if ctx.device.type == "cuda":
-            # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
-            torch.set_float32_matmul_precision("high")
-        if args.loss_chunk < 0:  # auto: see ChunkedCrossEntropy; GPUs do better fused+compiled
-            args.loss_chunk = 256 if ctx.device.type == "cpu" else 0
+        apply_speed_settings(args, ctx.device)
         Trainer(args, ctx).run()
     finally:
         if ctx.ddp:
@@ -1400,10 +1405,7 @@ def spread(values: list[float]) -> str:
 def bench(args):
     device = pick_device(args.device)
     ctx = Context(device=device, dtype=pick_dtype(args.dtype, device))
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
-    if args.loss_chunk < 0:
-        args.loss_chunk = 256 if device.type == "cpu" else 0
+    apply_speed_settings(args, device)
     torch.manual_seed(0)
     config = model_config(args)
     model = GPT(config).to(device)

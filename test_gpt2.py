@@ -478,12 +478,8 @@ TINY_RUN = ["--model", "tiny", "--n_embd", "64", "--seq_len", "64", "--batch_siz
             "--num_samples", "0"]
 
 
-def read_log(log_dir):
-    return gpt2.read_events(log_dir)
-
-
 def train_losses(log_dir):
-    return [e["loss"] for e in read_log(log_dir) if "loss" in e]
+    return [e["loss"] for e in gpt2.read_events(log_dir) if "loss" in e]
 
 
 def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
@@ -492,7 +488,7 @@ def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
     losses = train_losses(tmp_path)  # 80 steps of 512 tokens: 5 epochs of the 8k-token shard
     assert losses[0] == pytest.approx(math.log(gpt2.VOCAB_SIZE), abs=0.15)  # ~10.8
     assert np.mean(losses[-5:]) < 5.5
-    val = [e["val_loss"] for e in read_log(tmp_path) if "val_loss" in e]
+    val = [e["val_loss"] for e in gpt2.read_events(tmp_path) if "val_loss" in e]
     assert val[-1] < val[0] - 3.5  # and it generalizes to unseen Shakespeare
 
 
@@ -539,7 +535,7 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_accumulation(sh
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--device", "cpu"]
     gpt2.main([*common, "--log_dir", tmp_path / "single"])
     finish(torchrun(*common, "--log_dir", tmp_path / "ddp", extra=["--standalone"]))
-    single, ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    single, ddp = gpt2.read_events(tmp_path / "single"), gpt2.read_events(tmp_path / "ddp")
     assert [e["step"] for e in ddp] == [e["step"] for e in single]
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose([e[key] for e in ddp if key in e],
@@ -641,7 +637,7 @@ def test_compiled_training_saves_plain_keys_and_still_evaluates_and_samples(shak
                "--eval_every", "2", "--num_samples", "1", "--compile"])
     state = torch.load(tmp_path / "ckpt_00000002.pt", weights_only=True)
     assert not [k for k in state["model"] if "_orig_mod" in k]
-    evals = [e for e in read_log(tmp_path) if "val_loss" in e]
+    evals = [e for e in gpt2.read_events(tmp_path) if "val_loss" in e]
     assert [e["step"] for e in evals] == [0, 2] and all(e["samples"] for e in evals)
     code, out, err = run_cli("sample", "--checkpoint", tmp_path / "ckpt_00000002.pt",
                              "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
@@ -660,7 +656,7 @@ def test_plot_writes_a_png_of_a_short_run(shakespeare, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     width, height = struct.unpack(">II", png[16:24])
     assert width >= 800 and height >= 400
-    assert [e["hellaswag"] for e in read_log(tmp_path) if "hellaswag" in e] != []
+    assert [e["hellaswag"] for e in gpt2.read_events(tmp_path) if "hellaswag" in e] != []
 
 
 def test_bench_reports_every_figure_as_json_on_its_last_line(capsys):
