@@ -4,7 +4,7 @@ A stand-in for the Hugging Face hub runs on 127.0.0.1 (`FakeHub`): it answers th
 (one file per page, so the pagination is exercised) and serves two real FineWeb-Edu parquet
 files under the hub's paths, with HTTP Range support and faults to inject on demand (a
 connection dropped halfway, a 503, a 404, a slow line, corrupted bytes). The two files are the
-150 documents of ../shared/data/fineweb_edu_sample10BT_150.parquet as they are (one row group)
+150 documents of samples/fineweb_edu_sample10BT_150.parquet as they are (one row group)
 and the same documents rewritten with row groups of 16 rows, so that reading by row groups,
 resuming inside a file and crossing from one file to the next are all on the path.
 
@@ -46,12 +46,12 @@ FLAGS = ["--shard_size", str(SHARD_SIZE), "--num_proc", "2", "--docs_per_batch",
 # The data: two parquet files of real documents, and the tokens they must become.
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def parquet_files(shared_data, tmp_path_factory):
+def parquet_files(samples, tmp_path_factory):
     """{hub name: bytes} of the two files the fake hub serves."""
     regrouped = tmp_path_factory.mktemp("parquet") / "regrouped.parquet"
-    pq.write_table(pq.read_table(shared_data / SAMPLE), regrouped, row_group_size=16)
+    pq.write_table(pq.read_table(samples / SAMPLE), regrouped, row_group_size=16)
     assert pq.ParquetFile(regrouped).num_row_groups == 10
-    return {f"{HUB_DIR}/000_00000.parquet": (shared_data / SAMPLE).read_bytes(),
+    return {f"{HUB_DIR}/000_00000.parquet": (samples / SAMPLE).read_bytes(),
             f"{HUB_DIR}/001_00000.parquet": regrouped.read_bytes()}
 
 

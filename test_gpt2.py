@@ -458,8 +458,8 @@ def test_weight_decay_applies_to_matrices_only():
 # -- 7. Training end to end, on Tiny Shakespeare --------------------------------------------------
 
 @pytest.fixture(scope="session")
-def shakespeare_tokens(shared_data):
-    text = (shared_data / "tinyshakespeare.txt").read_text()
+def shakespeare_tokens(samples):
+    text = (samples / "tinyshakespeare.txt").read_text()
     return np.array([gpt2.EOT] + tiktoken.get_encoding("gpt2").encode_ordinary(text))
 
 
@@ -649,7 +649,7 @@ def test_compiled_training_saves_plain_keys_and_still_evaluates_and_samples(shak
 def test_plot_writes_a_png_of_a_short_run(shakespeare, tmp_path):
     gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "4",
                "--eval_every", "2", "--hellaswag_every", "2",
-               "--hellaswag_file", HERE.parent / "shared/data/hellaswag_val_1000.jsonl",
+               "--hellaswag_file", HERE / "samples/hellaswag_val_1000.jsonl",
                "--hellaswag_limit", "8"])
     gpt2.main(["plot", "--log_dir", tmp_path, "--out", tmp_path / "run.png"])
     png = (tmp_path / "run.png").read_bytes()

@@ -1,4 +1,4 @@
-"""Tests for hellaswag.py, offline: real HellaSwag rows from ../shared/data, transformers as the
+"""Tests for hellaswag.py, offline: real HellaSwag rows from samples/, transformers as the
 oracle, a local HTTP server standing in for GitHub, torchrun on 127.0.0.1 for two ranks.
 
 Every model here has random weights (no network), built by transformers.GPT2LMHeadModel and
@@ -28,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
-def val_file(shared_data) -> Path:
-    return shared_data / "hellaswag_val_1000.jsonl"
+def val_file(samples) -> Path:
+    return samples / "hellaswag_val_1000.jsonl"
 
 
 @pytest.fixture(scope="session")
