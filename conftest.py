@@ -22,3 +22,8 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
 def samples() -> Path:
     """The repository's folder of real test data (FineWeb-Edu, HellaSwag, Tiny Shakespeare)."""
     return SAMPLES
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none "
+                                       "(run them alone with `python -m pytest -q -m gpu`)")
