@@ -1,8 +1,8 @@
-"""Turn FineWeb-Edu into the token shards that gpt2.py trains on.
+"""Turn FineWeb-Edu, or your own text, into the token shards that gpt2.py trains on.
 
     python fineweb.py                          # sample-10BT: ~28 GB download, ~10B tokens
     python fineweb.py --name sample-100BT      # the bigger samples, same pipeline
-    python fineweb.py --input a.parquet b.parquet --out_dir /tmp/shards   # local files, no network
+    python fineweb.py --input a.txt b.jsonl c.parquet --out_dir /tmp/shards   # your files, no network
     python fineweb.py --help                   # every flag, its default and why
 
 It is the first thing to run and the longest, so it is built to finish: stop it at any
@@ -17,37 +17,55 @@ The pipeline, in the order the data flows:
    folder, resumed with an HTTP Range request after a dropped connection, retried with
    backoff on timeouts and 5xx, checked (size, sha256), and only then renamed. 401/403/404
    fail at once. The next file downloads in the background while this one is tokenized.
-2. Tokenize. The main process reads the `text` column one parquet row group at a time (so
-   memory does not grow with the file) and hands batches of documents to a pool of
-   processes, one per core. Each worker returns the GPT-2 tokens of its batch, with
-   <|endoftext|> (50256) before every document, as one uint16 array.
-3. Shard. Results are taken back in input order and cut into shards of exactly
-   `--shard_size` tokens (documents run on across shard boundaries; the last shard is
-   shorter). Shard 0 is validation, the rest training: `fineweb_edu_val_000000.bin`,
+   With `--input`, the files are yours and nothing is downloaded; each kind has its reader:
+   `.parquet` its `text` column, `.jsonl` one document a line (its `text` field), `.txt` one
+   document a file. `--text_field` names another field or column. The text must be UTF-8.
+2. Tokenize. The main process reads the documents (a parquet file one row group at a time, so
+   memory does not grow with the file) and hands batches of them to a pool of processes,
+   one per core. Each worker returns the GPT-2 tokens of its batch, with <|endoftext|>
+   (50256) before every document, as one uint16 array.
+3. Shard. Results are taken back in input order and cut into shards: shard 0 is validation,
+   the rest training, of exactly `--shard_size` tokens each (documents run on across shard
+   boundaries; the last shard is shorter): `fineweb_edu_val_000000.bin`,
    `fineweb_edu_train_000001.bin`, ... The token stream depends only on the input, never on
    `--num_proc`, batch sizes or interruptions, so the shards are byte-identical across runs.
+
+The validation split (`--val_size`) is the first tokens of the stream, in shard 0:
+- a download: one whole shard, `--shard_size` tokens (100M, ~1% of sample-10BT), as llm.c and
+  build-nanogpt do; a download's total is only known at its end, too late for a fraction.
+- `--input`: 10% of the tokens, at most one shard. Your files are local, so the run first
+  tokenizes them once to count (stopping at 10 x `--shard_size` tokens, past which the split is
+  one whole shard anyway). So a small input, even one book in one .txt, gets a training split
+  too, cut through a document where need be. The count also reads every file of a small input
+  before anything is written: a bad file stops the run with nothing left behind.
+The split is decided once and recorded in the manifest, so a restart never recounts.
 
 Shard format (llm.c's, read by gpt2.read_shard): a 1024-byte header of 256 little-endian
 int32 `[20240520, 1, number of tokens, 0, ...]`, then the tokens as little-endian uint16.
 
-Restart. `manifest.json` in the output folder records the inputs, the parameters and, for
-each finished shard, where the next shard starts: (file, document row, tokens to skip in
-the stream that starts at that document). A rerun skips to that position and re-tokenizes
+Restart. `manifest.json` in the output folder records the inputs, the parameters, the size of
+the validation split and, for each finished shard, where the next shard starts: (file,
+document row, tokens to skip in the stream that starts at that document). A rerun skips to that position and re-tokenizes
 at most one batch it had already seen; files before it are not needed again, which is why a
 downloaded parquet file is deleted (unless `--keep_parquet`) once a finished shard lies past
 it: the disk holds ~20 GB of shards, not 48 GB of both. Every file another run may read (a
 shard, the manifest, a download) is written to a temporary name and renamed when complete.
+(A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
 not gpt2: every tokenizer worker would pay ~220 MB of memory for `import torch`.
 """
 import argparse
+import codecs
 import collections
 import concurrent.futures
 import contextlib
+import fractions
 import hashlib
 import json
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -296,41 +314,139 @@ def in_background(fn, *args):
 
 
 # ---------------------------------------------------------------------------------------
-# Read parquet files and tokenize them in a pool of processes.
+# Read the input files (parquet, JSON lines, plain text) and tokenize them in a pool of processes.
 # ---------------------------------------------------------------------------------------
-def open_parquet(path):
-    """Open a parquet file and check it has a string column `text`; one-line errors otherwise."""
+def open_parquet(path, field):
+    """Open a parquet file and check it has a string column `field`; one-line errors otherwise."""
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
     schema = pf.schema_arrow
-    if "text" not in schema.names:
-        raise UserError(f"{path}: no 'text' column (it has: {', '.join(schema.names)}); "
-                        "fineweb.py tokenizes the 'text' column of FineWeb-Edu's files")
-    kind = schema.field("text").type
+    if field not in schema.names:
+        raise UserError(f"{path}: no '{field}' column (it has: {', '.join(schema.names)}); "
+                        "--text_field names the column that holds the text")
+    kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise UserError(f"{path}: the 'text' column holds {kind}, not strings")
+        raise UserError(f"{path}: the '{field}' column holds {kind}, not strings")
     return pf
 
 
-def read_documents(path, start_row, docs_per_batch):
+def read_parquet(path, start_row, docs_per_batch, field):
     """Yield (row, texts): the documents of one parquet file from `start_row` on, in batches.
 
-    One row group of the `text` column is in memory at a time, whatever the file's size
+    One row group of the `field` column is in memory at a time, whatever the file's size
     (datatrove, which wrote FineWeb-Edu, puts 1,000 documents in a row group)."""
-    pf = open_parquet(path)
+    pf = open_parquet(path, field)
+    if pf.metadata.num_rows == 0:
+        raise UserError(f"{path}: no documents (0 rows)")
     first = 0  # the row where this row group starts
     for group in range(pf.num_row_groups):
         rows = pf.metadata.row_group(group).num_rows
         if first + rows > start_row:
             try:
-                texts = pf.read_row_group(group, columns=["text"]).column(0)
+                texts = pf.read_row_group(group, columns=[field]).column(0)
             except (pa.ArrowException, OSError) as e:
                 raise UserError(f"{path}: row group {group} is unreadable ({e})") from None
             for i in range(max(start_row - first, 0), rows, docs_per_batch):
                 yield first + i, texts.slice(i, docs_per_batch).to_pylist()
         first += rows
+
+
+def refuse_binary(data, where, offset):
+    """A NUL byte is the mark of a binary file (git's test too), and never of text."""
+    nul = data.find(0)
+    if nul >= 0:
+        raise UserError(f"{where}: a binary file, not text (a NUL byte at byte offset {offset + nul})")
+
+
+def decode(data, path, offset, line=None):
+    """`data` (bytes at `offset` in `path`) as a str, or a UserError saying where it is not text."""
+    where = f"{path}" if line is None else f"{path} line {line}"
+    refuse_binary(data, where, offset)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: invalid UTF-8 at byte offset {offset + e.start} "
+                        f"({data[e.start:e.start + 4]!r}); convert the file to UTF-8") from None
+
+
+def read_txt(path, start_row, docs_per_batch, field):
+    """Yield (0, [the whole file]): a .txt file is one document. `field` has no meaning here."""
+    if start_row > 0:
+        return
+    with naming(path), open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise UserError(f"{path}: an empty file, no text")
+    bom = 3 if data.startswith(codecs.BOM_UTF8) else 0  # an editor's mark, not text to train on
+    yield 0, [decode(data[bom:], path, bom)]
+
+
+def read_jsonl(path, start_row, docs_per_batch, field):
+    """Yield (row, texts): the `field` of each line of a JSON-lines file from line `start_row`
+    (0-based) on, in batches. Blank lines are no documents, as most JSON-lines writers agree."""
+    batch, row, found = [], 0, False
+    with naming(path), open(path, "rb") as f:
+        # Its first bytes first, as git does: a binary file is called one, not "invalid UTF-8".
+        refuse_binary(f.read(8000), path, 0)
+        f.seek(0)
+        offset = 0
+        for i, line in enumerate(f):  # on b"\n" alone, so line numbers mean what an editor shows
+            offset += len(line)
+            if i < start_row:
+                continue
+            text = jsonl_text(line, path, i + 1, offset - len(line), field)
+            if text is None:
+                continue
+            if not batch:
+                row = i
+            batch.append(text)
+            found = True
+            if len(batch) == docs_per_batch:
+                yield row, batch
+                batch = []
+    if batch:
+        yield row, batch
+    elif start_row == 0 and not found:
+        raise UserError(f"{path}: no documents (an empty file, or only blank lines)")
+
+
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
+
+
+def jsonl_text(line, path, number, offset, field):
+    """The `field` of one JSON line (line `number`, 1-based, at byte `offset`), or None if blank."""
+    if offset == 0 and line.startswith(codecs.BOM_UTF8):
+        line, offset = line[3:], 3
+    text = decode(line, path, offset, number)
+    if not text.strip():
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path} line {number}: not JSON ({e})") from None
+    if not isinstance(document, dict):
+        raise UserError(f"{path} line {number}: {JSON_TYPES[type(document)]}, not a JSON object")
+    if field not in document:
+        raise UserError(f"{path} line {number}: no '{field}' field (it has: {', '.join(document) or 'none'}); "
+                        "--text_field names the field that holds the text")
+    if not isinstance(document[field], str):
+        raise UserError(f"{path} line {number}: the '{field}' field holds {JSON_TYPES[type(document[field])]}, "
+                        "not a string")
+    return document[field]
+
+
+READERS = {".parquet": read_parquet, ".jsonl": read_jsonl, ".txt": read_txt}
+
+
+def reader(path):
+    """The reader for a file, by its name's ending."""
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in READERS:
+        raise UserError(f"{path}: not a file fineweb.py reads; --input takes {', '.join(READERS)} files")
+    return READERS[kind]
 
 
 _encoder = None
@@ -365,14 +481,19 @@ def tokenize(texts, where):
     return as_uint16(np.concatenate(parts), where)
 
 
-def tokenize_in_order(pool, batches, window):
-    """For each (position, where, texts) in `batches`, yield (position, tokens) in input order,
-    with at most `window` batches in the pool, so memory stays bounded. (Pool.imap would read
-    `batches` from a thread of its own, as far ahead as it likes; we keep the reading here.)"""
+def count_tokens(texts, where):
+    """How many tokens tokenize() makes of a batch: all a count needs to carry back."""
+    return len(tokenize(texts, where))
+
+
+def tokenize_in_order(pool, batches, window, task=tokenize):
+    """For each (position, where, texts) in `batches`, yield (position, task(texts, where)) in
+    input order, with at most `window` batches in the pool, so memory stays bounded. (Pool.imap
+    would read `batches` from a thread of its own, as far ahead as it likes; we keep it here.)"""
     pending = collections.deque()
     try:
         for position, where, texts in batches:
-            pending.append((position, pool.submit(tokenize, texts, where)))
+            pending.append((position, pool.submit(task, texts, where)))
             if len(pending) >= window:
                 position, result = pending.popleft()
                 yield position, result.result()
@@ -399,23 +520,30 @@ def next_start(manifest):
 
 
 class ShardWriter:
-    """Cuts the token stream into shards of exactly `shard_size` tokens, recording each in the
-    manifest together with where the next one starts: (file, row, tokens to skip)."""
+    """Cuts the token stream into shards: the validation split (`val_tokens`), then shards of
+    exactly `shard_size` tokens, recording each in the manifest together with where the next
+    one starts: (file, row, tokens to skip)."""
 
     def __init__(self, out_dir, shard_size, manifest):
         self.out_dir, self.manifest = out_dir, manifest
         self.buffer = np.empty(shard_size, dtype=np.uint16)
         self.fill = 0
 
+    def size(self):
+        """The size of the shard being filled: shard 0 holds the validation split."""
+        if self.manifest["shards"]:
+            return len(self.buffer)
+        return self.manifest.get("val_tokens", len(self.buffer))  # a manifest from before --val_size
+
     def add(self, file, row, skipped, tokens):
         """Add the tokens of the documents from (file, row) on, whose first `skipped` tokens
         are already in an earlier shard."""
         done = 0
         while done < len(tokens):
-            n = min(len(self.buffer) - self.fill, len(tokens) - done)
+            n = min(self.size() - self.fill, len(tokens) - done)
             self.buffer[self.fill:self.fill + n] = tokens[done:done + n]
             self.fill, done = self.fill + n, done + n
-            if self.fill == len(self.buffer):
+            if self.fill == self.size():
                 self.write([file, row, skipped + done])
 
     def finish(self, end):
@@ -435,38 +563,95 @@ class ShardWriter:
         self.fill = 0
 
 
+DEFAULT_VAL_SIZE = "10%"  # of an --input's tokens, at most one shard; nanoGPT's Shakespeare split
+
+
+def val_size(args):
+    """The --val_size this run asks for: given, or the default for its source; None for a
+    download's default (one whole shard), which manifests from before --val_size do not list."""
+    return args.val_size or (DEFAULT_VAL_SIZE if args.input else None)
+
+
 def run_params(args):
     """What decides the shards' bytes; a rerun must match them to continue a job."""
     if args.input:
-        source = {"input": [os.path.abspath(p) for p in args.input]}
+        source = {"input": [os.path.abspath(p) for p in args.input], "text_field": args.text_field}
     else:
         source = {"name": args.name, "max_files": args.max_files}
-    return {"source": source, "shard_size": args.shard_size}
+    params = {"source": source, "shard_size": args.shard_size}
+    if val_size(args):
+        params["val_size"] = val_size(args)
+    return params
 
 
-def open_manifest(args):
-    """Load the manifest of `--out_dir`, or start one (listing the input files)."""
+def load_manifest(args):
+    """The manifest of `--out_dir`, checked against this run's parameters; None for a new job."""
     path = os.path.join(args.out_dir, MANIFEST)
-    params = run_params(args)
     if os.path.exists(path):
         with open(path) as f:
             manifest = json.load(f)
+        params = run_params(args)
         if manifest["params"] != params:
             raise UserError(f"{args.out_dir} holds shards made with {json.dumps(manifest['params'])}, not "
                             f"{json.dumps(params)}; pick another --out_dir, or delete that one to start over")
         drop_damaged_shards(args.out_dir, manifest)
         return manifest
-    os.makedirs(args.out_dir, exist_ok=True)
-    if any(f.startswith("fineweb_edu_") and f.endswith(".bin") for f in os.listdir(args.out_dir)):
+    if os.path.isdir(args.out_dir) and any(f.startswith("fineweb_edu_") and f.endswith(".bin")
+                                           for f in os.listdir(args.out_dir)):
         raise UserError(f"{args.out_dir} holds shards but no {MANIFEST}, so they are not ours to continue; "
                         "pick another --out_dir, or empty that one")
-    for p in args.input or []:
+    for p in args.input or []:  # before the tokenizer processes start: a typo is answered at once
         if not os.path.isfile(p):
             raise UserError(f"{p}: no such file (--input)")
+        reader(p)
+    return None
+
+
+def start_manifest(args, pool):
+    """Start a job: list the input files, decide the validation split, then save the manifest.
+    Nothing is written before the split is decided, so an input that fails while it is counted
+    leaves nothing behind, and the rerun may change any flag."""
+    params = run_params(args)
     files = [{"path": p} for p in params["source"]["input"]] if args.input else list_files(args.name, args.max_files)
-    manifest = {"params": params, "files": files, "shards": [], "done": False}
+    manifest = {"params": params, "files": files, "val_tokens": val_tokens(args, files, pool),
+                "shards": [], "done": False}
+    os.makedirs(args.out_dir, exist_ok=True)
     save_manifest(args.out_dir, manifest)
     return manifest
+
+
+def val_tokens(args, files, pool):
+    """The size of the validation split, from --val_size: a number of tokens, or a percentage of
+    the input's tokens (at most one shard), which needs them counted first."""
+    size = val_size(args)
+    if size is None:
+        return args.shard_size
+    if not size.endswith("%"):
+        if not args.input:
+            return int(size)  # a download, not counted: too big to read twice
+        total = count_input(args, files, pool, enough=int(size) + 1)
+        wanted = int(size)
+    else:
+        fraction = fractions.Fraction(size[:-1]) / 100  # exact: the split must not depend on rounding
+        total = count_input(args, files, pool, enough=math.ceil(args.shard_size / fraction))
+        wanted = min(math.ceil(total * fraction), args.shard_size, total - 1)
+    if not 0 < wanted < total:
+        raise UserError(f"the input holds {total:,} tokens: too few for a validation split of {size} "
+                        "and a training split")
+    return wanted
+def count_input(args, files, pool, enough):
+    """The tokens of the input files, counted until there are `enough`: past that, more do not
+    change the split."""
+    inputs = Inputs(files, args.cache_dir, keep_parquet=True, text_field=args.text_field)
+    batches = inputs.documents([0, 0, 0], args.docs_per_batch)
+    total = 0
+    with tqdm(unit="tok", unit_scale=True, desc="counting", disable=None) as bar:
+        for _, tokens in tokenize_in_order(pool, batches, window=2 * args.num_proc, task=count_tokens):
+            total += tokens
+            bar.update(tokens)
+            if total >= enough:
+                break
+    return total
 
 
 def drop_damaged_shards(out_dir, manifest):
@@ -485,6 +670,10 @@ def report(args, manifest, tokens_this_run, seconds):
     tokens, docs = sum(s["tokens"] for s in shards), sum(s["docs"] for s in shards)
     print(f"{args.out_dir}: {docs:,} documents, {tokens:,} tokens in {len(shards)} shards "
           f"({len(shards) * HEADER_BYTES + 2 * tokens:,} bytes)")
+    if shards:
+        val = shards[0]["tokens"]
+        print(f"validation: {val:,} tokens ({val / tokens:.1%}) in {shards[0]['name']}; "
+              f"training: {tokens - val:,} tokens in {len(shards) - 1} shard{'' if len(shards) == 2 else 's'}")
     if tokens_this_run:
         print(f"this run: {tokens_this_run:,} tokens in {seconds:.1f} s = {tokens_this_run / seconds:,.0f} tokens/s "
               f"with {args.num_proc} tokenizer processes")
@@ -496,8 +685,8 @@ def report(args, manifest, tokens_this_run, seconds):
 class Inputs:
     """The input files: where each one is on disk, fetching it if it comes from the hub."""
 
-    def __init__(self, files, cache_dir, keep_parquet):
-        self.files, self.cache_dir, self.keep = files, cache_dir, keep_parquet
+    def __init__(self, files, cache_dir, keep_parquet, text_field):
+        self.files, self.cache_dir, self.keep, self.field = files, cache_dir, keep_parquet, text_field
         self.forgotten = 0  # files before this one are deleted (or kept, with --keep_parquet)
 
     def local_path(self, i):
@@ -523,7 +712,8 @@ class Inputs:
             path = upcoming.result()
             if i + 1 < len(self.files):
                 upcoming = in_background(self.fetch, i + 1)
-            for row, texts in read_documents(path, start[1] if i == start[0] else 0, docs_per_batch):
+            read = reader(path)
+            for row, texts in read(path, start[1] if i == start[0] else 0, docs_per_batch, self.field):
                 yield (i, row), f"{path} row {row}", texts
 
 
@@ -531,35 +721,43 @@ def run(args):
     started = time.time()
     if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
         raise UserError("this tiktoken is too old (no encode_to_numpy): pip install 'tiktoken>=0.9'")
-    manifest = open_manifest(args)
-    if manifest["done"]:
+    manifest = load_manifest(args)
+    if manifest and manifest["done"]:
         print(f"nothing to do: {args.out_dir} is complete")
         report(args, manifest, 0, 0)
         return 0
-    start = next_start(manifest)
-    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet)
-    inputs.forget_before(start[0])
-    if manifest["shards"]:
-        print(f"resuming after {len(manifest['shards'])} shards, at file {start[0]} row {start[1]}")
-    to_skip, tokens_this_run = start[2], 0
     with concurrent.futures.ProcessPoolExecutor(args.num_proc, initializer=init_worker) as pool:
         # Start the processes now, before the shard buffer and the download thread exist: fork
         # copies only the thread that forks, and a lock held by another would stay locked.
         pool.submit(int).result()
-        writer = ShardWriter(args.out_dir, args.shard_size, manifest)
-        batches = inputs.documents(start, args.docs_per_batch)
-        with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
-            for (file, row), tokens in tokenize_in_order(pool, batches, window=2 * args.num_proc):
-                skipped = min(to_skip, len(tokens))  # tokens already in a shard before a restart
-                to_skip -= skipped
-                writer.add(file, row, skipped, tokens[skipped:])
-                inputs.forget_before(next_start(manifest)[0])
-                tokens_this_run += len(tokens) - skipped
-                bar.update(len(tokens) - skipped)
-        writer.finish([len(inputs.files), 0, 0])
-    inputs.forget_before(len(inputs.files))
+        manifest = manifest or start_manifest(args, pool)
+        tokens_this_run = make_shards(args, manifest, pool)
     report(args, manifest, tokens_this_run, time.time() - started)
     return 0
+
+
+def make_shards(args, manifest, pool):
+    """Tokenize the input from where the manifest says the last run stopped, into shards;
+    return how many tokens this run added."""
+    start = next_start(manifest)
+    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet, args.text_field)
+    inputs.forget_before(start[0])
+    if manifest["shards"]:
+        print(f"resuming after {len(manifest['shards'])} shards, at file {start[0]} row {start[1]}")
+    to_skip, tokens_this_run = start[2], 0
+    writer = ShardWriter(args.out_dir, args.shard_size, manifest)
+    batches = inputs.documents(start, args.docs_per_batch)
+    with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
+        for (file, row), tokens in tokenize_in_order(pool, batches, window=2 * args.num_proc):
+            skipped = min(to_skip, len(tokens))  # tokens already in a shard before a restart
+            to_skip -= skipped
+            writer.add(file, row, skipped, tokens[skipped:])
+            inputs.forget_before(next_start(manifest)[0])
+            tokens_this_run += len(tokens) - skipped
+            bar.update(len(tokens) - skipped)
+    writer.finish([len(inputs.files), 0, 0])
+    inputs.forget_before(len(inputs.files))
+    return tokens_this_run
 
 
 def default_cache_dir():
@@ -572,14 +770,21 @@ def default_num_proc():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Download FineWeb-Edu and tokenize it into GPT-2 token shards for gpt2.py. "
+        description="Download FineWeb-Edu, or read your own text files, and tokenize them into GPT-2 token "
+                    "shards for gpt2.py. "
                     "After any interruption, run the same command again: it continues where it stopped.")
     p.add_argument("--name", default="sample-10BT", choices=sorted(SAMPLES),
                    help="which FineWeb-Edu sample to download (default: %(default)s: ~28 GB of parquet, "
                         "~10B GPT-2 tokens, what GPT-2 124M trains on)")
     p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="tokenize these local parquet files instead, without network (default: download "
-                        "--name from the hub at $HF_ENDPOINT, else https://huggingface.co)")
+                   help="tokenize these local files instead, in this order, without network: .txt (a file "
+                        "is one document), .jsonl (a line is one document, its --text_field), .parquet (its "
+                        "--text_field column), as UTF-8 (default: download --name from the hub at "
+                        "$HF_ENDPOINT, else https://huggingface.co)")
+    p.add_argument("--text_field", default="text", metavar="NAME",
+                   help="with --input: the field of each .jsonl line, and the column of .parquet files, that "
+                        "holds the document's text, e.g. --text_field content for {\"content\": \"...\"} "
+                        "(default: %(default)s)")
     p.add_argument("--max_files", type=int, metavar="N",
                    help="download only the first N parquet files, for a quick try (default: all of them)")
     p.add_argument("--out_dir", default=os.path.join("data", "fineweb_edu"),
@@ -589,8 +794,14 @@ def parse_args(argv=None):
                    help="where downloads and their resumable .part files go (default: %(default)s, "
                         "from $XDG_CACHE_HOME or ~/.cache: outside the repository)")
     p.add_argument("--shard_size", type=int, default=100_000_000, metavar="TOKENS",
-                   help="tokens per shard (default: %(default)s, 200 MB files as in llm.c and build-nanogpt); "
-                        "shard 0 is the validation set, so this is its size too")
+                   help="tokens per training shard (default: %(default)s, 200 MB files as in llm.c and "
+                        "build-nanogpt); also the most the validation shard holds")
+    p.add_argument("--val_size", metavar="TOKENS|PERCENT%",
+                   help="the validation split, shard 0: the first TOKENS of the token stream, or PERCENT%% of "
+                        "its tokens, at most --shard_size (default: for a download, --shard_size tokens, as "
+                        f"llm.c does; with --input, {DEFAULT_VAL_SIZE.replace('%', '%%')} of the tokens, "
+                        "which are counted first, at most --shard_size: so that a small input, even a "
+                        "single document, gets a training split too)")
     p.add_argument("--num_proc", type=int, default=default_num_proc(), metavar="N",
                    help="tokenizer processes (default: %(default)s, every core this process may use); "
                         "the shards do not depend on it")
@@ -605,7 +816,28 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag} must be at least 1")
+    if args.val_size is not None:
+        args.val_size = check_val_size(p, args)
+    if args.text_field != "text" and not args.input:
+        p.error("--text_field is for --input: FineWeb-Edu's files hold their text in 'text'")
     return args
+
+
+def check_val_size(p, args):
+    """--val_size, checked and written one way (the manifest compares it as a string)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(%?)\s*", args.val_size)
+    if not match or (not match[2] and "." in match[1]):
+        p.error(f"--val_size {args.val_size}: give a number of tokens (1000000) or a percentage (10%)")
+    if match[2]:
+        percent = fractions.Fraction(match[1])
+        if not 0 < percent < 100:
+            p.error("--val_size: a percentage must be above 0% and below 100%")
+        if not args.input:
+            p.error("--val_size: a percentage needs --input (a download's total is unknown until its end)")
+        return f"{match[1]}%"
+    if not 1 <= int(match[1]) <= args.shard_size:
+        p.error(f"--val_size: a number of tokens must be from 1 to --shard_size ({args.shard_size})")
+    return str(int(match[1]))
 
 
 def main(argv=None):

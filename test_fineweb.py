@@ -385,8 +385,10 @@ def test_a_dead_tokenizer_process_stops_the_run_with_one_line(tmp_path, hub, cle
 
 def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_run, local_files, monkeypatch,
                                                                 capsys):
-    # In this process, so that os.fsync can be made to fail as it does on a full disk.
-    argv = ["--input", *map(str, local_files), "--out_dir", str(tmp_path / "shards"), *FLAGS]
+    # In this process, so that os.fsync can be made to fail as it does on a full disk. The
+    # download's split (one whole shard), so that the shards are the clean run's.
+    argv = ["--input", *map(str, local_files), "--out_dir", str(tmp_path / "shards"), *FLAGS,
+            "--val_size", str(SHARD_SIZE)]
     real_fsync, calls = os.fsync, []
 
     def fsync_on_a_disk_that_fills_up(fd):
@@ -478,7 +480,8 @@ def test_a_rerun_with_another_shard_size_refuses_to_mix_shards(tmp_path, hub, cl
 # The shards depend on the documents only.
 # ---------------------------------------------------------------------------------------
 def test_input_gives_the_same_shards_as_the_download(tmp_path, local_files, clean_run):
-    code, _, err = run_fineweb(tmp_path, None, "--input", *map(str, local_files))  # no hub: no network
+    # No hub: no network. The download's split (one whole shard); --input's default is 10%.
+    code, _, err = run_fineweb(tmp_path, None, "--input", *map(str, local_files), "--val_size", str(SHARD_SIZE))
     assert code == 0, err
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
     assert all(p.exists() for p in local_files)  # a user's own files are never deleted
@@ -494,6 +497,213 @@ def test_help_gives_every_flags_default(capsys):
     with pytest.raises(SystemExit):
         fineweb.parse_args(["--help"])
     entries = re.split(r"\n  (?=--)", capsys.readouterr().out)[1:]  # one per flag, after --help's
-    assert len(entries) == 9
+    assert len(entries) == 11
     for entry in entries:
         assert "(default:" in entry, entry
+
+
+# ---------------------------------------------------------------------------------------
+# Your own text: .txt, .jsonl and .parquet, mixed, with a validation split for small inputs.
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def enc():
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="session")
+def shakespeare(samples):
+    return (samples / "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def sample_texts(samples):
+    """The 150 FineWeb-Edu documents of the sample parquet file."""
+    return pq.read_table(samples / SAMPLE)["text"].to_pylist()
+
+
+def encoding(enc, texts):
+    """What the shards of these documents must hold: <|endoftext|> then the document, for each."""
+    return np.concatenate([[fineweb.EOT, *enc.encode_ordinary(text)] for text in texts]).astype(np.uint16)
+
+
+def token_stream(out_dir):
+    """The tokens of all the shards in out_dir, in shard order."""
+    return np.concatenate([np.frombuffer(data[1024:], dtype="<u2") for data in shards_in(out_dir).values()])
+
+
+def write_jsonl(path, documents, field="text"):
+    path.write_text("".join(json.dumps({"id": i, field: text}) + "\n" for i, text in enumerate(documents)),
+                    encoding="utf-8")
+    return path
+
+
+def convert(out_dir, inputs, *flags):
+    """Run fineweb.py on local files in this process (cheaper than a subprocess); its exit code."""
+    return fineweb.main(["--input", *map(str, inputs), "--out_dir", str(out_dir), *FLAGS, *flags])
+
+
+@pytest.mark.parametrize("shard_size, val_tokens", [(100_000_000, 33_803), (SHARD_SIZE, SHARD_SIZE)])
+def test_tiny_shakespeare_txt_gives_val_then_train_shards_holding_its_exact_gpt2_encoding(
+        tmp_path, samples, shakespeare, enc, shard_size, val_tokens):
+    expected = encoding(enc, [shakespeare])  # one file, one document
+    assert val_tokens == min(shard_size, -(-len(expected) // 10))  # 10% of the tokens, at most a shard
+    code, out, err = run_fineweb(tmp_path, None, "--input", str(samples / "tinyshakespeare.txt"),
+                                 "--shard_size", str(shard_size))
+    assert code == 0, err
+    shards = shards_in(tmp_path / "shards")
+    names = list(shards)
+    assert names == ["fineweb_edu_val_000000.bin"] + [f"fineweb_edu_train_{i:06d}.bin" for i in range(1, len(names))]
+    sizes = [len(gpt2.read_shard(tmp_path / "shards" / name)) for name in names]
+    assert sizes[0] == val_tokens and sum(sizes) == len(expected)
+    assert all(size == shard_size for size in sizes[1:-1]) and 0 < sizes[-1] <= shard_size
+    assert np.array_equal(token_stream(tmp_path / "shards"), expected)
+    assert len(gpt2.find_shards(tmp_path / "shards", "val")) == 1
+    assert len(gpt2.find_shards(tmp_path / "shards", "train")) == len(names) - 1 >= 1
+    assert f"validation: {val_tokens:,} tokens" in out
+
+
+def test_mixed_txt_jsonl_parquet_give_the_token_stream_of_each_converted_alone_in_order(
+        tmp_path, samples, shakespeare, sample_texts, enc):
+    txt = tmp_path / "verse.txt"
+    txt.write_text(shakespeare[:30_000], encoding="utf-8")
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", sample_texts[:40])
+    inputs = [txt, jsonl, samples / SAMPLE]
+    code, _, err = run_fineweb(tmp_path, None, "--input", *map(str, inputs))
+    assert code == 0, err
+    mixed = token_stream(tmp_path / "shards")
+    alone = []
+    for i, path in enumerate(inputs):
+        code, _, err = run_fineweb(tmp_path, None, "--input", str(path), "--out_dir", str(tmp_path / f"alone{i}"))
+        assert code == 0, err
+        alone.append(token_stream(tmp_path / f"alone{i}"))
+    assert np.array_equal(mixed, np.concatenate(alone))
+    assert np.array_equal(mixed, encoding(enc, [shakespeare[:30_000], *sample_texts[:40], *sample_texts]))
+    val = len(gpt2.read_shard(tmp_path / "shards" / "fineweb_edu_val_000000.bin"))
+    assert val == -(-len(mixed) // 10) < SHARD_SIZE  # 10% of the tokens, with shards of 20,000
+
+
+def test_text_field_names_the_jsonl_field_and_the_parquet_column(tmp_path, sample_texts, enc):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", sample_texts[:5], field="content")
+    table = pa.table({"content": sample_texts[5:10], "text": ["not this"] * 5})
+    pq.write_table(table, tmp_path / "docs.parquet")
+    assert convert(tmp_path / "shards", [jsonl, tmp_path / "docs.parquet"], "--text_field", "content") == 0
+    assert np.array_equal(token_stream(tmp_path / "shards"), encoding(enc, sample_texts[:10]))
+
+
+def test_a_utf8_byte_order_mark_and_blank_jsonl_lines_are_not_text(tmp_path, enc):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfTo be, or not to be")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "that is"}\n\n  \n{"text": "the question"}\r\n')
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt", tmp_path / "b.jsonl"]) == 0
+    assert np.array_equal(token_stream(tmp_path / "shards"),
+                          encoding(enc, ["To be, or not to be", "that is", "the question"]))
+
+
+GOOD_LINE = b'{"text": "caf\xc3\xa9 society"}\n'  # 26 bytes, with a two-byte UTF-8 character
+
+
+@pytest.mark.parametrize("name, data, flags, fragments", [
+    ("bad.txt", b"some text\x00\x01\x02", [], ["bad.txt", "binary file", "byte offset 9"]),
+    ("bad.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", [], ["bad.jsonl", "binary file", "byte offset 8"]),
+    ("bad.jsonl", GOOD_LINE * 1000 + b'{"text": "a\x00"}\n', [], ["bad.jsonl line 1001", "binary", "offset 26011"]),
+    ("bad.txt", "café".encode() + b" \xff rest", [], ["bad.txt", "invalid UTF-8 at byte offset 6"]),
+    ("bad.jsonl", GOOD_LINE + b'{"text": "caf\xe9"}\n', [], ["bad.jsonl line 2", "invalid UTF-8 at byte offset 39"]),
+    ("bad.jsonl", GOOD_LINE + b"\n" + b'{"body": "no text here"}\n', [],
+     ["bad.jsonl line 3", "no 'text' field (it has: body)", "--text_field"]),
+    ("bad.jsonl", GOOD_LINE + b'{"text": "unclosed\n', [], ["bad.jsonl line 2", "not JSON"]),
+    ("bad.jsonl", GOOD_LINE + b'["text", "a list"]\n', [], ["bad.jsonl line 2", "an array, not a JSON object"]),
+    ("bad.jsonl", GOOD_LINE + b'{"text": 42}\n', [], ["bad.jsonl line 2", "'text' field holds a number"]),
+    ("bad.txt", b"", [], ["bad.txt", "empty file"]),
+    ("bad.jsonl", b"\n \n", [], ["bad.jsonl", "no documents"]),
+    ("bad.parquet", None, [], ["bad.parquet", "no documents (0 rows)"]),
+    ("bad.csv", b"text\nhello\n", [], ["bad.csv", "--input takes .parquet, .jsonl, .txt"]),
+    ("missing.txt", None, [], ["missing.txt", "no such file"]),
+    ("bad.jsonl", b'{"text": ""}\n', [], ["the input holds 1 tokens", "too few"]),
+])
+def test_a_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, name, data, flags, fragments):
+    good = tmp_path / "good.txt"
+    good.write_text("A good file first: the run must not have written its tokens.")
+    bad = tmp_path / name
+    if name == "bad.parquet":
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), bad)
+    elif data is not None:
+        bad.write_bytes(data)
+    inputs = [bad] if "too few" in fragments else [good, bad]
+    assert convert(tmp_path / "shards", inputs, *flags) == 1
+    assert_one_error_line(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "shards").exists()  # no manifest, no shard: nothing for a rerun to trust
+
+
+def test_a_val_size_that_leaves_nothing_to_train_on_is_refused(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("Only a few tokens here.")  # 6 tokens, after <|endoftext|>
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "7") == 1
+    assert_one_error_line(capsys.readouterr().err, "holds 7 tokens", "too few for a validation split of 7")
+    assert not (tmp_path / "shards").exists()
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "6") == 0
+    assert [(len(data) - 1024) // 2 for data in shards_in(tmp_path / "shards").values()] == [6, 1]
+
+
+def test_after_a_missing_field_error_the_rerun_with_text_field_is_not_refused(tmp_path, sample_texts, enc, capsys):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", sample_texts[:3], field="body")
+    assert convert(tmp_path / "shards", [jsonl]) == 1
+    assert_one_error_line(capsys.readouterr().err, "docs.jsonl line 1", "no 'text' field (it has: id, body)")
+    assert convert(tmp_path / "shards", [jsonl], "--text_field", "body") == 0
+    assert np.array_equal(token_stream(tmp_path / "shards"), encoding(enc, sample_texts[:3]))
+
+
+@pytest.fixture(scope="session")
+def jsonl_then_txt(samples, sample_texts, tmp_path_factory):
+    """150 documents in a .jsonl (~89,000 tokens), then a book in a .txt (~338,000 tokens), and
+    the shards of an uninterrupted run: 10% would be ~43,000 tokens, so val is one shard."""
+    tmp = tmp_path_factory.mktemp("jsonl_then_txt")
+    inputs = [write_jsonl(tmp / "docs.jsonl", sample_texts), samples / "tinyshakespeare.txt"]
+    assert convert(tmp / "shards", inputs) == 0
+    return inputs, shards_in(tmp / "shards")
+
+
+@pytest.mark.parametrize("failing_shard, file, inside", [(2, 0, "row"), (8, 1, "skip")])
+def test_a_run_stopped_inside_a_jsonl_or_a_txt_finishes_on_rerun_with_identical_shards(
+        tmp_path, jsonl_then_txt, monkeypatch, capsys, failing_shard, file, inside):
+    inputs, clean = jsonl_then_txt
+    assert len(clean) > failing_shard + 1
+    real_write_shard = fineweb.write_shard
+
+    def write_shard_on_a_disk_that_fills_up(path, tokens):
+        if f"_{failing_shard:06d}.bin" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{path}.tmp")
+        real_write_shard(path, tokens)
+
+    monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+    assert convert(tmp_path / "shards", inputs) == 1
+    assert_one_error_line(capsys.readouterr().err, "No space left on device")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == failing_shard and manifest["val_tokens"] == SHARD_SIZE
+    next_file, next_row, next_skip = manifest["shards"][-1]["next"]
+    assert next_file == file and {"row": next_row, "skip": next_skip}[inside] > 0  # mid-file, as meant
+
+    monkeypatch.setattr(fineweb, "write_shard", real_write_shard)
+    assert convert(tmp_path / "shards", inputs) == 0
+    assert "resuming after" in capsys.readouterr().out
+    assert shards_in(tmp_path / "shards") == clean
+
+
+def test_a_rerun_with_another_val_size_refuses_to_mix_shards(tmp_path, shakespeare, capsys):
+    (tmp_path / "a.txt").write_text(shakespeare[:5000])
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"]) == 0
+    before = shards_in(tmp_path / "shards")
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "20%") == 1
+    assert_one_error_line(capsys.readouterr().err, str(tmp_path / "shards"), '"val_size": "10%"', "--out_dir")
+    assert shards_in(tmp_path / "shards") == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val_size", "10%"], "a percentage needs --input"),
+    (["--input", "a.txt", "--val_size", "100%"], "below 100%"),
+    (["--input", "a.txt", "--val_size", "0"], "from 1 to --shard_size"),
+    (["--input", "a.txt", "--shard_size", "1000", "--val_size", "1001"], "from 1 to --shard_size (1000)"),
+    (["--input", "a.txt", "--val_size", "ten"], "a number of tokens (1000000) or a percentage (10%)"),
+    (["--text_field", "body"], "--text_field is for --input"),
+])
+def test_a_val_size_or_text_field_that_cannot_apply_is_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit:
+        fineweb.parse_args(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
