@@ -45,11 +45,12 @@ int32 `[20240520, 1, number of tokens, 0, ...]`, then the tokens as little-endia
 
 Restart. `manifest.json` in the output folder records the inputs, the parameters, the size of
 the validation split and, for each finished shard, where the next shard starts: (file,
-document row, tokens to skip in the stream that starts at that document). A rerun skips to that position and re-tokenizes
-at most one batch it had already seen; files before it are not needed again, which is why a
-downloaded parquet file is deleted (unless `--keep_parquet`) once a finished shard lies past
-it: the disk holds ~20 GB of shards, not 48 GB of both. Every file another run may read (a
-shard, the manifest, a download) is written to a temporary name and renamed when complete.
+document row, tokens to skip in the stream that starts at that document). A rerun skips to
+that position and re-tokenizes at most one batch it had already seen; files before it are
+not needed again, which is why a downloaded parquet file is deleted (unless `--keep_parquet`)
+once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both.
+Every file another run may read (a shard, the manifest, a download) is written to a
+temporary name and renamed when complete.
 (A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
@@ -60,6 +61,7 @@ import codecs
 import collections
 import concurrent.futures
 import contextlib
+import decimal
 import fractions
 import hashlib
 import json
@@ -425,17 +427,23 @@ def jsonl_text(line, path, number, offset, field):
         return None
     try:
         document = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{path} line {number}: not JSON ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number}: not JSON ({e.msg}: column {e.colno})") from None
     if not isinstance(document, dict):
         raise UserError(f"{path} line {number}: {JSON_TYPES[type(document)]}, not a JSON object")
     if field not in document:
         raise UserError(f"{path} line {number}: no '{field}' field (it has: {', '.join(document) or 'none'}); "
                         "--text_field names the field that holds the text")
-    if not isinstance(document[field], str):
-        raise UserError(f"{path} line {number}: the '{field}' field holds {JSON_TYPES[type(document[field])]}, "
-                        "not a string")
-    return document[field]
+    text = document[field]
+    if not isinstance(text, str):
+        raise UserError(f"{path} line {number}: the '{field}' field holds {JSON_TYPES[type(text)]}, not a string")
+    if b"\\u" in line:  # JSON may escape half a UTF-16 pair ("\ud800"), which no UTF-8 text holds
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{path} line {number}: the '{field}' field escapes a lone UTF-16 surrogate "
+                            f"({text[e.start]!r}), which is not text") from None
+    return text
 
 
 READERS = {".parquet": read_parquet, ".jsonl": read_jsonl, ".txt": read_txt}
@@ -834,7 +842,7 @@ def check_val_size(p, args):
             p.error("--val_size: a percentage must be above 0% and below 100%")
         if not args.input:
             p.error("--val_size: a percentage needs --input (a download's total is unknown until its end)")
-        return f"{match[1]}%"
+        return f"{decimal.Decimal(match[1]).normalize():f}%"  # 10.0% is 10%, to the manifest too
     if not 1 <= int(match[1]) <= args.shard_size:
         p.error(f"--val_size: a number of tokens must be from 1 to --shard_size ({args.shard_size})")
     return str(int(match[1]))

@@ -10,8 +10,13 @@ resuming inside a file and crossing from one file to the next are all on the pat
 
 fineweb.py runs as the user runs it, `python fineweb.py ...` in a subprocess with HF_ENDPOINT
 pointed at the fake hub, with shards of 20,000 tokens: ~180,000 tokens make 9 shards.
+
+Your own text (`--input` .txt, .jsonl, .parquet) is tested on samples/tinyshakespeare.txt and
+the same FineWeb-Edu documents, against tiktoken's encoding; its many ways of being bad run
+in this process (`fineweb.main`), which is quicker than a subprocess and returns the exit code.
 """
 import collections
+import concurrent.futures
 import errno
 import hashlib
 import http.server
@@ -609,9 +614,11 @@ GOOD_LINE = b'{"text": "caf\xc3\xa9 society"}\n'  # 26 bytes, with a two-byte UT
     ("bad.jsonl", GOOD_LINE + b'{"text": "caf\xe9"}\n', [], ["bad.jsonl line 2", "invalid UTF-8 at byte offset 39"]),
     ("bad.jsonl", GOOD_LINE + b"\n" + b'{"body": "no text here"}\n', [],
      ["bad.jsonl line 3", "no 'text' field (it has: body)", "--text_field"]),
-    ("bad.jsonl", GOOD_LINE + b'{"text": "unclosed\n', [], ["bad.jsonl line 2", "not JSON"]),
+    ("bad.jsonl", GOOD_LINE + b"{'text': 'single quotes'}\n", [],
+     ["bad.jsonl line 2", "not JSON (Expecting property name enclosed in double quotes: column 2)"]),
     ("bad.jsonl", GOOD_LINE + b'["text", "a list"]\n', [], ["bad.jsonl line 2", "an array, not a JSON object"]),
     ("bad.jsonl", GOOD_LINE + b'{"text": 42}\n', [], ["bad.jsonl line 2", "'text' field holds a number"]),
+    ("bad.jsonl", GOOD_LINE + b'{"text": "half a pair \\ud83d"}\n', [], ["bad.jsonl line 2", "lone UTF-16 surrogate"]),
     ("bad.txt", b"", [], ["bad.txt", "empty file"]),
     ("bad.jsonl", b"\n \n", [], ["bad.jsonl", "no documents"]),
     ("bad.parquet", None, [], ["bad.parquet", "no documents (0 rows)"]),
@@ -686,10 +693,24 @@ def test_a_run_stopped_inside_a_jsonl_or_a_txt_finishes_on_rerun_with_identical_
     assert shards_in(tmp_path / "shards") == clean
 
 
+def test_the_count_stops_once_it_has_enough_tokens_to_decide_the_split(tmp_path, sample_texts, enc):
+    jsonl = write_jsonl(tmp_path / "docs.jsonl", sample_texts)
+    args = fineweb.parse_args(["--input", str(jsonl), *FLAGS])
+    batches = [encoding(enc, sample_texts[i:i + 32]) for i in range(0, len(sample_texts), 32)]
+    with concurrent.futures.ProcessPoolExecutor(1, initializer=fineweb.init_worker) as pool:
+        files = [{"path": str(jsonl)}]
+        assert fineweb.count_input(args, files, pool, enough=10**9) == sum(map(len, batches))
+        # The first batches that reach 30,000 tokens, and no more: a big input is not read twice.
+        reached = np.cumsum(list(map(len, batches)))
+        assert fineweb.count_input(args, files, pool, enough=30_000) == reached[reached >= 30_000][0] < reached[-1]
+
+
 def test_a_rerun_with_another_val_size_refuses_to_mix_shards(tmp_path, shakespeare, capsys):
     (tmp_path / "a.txt").write_text(shakespeare[:5000])
     assert convert(tmp_path / "shards", [tmp_path / "a.txt"]) == 0
     before = shards_in(tmp_path / "shards")
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "10.0%") == 0  # the default, said so
+    assert "nothing to do" in capsys.readouterr().out
     assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "20%") == 1
     assert_one_error_line(capsys.readouterr().err, str(tmp_path / "shards"), '"val_size": "10%"', "--out_dir")
     assert shards_in(tmp_path / "shards") == before
