@@ -54,7 +54,9 @@ temporary name and renamed when complete.
 (A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
-not gpt2: every tokenizer worker would pay ~220 MB of memory for `import torch`.
+not gpt2: every tokenizer worker would pay ~220 MB of memory for `import torch`. The other way
+round, gpt2.py and hellaswag.py import from here the plumbing the three scripts share (UserError,
+atomic_write, cache_dir, download): see the section of that name below.
 """
 import argparse
 import codecs
@@ -67,6 +69,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -91,26 +94,20 @@ HEADER_BYTES = HEADER_INTS * 4
 EOT = 50256  # <|endoftext|>, GPT-2's only special token; it opens every document
 
 
+# ---------------------------------------------------------------------------------------
+# Plumbing shared by the three scripts: why it lives here.
+#
+# gpt2.py and hellaswag.py do `from fineweb import UserError, atomic_write, cache_dir,
+# download`: one copy of the error class, the atomic write, the cache folder and the
+# downloader, not three that drift apart. It lives in this file because fineweb.py imports
+# no torch (so importing it costs the others nothing, and its tokenizer worker processes stay
+# small), it is the first script a user runs, and it is the one that must survive bad
+# networks: a 28 GB download over hours meets every kind of failure, so the downloader that
+# resumes, retries and checks is the one everyone should use. For the same reason this file
+# never imports gpt2 or hellaswag. Keep this section generic: nothing FineWeb-specific here.
+# ---------------------------------------------------------------------------------------
 class UserError(Exception):
     """Something the user can fix (a bad file, the network, a flag): one line, exit code 1."""
-
-
-class TokenIdError(UserError, ValueError):
-    """A token id that does not fit the shards' uint16."""
-
-
-def as_uint16(tokens, where):
-    """Return `tokens` (1-D ints) as little-endian uint16; raise TokenIdError naming `where` if
-    an id is outside [0, 2**16), because a plain cast would wrap it silently."""
-    arr = np.asarray(tokens)
-    if arr.size == 0:
-        return np.zeros(0, dtype="<u2")
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise TokenIdError(f"{where}: tokens must be a 1-D sequence of ints, got {arr.dtype} of shape {arr.shape}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= 2**16:
-        raise TokenIdError(f"{where}: token id {hi if hi >= 2**16 else lo} does not fit in a uint16 shard")
-    return np.ascontiguousarray(arr, dtype="<u2")  # no copy if it already is one
 
 
 @contextlib.contextmanager
@@ -125,45 +122,39 @@ def naming(path):
         raise
 
 
-def atomic_write(path, *buffers):
-    """Write the buffers to `path + ".tmp"`, fsync, then rename onto `path`: a reader sees the
-    old file or the complete new one, never a half-written one, even after kill -9."""
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """`with atomic_write(path) as f: f.write(...)`: `f` is a real file opened on `path.tmp`
+    (binary; mode="w" for UTF-8 text), so torch.save and savefig can write into it too. On a
+    normal exit it is flushed, fsynced and renamed onto `path`: a reader sees the old file or
+    the complete new one, never a half-written one, even after kill -9. On any exception the
+    .tmp is deleted (on a full disk, the space goes back) and the exception goes on, an
+    OSError naming the file."""
     tmp = f"{os.fspath(path)}.tmp"
     try:
-        with naming(tmp), open(tmp, "wb") as f:
-            for buffer in buffers:
-                f.write(buffer)
+        with naming(tmp), open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)  # on a full disk, give the space back
+            os.remove(tmp)
         raise
 
 
-def write_shard(path, tokens):
-    """Write `tokens` (a 1-D array-like of ints, each in [0, 2**16)) as a shard at `path`.
-
-    The file is llm.c's format: 256 little-endian int32 `[SHARD_MAGIC, SHARD_VERSION,
-    len(tokens), 0, ...]`, then the tokens as little-endian uint16. It is written atomically
-    (`path.tmp`, fsync, rename). Raises ValueError naming the file if an id does not fit."""
-    tokens = as_uint16(tokens, path)
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = [SHARD_MAGIC, SHARD_VERSION, len(tokens)]
-    atomic_write(path, header.tobytes(), memoryview(tokens))
+def cache_dir(*parts):
+    """Our folder under the user's cache, `$XDG_CACHE_HOME` (default ~/.cache) / gpt2 / parts:
+    outside the repository, shared by every checkout. Not created here: download() makes the
+    folders it writes into."""
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", *parts)
 
 
-def shard_name(index):
-    split = "val" if index == 0 else "train"
-    return f"fineweb_edu_{split}_{index:06d}.bin"
+def hub_base():
+    """The Hugging Face hub, or the mirror in $HF_ENDPOINT (as huggingface_hub reads it)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-# ---------------------------------------------------------------------------------------
-# Download from the Hugging Face hub.
-# ---------------------------------------------------------------------------------------
-REPO = "HuggingFaceFW/fineweb-edu"
-SAMPLES = {"sample-10BT": "sample/10BT", "sample-100BT": "sample/100BT", "sample-350BT": "sample/350BT"}
 TIMEOUT = (10, 60)  # seconds to connect, and to wait for the next bytes of an answer
 MAX_TRIES = 8  # 1+2+4+...+64 s: about two minutes of a failing network before giving up
 RETRY_STATUS = {408, 429}  # and every 5xx: the server's trouble, which passes
@@ -176,20 +167,17 @@ class TransientError(Exception):
 TRANSIENT = (TransientError, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
-def hub_base():
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def open_url(session, url, headers=None):
-    """GET `url`, streamed. Errors that retrying cannot fix (401, 403, 404, ...) raise UserError
-    at once; the server's passing trouble (5xx, 429) raises TransientError."""
+def open_url(session, url, headers=None, passing=(), hint=""):
+    """GET `url`, streamed, following redirects. Errors that retrying cannot fix (401, 403,
+    404, ...) raise UserError at once, with `hint` added; the server's passing trouble (5xx,
+    429) raises TransientError. Statuses in `passing` are returned to the caller."""
     r = session.get(url, headers=headers, stream=True, timeout=TIMEOUT)
-    if r.status_code >= 400:
+    if r.status_code >= 400 and r.status_code not in passing:
         r.close()
         message = f"{url}: HTTP {r.status_code} {r.reason}"
         if r.status_code in RETRY_STATUS or r.status_code >= 500:
             raise TransientError(message)
-        raise UserError(f"{message} (check --name and HF_ENDPOINT)")
+        raise UserError(message + hint)
     return r
 
 
@@ -209,6 +197,169 @@ def with_retries(url, attempt, progress=lambda: 0):
             delay = 2 ** (failures - 1)
             tqdm.write(f"{url}: {e}; retrying in {delay} s", file=sys.stderr)
             time.sleep(delay)
+
+
+def download(url, dest, *, size=None, sha256=None, desc=None):
+    """Download `url` to `dest` (a str or Path, its folders made) and return `dest`; if `dest`
+    exists it is returned as it is, without asking the network.
+
+    The bytes go to `dest.part`, continued with an HTTP Range request after a dropped
+    connection or by a rerun, with a progress bar. Transient failures (5xx, 429, a dropped
+    connection, a timeout) are retried with backoff, giving up after MAX_TRIES tries without
+    progress; others (401, 403, 404, ...) raise UserError at once. The finished .part is
+    checked, its size against `size` (or, when None, the size the server announced) and its
+    sha256 when given, deleted with a UserError if it differs, and only then renamed: a file
+    at `dest` is always complete and checked."""
+    if os.path.exists(dest):
+        return dest
+    part = f"{os.fspath(dest)}.part"
+    os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)
+    desc = desc or os.path.basename(os.fspath(dest))
+    expected = {"size": size}  # filled in from the server's answer when the caller does not know it
+    with requests.Session() as session, tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+        with_retries(url, lambda: fetch_rest(session, url, part, expected, bar), progress=lambda: size_of(part))
+    check_download(url, part, expected["size"], sha256)
+    os.replace(part, dest)
+    tqdm.write(f"downloaded {desc} ({size_of(dest):,} bytes)", file=sys.stderr)
+    return dest
+
+
+def size_of(path):
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def fetch_rest(session, url, part, expected, bar):
+    """Append to `part` the bytes it is missing, asking only for those (HTTP Range), and learn
+    the file's size from the answer if `expected` lacks it."""
+    have = size_of(part)
+    if expected["size"] is not None and have >= expected["size"]:
+        if have == expected["size"]:
+            return  # complete: check_download says whether it is right
+        os.remove(part)  # longer than the file, so not a beginning of it
+        have = 0
+    # identity: a compressed answer's bytes and Content-Length are not the file's, nor resumable
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    with open_url(session, url, headers, passing={416} if have else ()) as r:
+        if r.status_code == 416:
+            return part_past_the_end(url, part, have, expected, r)
+        start, total = body_range(url, r)
+        if start != have:
+            if start:
+                os.remove(part)
+                raise TransientError(f"asked for bytes {have:,}- and got {start:,}-; starting again")
+            have = 0  # the server ignored Range and sent the whole file: start the .part again
+        learn_size(url, part, expected, total)
+        bar.reset(total=expected["size"])
+        bar.update(have)
+        with naming(part), open(part, "ab" if have else "wb") as f:
+            # Small chunks: urllib3 drops the chunk in hand when the connection breaks.
+            for chunk in r.iter_content(chunk_size=1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if expected["size"] is not None and size_of(part) < expected["size"]:
+        raise TransientError(f"the connection closed after {size_of(part):,} of {expected['size']:,} bytes")
+
+
+def body_range(url, r):
+    """(where the answer's body starts in the file, the file's size or None if not said)."""
+    if r.status_code == 206:
+        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", "").strip())
+        if not match:
+            raise UserError(f"{url}: a partial answer (206) without a usable Content-Range")
+        return int(match[1]), None if match[2] == "*" else int(match[2])
+    length = r.headers.get("Content-Length")
+    encoded = r.headers.get("Content-Encoding", "identity") != "identity"
+    return 0, int(length) if length and not encoded else None
+
+
+def learn_size(url, part, expected, total):
+    """Take the size the server announced as the one to check, unless the caller gave one: then
+    they must agree, else the file is not the one the caller means (and the .part is junk)."""
+    if total is None:
+        return
+    if expected["size"] is None:
+        expected["size"] = total
+    elif total != expected["size"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)
+        raise UserError(f"{url}: the server's file has {total:,} bytes, not the {expected['size']:,} expected")
+
+
+def part_past_the_end(url, part, have, expected, r):
+    """A 416 to `Range: bytes=have-`: the file has no byte at `have`. If the file is `have`
+    bytes long the .part is complete (a run stopped between the last byte and the rename);
+    else the .part is longer than the file, not a beginning of it: start it again."""
+    match = re.fullmatch(r"bytes \*/(\d+)", r.headers.get("Content-Range", "").strip())
+    if match and int(match[1]) == have:
+        learn_size(url, part, expected, have)
+        return
+    os.remove(part)
+    raise TransientError(f"the server has no bytes from {have:,} on (HTTP 416); starting again")
+
+
+def check_download(url, part, size, sha256):
+    """Compare a finished .part with the size and sha256 it must have; delete it if it differs."""
+    problem = None
+    if size is not None and size_of(part) != size:
+        problem = f"got {size_of(part):,} bytes, expected {size:,}"
+    elif sha256:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256.lower():
+            problem = f"sha256 {digest.hexdigest()} differs from the expected {sha256}"
+    if problem:
+        os.remove(part)
+        raise UserError(f"{url}: {problem}; deleted the download, rerun to fetch it again")
+
+
+# ---------------------------------------------------------------------------------------
+# Writing shards.
+# ---------------------------------------------------------------------------------------
+class TokenIdError(UserError, ValueError):
+    """A token id that does not fit the shards' uint16."""
+
+
+def as_uint16(tokens, where):
+    """Return `tokens` (1-D ints) as little-endian uint16; raise TokenIdError naming `where` if
+    an id is outside [0, 2**16), because a plain cast would wrap it silently."""
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return np.zeros(0, dtype="<u2")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TokenIdError(f"{where}: tokens must be a 1-D sequence of ints, got {arr.dtype} of shape {arr.shape}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= 2**16:
+        raise TokenIdError(f"{where}: token id {hi if hi >= 2**16 else lo} does not fit in a uint16 shard")
+    return np.ascontiguousarray(arr, dtype="<u2")  # no copy if it already is one
+
+
+def write_shard(path, tokens):
+    """Write `tokens` (a 1-D array-like of ints, each in [0, 2**16)) as a shard at `path`.
+
+    The file is llm.c's format: 256 little-endian int32 `[SHARD_MAGIC, SHARD_VERSION,
+    len(tokens), 0, ...]`, then the tokens as little-endian uint16. It is written atomically
+    (`path.tmp`, fsync, rename). Raises ValueError naming the file if an id does not fit."""
+    tokens = as_uint16(tokens, path)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = [SHARD_MAGIC, SHARD_VERSION, len(tokens)]
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        f.write(memoryview(tokens))
+
+
+def shard_name(index):
+    split = "val" if index == 0 else "train"
+    return f"fineweb_edu_{split}_{index:06d}.bin"
+
+
+# ---------------------------------------------------------------------------------------
+# FineWeb-Edu on the Hugging Face hub: its file list, and its files.
+# ---------------------------------------------------------------------------------------
+REPO = "HuggingFaceFW/fineweb-edu"
+SAMPLES = {"sample-10BT": "sample/10BT", "sample-100BT": "sample/100BT", "sample-350BT": "sample/350BT"}
+CHECK_FLAGS = " (check --name and HF_ENDPOINT)"
 
 
 def list_files(name, max_files):
@@ -233,7 +384,7 @@ def list_files(name, max_files):
 
 def read_page(session, url):
     """One page of the tree API: its JSON entries and the URL of the next page (or None)."""
-    with open_url(session, url) as r:
+    with open_url(session, url, hint=CHECK_FLAGS) as r:
         try:
             entries = r.json()
         except ValueError:
@@ -241,63 +392,10 @@ def read_page(session, url):
         return entries, r.links.get("next", {}).get("url")
 
 
-def download(file, dest):
-    """Download a hub file to `dest`, through `dest.part`, and return `dest`.
-
-    Resumes the .part with a Range request, retries transient failures, checks size and
-    sha256, then renames: a file at `dest` is always complete and checked."""
-    if os.path.exists(dest):
-        return dest
-    url = f"{hub_base()}/datasets/{REPO}/resolve/main/{file['name']}"
-    part = f"{dest}.part"
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with requests.Session() as session, tqdm(total=file["size"], unit="B", unit_scale=True, desc=file["name"],
-                                             disable=None) as bar:
-        with_retries(url, lambda: fetch_rest(session, url, part, file["size"], bar), progress=lambda: size_of(part))
-    check_download(url, part, file)
-    os.replace(part, dest)
-    tqdm.write(f"downloaded {file['name']} ({file['size']:,} bytes)")
-    return dest
-
-
-def size_of(path):
-    return os.path.getsize(path) if os.path.exists(path) else 0
-
-
-def fetch_rest(session, url, part, size, bar):
-    """Append to `part` the bytes it is missing, asking only for those (HTTP Range)."""
-    have = size_of(part)
-    if have >= size:
-        return
-    with open_url(session, url, {"Range": f"bytes={have}-"} if have else None) as r:
-        if r.status_code != 206:
-            have = 0  # the server sent the whole file: start the .part again
-        bar.reset(total=size)
-        bar.update(have)
-        with naming(part), open(part, "ab" if have else "wb") as f:
-            # Small chunks: urllib3 drops the chunk in hand when the connection breaks.
-            for chunk in r.iter_content(chunk_size=1 << 16):
-                f.write(chunk)
-                bar.update(len(chunk))
-    if size_of(part) < size:
-        raise TransientError(f"the connection closed after {size_of(part):,} of {size:,} bytes")
-
-
-def check_download(url, part, file):
-    """Compare a finished .part with the size and sha256 the hub lists; delete it if it differs."""
-    problem = None
-    if size_of(part) != file["size"]:
-        problem = f"got {size_of(part):,} bytes, the hub lists {file['size']:,}"
-    elif file["sha256"]:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        if digest.hexdigest() != file["sha256"]:
-            problem = f"sha256 {digest.hexdigest()} differs from the hub's {file['sha256']}"
-    if problem:
-        os.remove(part)
-        raise UserError(f"{url}: {problem}; deleted the download, rerun to fetch it again")
+def download_hub_file(file, dest):
+    """Download one file of the list to `dest`, checked against the size and sha256 the hub lists."""
+    return download(f"{hub_base()}/datasets/{REPO}/resolve/main/{file['name']}", dest,
+                    size=file["size"], sha256=file["sha256"], desc=file["name"])
 
 
 def in_background(fn, *args):
@@ -519,7 +617,8 @@ MANIFEST = "manifest.json"
 
 
 def save_manifest(out_dir, manifest):
-    atomic_write(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
+    with atomic_write(os.path.join(out_dir, MANIFEST)) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
 
 
 def next_start(manifest):
@@ -702,7 +801,7 @@ class Inputs:
         return file.get("path") or os.path.join(self.cache_dir, file["name"])
 
     def fetch(self, i):
-        return self.local_path(i) if "path" in self.files[i] else download(self.files[i], self.local_path(i))
+        return self.local_path(i) if "path" in self.files[i] else download_hub_file(self.files[i], self.local_path(i))
 
     def forget_before(self, i):
         """Delete the downloads of the files before `i`: no finished shard needs them again."""
@@ -768,10 +867,6 @@ def make_shards(args, manifest, pool):
     return tokens_this_run
 
 
-def default_cache_dir():
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", "fineweb")
-
-
 def default_num_proc():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -798,7 +893,7 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default=os.path.join("data", "fineweb_edu"),
                    help="where the shards and manifest.json go (default: %(default)s, which is also "
                         "the default --data_dir of gpt2.py)")
-    p.add_argument("--cache_dir", default=default_cache_dir(),
+    p.add_argument("--cache_dir", default=cache_dir("fineweb"),
                    help="where downloads and their resumable .part files go (default: %(default)s, "
                         "from $XDG_CACHE_HOME or ~/.cache: outside the repository)")
     p.add_argument("--shard_size", type=int, default=100_000_000, metavar="TOKENS",

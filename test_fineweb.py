@@ -90,7 +90,9 @@ class FakeHub:
 
     `faults[name]` is a list of faults for the next requests of that file, used up one per
     request: "drop" (send half the bytes, then close), "503", "404", "slow" (a slow line),
-    "corrupt" (flip a byte). `requests` logs (path, Range header) for every request."""
+    "corrupt" (flip a byte), "whole" (ignore the Range header). `/moved/<name>` redirects (302)
+    to the file, as the hub redirects to its CDN; a Range past the end is answered 416, as the
+    hub does. `requests` logs (path, Range header) for every request."""
 
     def __init__(self, files):
         self.files = files
@@ -113,6 +115,10 @@ class FakeHub:
                         self.tree_page(tree)
                     elif self.path.startswith(resolve) and self.path[len(resolve):] in hub.files:
                         self.download(self.path[len(resolve):])
+                    elif self.path.startswith("/moved/"):
+                        self.send_response(302)
+                        self.send_header("Location", resolve + self.path[len("/moved/"):])
+                        self.reply(b"")
                     else:
                         self.send_error(404)
                 except (BrokenPipeError, ConnectionResetError):
@@ -138,6 +144,12 @@ class FakeHub:
                 if fault == "corrupt":
                     data = bytes([data[0] ^ 1]) + data[1:]
                 start = int(re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
+                if fault == "whole":
+                    start = 0
+                if start and start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    return self.reply(b"")
                 self.send_response(206 if start else 200)
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -303,6 +315,105 @@ def test_keep_parquet_keeps_the_downloads(tmp_path, hub, parquet_files):
     assert code == 0, err
     for name, data in parquet_files.items():
         assert (tmp_path / "cache" / name).read_bytes() == data
+
+
+# ---------------------------------------------------------------------------------------
+# The plumbing gpt2.py and hellaswag.py import: download, atomic_write, cache_dir. In this
+# process, against the fake hub, with URLs that are not the FineWeb-Edu list's.
+# ---------------------------------------------------------------------------------------
+SECOND = f"{HUB_DIR}/001_00000.parquet"
+RESOLVE = "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """The retries' sleeps, recorded instead of slept."""
+    sleeps = []
+    monkeypatch.setattr(fineweb.time, "sleep", sleeps.append)
+    return sleeps
+
+
+def test_download_of_unknown_size_resumes_a_dropped_connection_with_the_missing_bytes(tmp_path, hub, no_backoff):
+    data = hub.files[SECOND]
+    hub.faults[SECOND] = ["drop"]
+    dest = tmp_path / "new" / "folder" / "file.parquet"
+    assert fineweb.download(hub.url + RESOLVE + SECOND, dest) == dest  # no size: the Content-Length is
+    assert dest.read_bytes() == data
+    first, resumed = hub.downloads(SECOND)
+    assert first is None and 0 < int(resumed[6:-1]) <= len(data) // 2  # after what had arrived
+    assert no_backoff == [1]
+    assert os.listdir(dest.parent) == ["file.parquet"]  # the .part was renamed
+
+
+def test_download_follows_a_redirect_to_another_path(tmp_path, hub):
+    data = hub.files[SECOND]
+    dest = tmp_path / "file.parquet"
+    fineweb.download(f"{hub.url}/moved/{SECOND}", dest, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert dest.read_bytes() == data
+    assert [path for path, _ in hub.requests] == [f"/moved/{SECOND}", RESOLVE + SECOND]
+
+
+def test_download_failing_its_sha256_deletes_the_part_with_one_user_error(tmp_path, hub, no_backoff):
+    data = hub.files[SECOND]
+    hub.faults[SECOND] = ["corrupt"]
+    with pytest.raises(fineweb.UserError, match="sha256") as error:
+        fineweb.download(hub.url + RESOLVE + SECOND, str(tmp_path / "file.parquet"),
+                         sha256=hashlib.sha256(data).hexdigest())
+    assert SECOND in str(error.value)
+    assert os.listdir(tmp_path) == []  # no file, no .part: a rerun fetches it again
+    assert len(hub.downloads(SECOND)) == 1 and no_backoff == []
+
+
+def test_download_of_a_404_is_one_user_error_at_once(tmp_path, hub, no_backoff):
+    with pytest.raises(fineweb.UserError, match="HTTP 404") as error:
+        fineweb.download(f"{hub.url}/no/such/file", tmp_path / "file")
+    assert f"{hub.url}/no/such/file" in str(error.value)
+    assert len(hub.requests) == 1 and no_backoff == []  # no retries
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_renames_a_complete_part_the_server_answers_416_to(tmp_path, hub):
+    data = hub.files[SECOND]
+    (tmp_path / "file.parquet.part").write_bytes(data)  # a run stopped before the rename
+    fineweb.download(hub.url + RESOLVE + SECOND, tmp_path / "file.parquet")
+    assert (tmp_path / "file.parquet").read_bytes() == data
+    assert hub.downloads(SECOND) == [f"bytes={len(data)}-"]  # asked for nothing more
+
+
+@pytest.mark.parametrize("part, size_known, asked", [
+    ("longer than the file", False, ["bytes={long}-", None]),  # a 416, then from the start
+    ("longer than the file", True, [None]),  # longer than `size`: not even asked
+    ("ignored Range", False, ["bytes=4-"]),  # a 200 to a Range: the whole file
+])
+def test_download_starts_again_a_part_that_is_not_the_beginning_of_the_file(tmp_path, hub, no_backoff, part,
+                                                                            size_known, asked):
+    data = hub.files[SECOND]
+    stale = data + b"junk" if part == "longer than the file" else b"junk"
+    (tmp_path / "file.parquet.part").write_bytes(stale)
+    if part == "ignored Range":
+        hub.faults[SECOND] = ["whole"]
+    fineweb.download(hub.url + RESOLVE + SECOND, tmp_path / "file.parquet", size=len(data) if size_known else None)
+    assert (tmp_path / "file.parquet").read_bytes() == data
+    assert hub.downloads(SECOND) == [r and r.format(long=len(stale)) for r in asked]
+
+
+def test_atomic_write_keeps_the_old_file_and_no_tmp_when_the_writer_fails(tmp_path):
+    path = tmp_path / "state.bin"
+    with fineweb.atomic_write(path) as f:
+        f.write(b"old")
+    with pytest.raises(ZeroDivisionError), fineweb.atomic_write(str(path)) as f:
+        f.write(b"half of the new")
+        1 / 0
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.bin"]
+
+
+def test_cache_dir_is_gpt2_under_xdg_cache_home_else_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fineweb.cache_dir("hub", "x") == tmp_path / "gpt2" / "hub" / "x"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fineweb.cache_dir("fineweb") == tmp_path / "home" / ".cache" / "gpt2" / "fineweb"
+    assert not (tmp_path / "gpt2").exists()  # named, not made
 
 
 # ---------------------------------------------------------------------------------------
