@@ -375,32 +375,53 @@ def test_a_damaged_shard_is_named_in_the_error(tmp_path, damage, message):
     assert str(path) in str(e.value)
 
 
-def epoch_of_batches(paths, world_size, B=2, T=8, grad_accum=2, seed=0):
-    """Every rank's loader run for one epoch: {rank: [(x, y), ...]}."""
+def rows_in_stream_order(paths, world_size, steps, B=2, T=8, grad_accum=2, seed=0):
+    """Every rank's loader run for `steps` steps; their rows (x, y) put back in the order of the
+    loader's window stream: step, then micro-step, then rank, then row."""
     loaders = [gpt2.ShardedDataLoader(paths, B, T, grad_accum, r, world_size, seed)
                for r in range(world_size)]
-    n = loaders[0].steps_per_epoch * grad_accum
-    return loaders, {r: [ld.next_batch() for _ in range(n)] for r, ld in enumerate(loaders)}
+    batches = [[ld.next_batch() for _ in range(steps * grad_accum)] for ld in loaders]
+    return loaders[0], [(x[b], y[b]) for i in range(steps * grad_accum)
+                        for r in range(world_size) for x, y in [batches[r][i]] for b in range(B)]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_ranks_read_disjoint_tokens_covering_each_shard_but_a_remainder(tmp_path, world_size):
-    sizes = [1000, 777, 1500]
+def test_every_window_is_read_once_per_epoch_and_ranks_never_overlap(tmp_path, world_size):
+    sizes, T = [1000, 777, 1500], 8
     paths = write_numbered_shards(tmp_path, sizes)
-    loaders, batches = epoch_of_batches(paths, world_size)
-    step_tokens = loaders[0].step_tokens  # 2 * 8 * 2 * world_size
-    seen = [set(x.flatten().tolist()) for r in batches for x, _ in batches[r]]
-    everything = set().union(*seen)
-    assert sum(len(s) for s in seen) == len(everything)  # no token read twice, by any rank
-    start = 0
-    for n in sizes:
-        used = (n - 1) // step_tokens * step_tokens
-        assert everything & set(range(start, start + n)) == set(range(start, start + used))
-        assert n - used < step_tokens + 1  # only a remainder smaller than one step is left
-        start += n
-    for r in batches:
-        for x, y in batches[r]:
-            assert torch.equal(y, x + 1)  # the target is the next token
+    loader, rows = rows_in_stream_order(paths, world_size, steps=250, T=T)
+    epoch = loader.epoch_windows
+    assert epoch == sum((n - 1) // T for n in sizes)  # only a remainder < T per shard is left
+    assert len(rows) >= 2 * epoch
+    starts = [int(x[0]) for x, _ in rows]
+    offsets = np.cumsum([0, *sizes[:-1]])
+    every_window = sorted(int(o) + w * T for o, n in zip(offsets, sizes) for w in range((n - 1) // T))
+    assert sorted(starts[:epoch]) == every_window  # each window once, by whichever rank
+    assert sorted(starts[epoch:2 * epoch]) == every_window  # and again in the next epoch...
+    assert starts[:epoch] != starts[epoch:2 * epoch]  # ...in another order
+    for x, y in rows:
+        assert torch.equal(x, torch.arange(int(x[0]), int(x[0]) + T))  # one run of the shard
+        assert torch.equal(y, x + 1)  # the target is the next token
+
+
+def test_a_step_gets_the_same_sequences_on_1_2_or_3_processes(tmp_path):
+    paths = write_numbered_shards(tmp_path, [1000, 777, 1500])
+    # 12 sequences a step: 1 x 6 micro-batches of 2, 2 x 3, 3 x 2
+    streams = [rows_in_stream_order(paths, w, steps=40, grad_accum=6 // w)[1] for w in (1, 2, 3)]
+    for other in streams[1:]:
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(streams[0], other))
+
+
+def test_neighbouring_sequences_of_a_micro_batch_are_almost_never_neighbours_in_the_shard(tmp_path):
+    T, B = 16, 32
+    paths = write_numbered_shards(tmp_path, [60_000])  # 3,749 windows
+    loader = gpt2.ShardedDataLoader(paths, B, T)
+    adjacent = pairs = 0
+    for _ in range(50):
+        x, _ = loader.next_batch()
+        adjacent += int((x[1:, 0] - x[:-1, 0]).abs().eq(T).sum())
+        pairs += B - 1
+    assert adjacent / pairs < 0.01  # a contiguous run of B * T tokens would give 1.0
 
 
 def test_each_epoch_reshuffles_the_shards_identically_on_every_rank(tmp_path):
