@@ -14,6 +14,9 @@ How we score it: completion style
 Each example becomes 4 rows of tokens, `ctx + " " + ending` (tiktoken's GPT-2 encoding,
 the context and the ending encoded separately), right-padded to a common length, with a mask
 that is 1 over the ending's tokens. One forward pass gives the loss of every ending token.
+For a model of gpt2.py (anything with `hidden` and `lm_head`) the vocabulary logits, the
+biggest matmul of a small GPT, are computed only at the positions that predict an ending
+token, about a third of them; any other model that maps tokens to logits works too.
 
 - `acc`: the prediction is the ending with the lowest *summed* loss (its total log-likelihood).
 - `acc_norm`: the lowest *mean* loss over the ending's tokens, which stops long endings being
@@ -49,6 +52,7 @@ or `--base_url`; `--file PATH` reads a local copy in the same jsonl format inste
 Reading order: data (download, validate), rendering (tokens and mask), scoring, command line.
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -205,7 +209,7 @@ def render_example(example: dict, enc: tiktoken.Encoding | None = None,
 
 
 def pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack (4, L_i) tensors into one (4 * B, max L_i) tensor, right-padding with 0."""
+    """Stack (r_i, L_i) tensors into one (sum of r_i, max L_i) tensor, right-padding with 0."""
     width = max(r.size(1) for r in rows)
     return torch.cat([F.pad(r, (0, width - r.size(1))) for r in rows])
 
@@ -214,27 +218,65 @@ def pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
 # Scoring: the loss of each ending, the prediction, and the counts across ranks.
 # ---------------------------------------------------------------------------------------------
 
+def ending_logits(model: torch.nn.Module, tokens: torch.Tensor,
+                  ending: torch.Tensor) -> torch.Tensor:
+    """The logits (E, V) at the E positions whose next token is an ending's, V maybe padded.
+
+    `tokens` is (R, L); `ending` is (R, L-1), True where position t predicts an ending token.
+    A model with `hidden` (tokens -> final hidden states) and an `lm_head` module, as gpt2.GPT
+    has, takes the fast path: the lm_head (the biggest matmul of a small GPT) runs only at the
+    scored positions, about a third of them. Any other model maps tokens to logits (or to a
+    tuple whose first item is the logits) at every position, and we pick the scored ones.
+    """
+    if callable(getattr(model, "hidden", None)) and isinstance(
+            getattr(model, "lm_head", None), torch.nn.Module):
+        x = model.hidden(tokens[:, :-1])  # (R, L-1, C): the last token predicts nothing
+        return model.lm_head(x[ending])  # (E, V)
+    out = model(tokens)
+    logits = out[0] if isinstance(out, tuple) else out  # (R, L, V)
+    if logits.shape[:2] != tokens.shape:
+        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for tokens "
+                         f"of shape {tuple(tokens.shape)}: every position's logits are needed")
+    return logits[:, :-1][ending]  # (E, V)
+
+
 def ending_losses(model: torch.nn.Module, tokens: torch.Tensor,
                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and mean cross-entropy of each row's masked tokens: two (R,) float tensors.
+    """Summed and mean cross-entropy of each row's masked tokens: two (R,) float32 tensors.
 
     Padding cannot leak into the result: attention is causal, so a padded position only
     influences positions after it, and those are masked out.
     """
-    out = model(tokens)
-    logits = out[0] if isinstance(out, tuple) else out  # (R, L, V), V may be padded
-    if logits.shape[:2] != tokens.shape:
-        raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for tokens "
-                         f"of shape {tuple(tokens.shape)}: every position's logits are needed")
     # Position t predicts token t + 1: the logits at t are scored against the token at t + 1.
     ending = mask[:, 1:].bool()  # (R, L-1), True where the predicted token is an ending's
-    # Only about a third of the positions are endings: take those before the softmax, and
-    # only then go to fp32 (a stable softmax) and drop the padded vocabulary columns.
-    picked = logits[:, :-1][ending][:, :N_VOCAB].float()  # (E, 50257), E ending tokens
-    losses = torch.zeros(ending.shape, device=logits.device)  # (R, L-1)
+    # A stable softmax wants fp32 (not float64: Apple's mps has none); the padded vocabulary
+    # columns are left out.
+    picked = ending_logits(model, tokens, ending)[:, :N_VOCAB].float()  # (E, 50257)
+    losses = torch.zeros(ending.shape, dtype=torch.float32, device=picked.device)  # (R, L-1)
     losses[ending] = F.cross_entropy(picked, tokens[:, 1:][ending], reduction="none")
     summed = losses.sum(dim=1)  # (R,)
     return summed, summed / ending.sum(dim=1)
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None):
+    """torch.autocast to `dtype`, or no context at all for None (fp32).
+
+    Not autocast(enabled=False): torch < 2.5 raises on that for mps, even though it asks for
+    nothing to be done.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def unpadded_rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """An example's (4, L) tokens and mask as 4 (1, n_i) pairs, each row cut to its own length.
+
+    render_example pads the 4 rows to the longest ending; scored on their own, the rows can be
+    batched with rows of their own length instead, and no position is spent on that padding.
+    """
+    lengths = [int(row.nonzero().max()) + 1 for row in mask]  # the ending ends the row
+    return [(tokens[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)]
 
 
 def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
@@ -243,33 +285,33 @@ def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.de
     """Score `examples` with `model`: (labels, pred, pred_norm), each (N,) on the CPU.
 
     `pred` is the ending with the lowest summed loss, `pred_norm` with the lowest mean loss.
-    `batch_size` examples (4 rows each) share one forward pass; the results do not depend on
-    it. `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
+    `4 * batch_size` rows share one forward pass; the results do not depend on the batch size.
+    `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
     """
     max_len = getattr(getattr(model, "config", None), "block_size", None)  # crop if limited
     rendered = [render_example(ex, max_len=max_len) for ex in examples]
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)  # (N,)
-    pred, pred_norm = torch.empty_like(labels), torch.empty_like(labels)  # (N,), (N,)
-    # Batch examples of similar length together, so that little of a batch is padding.
-    order = sorted(range(len(rendered)), key=lambda i: rendered[i][0].size(1))
-    device_type = torch.device(device).type
+    rows = [row for tokens, mask, _ in rendered for row in unpadded_rows(tokens, mask)]  # 4N
+    # Each row is scored on its own (attention never crosses rows), so rows of similar length
+    # are batched together, whichever examples they come from: a batch is nearly all tokens.
+    order = sorted(range(len(rows)), key=lambda r: rows[r][0].size(1))
+    losses = torch.empty(2, len(rows))  # (2, 4N): summed and mean loss of each row, on the CPU
     was_training = model.training
     model.eval()  # no dropout while scoring
     try:
-        with torch.no_grad(), tqdm(total=len(order), unit="ex", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                tokens = pad_cat([rendered[i][0] for i in batch]).to(device)  # (4B, L)
-                mask = pad_cat([rendered[i][1] for i in batch]).to(device)  # (4B, L)
-                with torch.autocast(device_type, dtype=autocast_dtype,
-                                    enabled=autocast_dtype is not None):
-                    summed, mean = ending_losses(model, tokens, mask)  # (4B,), (4B,)
-                pred[batch] = summed.view(-1, N_ENDINGS).argmin(dim=1).cpu()  # (B,)
-                pred_norm[batch] = mean.view(-1, N_ENDINGS).argmin(dim=1).cpu()  # (B,)
+        with torch.no_grad(), tqdm(total=len(rows), unit="row", disable=not progress) as bar:
+            for start in range(0, len(order), N_ENDINGS * batch_size):
+                batch = order[start:start + N_ENDINGS * batch_size]
+                tokens = pad_cat([rows[r][0] for r in batch]).to(device)  # (R, L)
+                mask = pad_cat([rows[r][1] for r in batch]).to(device)  # (R, L)
+                with autocast(device, autocast_dtype):
+                    summed, mean = ending_losses(model, tokens, mask)  # (R,), (R,)
+                losses[:, batch] = torch.stack([summed, mean]).cpu()  # (2, R)
                 bar.update(len(batch))
     finally:
         model.train(was_training)
-    return labels, pred, pred_norm
+    summed, mean = losses.view(2, -1, N_ENDINGS)  # (N, 4), (N, 4)
+    return labels, summed.argmin(dim=1), mean.argmin(dim=1)
 
 
 def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
@@ -292,6 +334,18 @@ def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.d
     return {"n": n, "correct": correct, "correct_norm": correct_norm,
             "acc": correct / n if n else float("nan"),
             "acc_norm": correct_norm / n if n else float("nan")}
+
+
+def examples_per_second(model: torch.nn.Module, examples: list[dict],
+                        device: str | torch.device, **predict_kwargs) -> float:
+    """How many `examples` per second `predict` scores (for benchmarks such as gpt2.py bench).
+
+    One timed run, no warm-up: a caller wanting a steady figure runs it more than once.
+    predict's results end on the CPU, so the device's queued work is done when the clock stops.
+    """
+    start = time.perf_counter()
+    predict(model, examples, device, **predict_kwargs)
+    return len(examples) / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         examples = load_examples(args.split, args.file, args.limit, base_url=args.base_url)
         device = gpt2.pick_device(args.device)
         if args.checkpoint:
-            model = gpt2.GPT.from_checkpoint(args.checkpoint, map_location="cpu")
+            model = gpt2.GPT.from_checkpoint(args.checkpoint)
         else:
             model = gpt2.GPT.from_pretrained(args.model)
     except (HellaSwagError, gpt2.UserError, OSError) as e:
@@ -353,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     # fp32 elsewhere. Half precision rounds the losses, so an ending that ties another to three
     # digits may flip: expect a score within a few examples of the fp32 one.
     dtype = gpt2.pick_dtype("auto", device)
+    gpt2.enable_tf32(device)  # CUDA: float32 matmuls on tensor cores, as training does
     start = time.perf_counter()
     result = evaluate(model.to(device), examples, device, batch_size=args.batch_size,
                       autocast_dtype=None if dtype == torch.float32 else dtype, progress=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2
@@ -185,6 +186,80 @@ class PaddedVocab(torch.nn.Module):
 def test_padded_vocabulary_columns_are_never_scored(model, val_1000, scored_1000):
     padded = hellaswag.predict(PaddedVocab(model), val_1000[:24], "cpu")  # logits, no tuple
     assert all(torch.equal(a, b[:24]) for a, b in zip(padded, scored_1000))
+
+
+class LogitsOnly(torch.nn.Module):
+    """`model` seen only as tokens -> logits (no `hidden`): scoring's plain, full-logits path."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(idx)
+
+
+def test_the_fast_path_gives_the_full_logits_losses_on_real_rows(model, val_1000):
+    for start in range(0, 96, 16):  # 96 rows in 6 batches of 16 examples, as predict pads them
+        rendered = [hellaswag.render_example(ex) for ex in val_1000[start:start + 16]]
+        tokens = hellaswag.pad_cat([t for t, _, _ in rendered])  # (64, L)
+        mask = hellaswag.pad_cat([m for _, m, _ in rendered])  # (64, L)
+        with torch.no_grad():
+            fast = hellaswag.ending_losses(model, tokens, mask)  # (64,), (64,)
+            plain = hellaswag.ending_losses(LogitsOnly(model), tokens, mask)
+        for a, b in zip(fast, plain):  # summed, then mean: ~1e-6 apart, float rounding
+            assert torch.allclose(a, b, rtol=1e-5, atol=0), (a - b).abs().max()
+
+
+def test_the_lm_head_runs_only_at_the_positions_that_predict_an_ending_token(model, val_1000):
+    rows = []  # how many positions each lm_head call got
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    try:
+        hellaswag.predict(model, val_1000[:16], "cpu", batch_size=8)
+    finally:
+        hook.remove()
+    ending_tokens = sum(hellaswag.render_example(ex)[1].sum().item() for ex in val_1000[:16])
+    assert len(rows) == 2 and sum(rows) == ending_tokens
+
+
+def test_fp32_scoring_enters_no_autocast_context(model, val_1000, scored_1000, monkeypatch):
+    def refuse(*args, **kwargs):  # as torch < 2.5 does on mps, even for enabled=False
+        raise RuntimeError("autocast was entered")
+    monkeypatch.setattr(torch, "autocast", refuse)
+    predicted = hellaswag.predict(model, val_1000[:8], "cpu")
+    assert all(torch.equal(a, b[:8]) for a, b in zip(predicted, scored_1000))
+
+
+class Dtypes(TorchFunctionMode):
+    """Records the dtype of every tensor that a torch function returns while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.add(t.dtype)
+        return out
+
+
+def test_scoring_makes_no_float64_tensor_which_apples_mps_lacks(model, val_1000):
+    for fast_or_plain in (model, LogitsOnly(model)):
+        with Dtypes() as dtypes:
+            hellaswag.evaluate(fast_or_plain, val_1000[:8], "cpu", batch_size=4)
+        assert torch.float32 in dtypes.seen and torch.float64 not in dtypes.seen, dtypes.seen
+
+
+def test_examples_per_second_is_the_examples_over_the_seconds_predict_took(
+        model, val_1000, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hellaswag, "predict", lambda *args, **kwargs: calls.append(kwargs))
+    clock = iter([10.0, 12.5])  # predict starts at 10 s and ends at 12.5 s
+    monkeypatch.setattr(hellaswag.time, "perf_counter", lambda: next(clock))
+    rate = hellaswag.examples_per_second(model, val_1000[:5], "cpu", batch_size=2)
+    assert rate == 5 / 2.5 and calls == [{"batch_size": 2}]
 
 
 class Spy(torch.nn.Module):
