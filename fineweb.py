@@ -117,7 +117,8 @@ def naming(path):
     try:
         yield
     except OSError as e:
-        if e.filename is None:
+        # requests' errors are OSErrors too, but about the network, not this file
+        if e.filename is None and not isinstance(e, requests.RequestException):
             e.filename = os.fspath(path)
         raise
 
@@ -193,7 +194,7 @@ def with_retries(url, attempt, progress=lambda: 0):
         except TRANSIENT as e:
             failures = 1 if progress() > before else failures + 1
             if failures >= MAX_TRIES:
-                raise UserError(f"{url}: {e}; gave up after {MAX_TRIES} tries, rerun to resume") from None
+                raise UserError(f"cannot download {url}: {e}; gave up after {MAX_TRIES} tries, rerun to resume") from None
             delay = 2 ** (failures - 1)
             tqdm.write(f"{url}: {e}; retrying in {delay} s", file=sys.stderr)
             time.sleep(delay)

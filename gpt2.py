@@ -2,16 +2,20 @@
 
 This file is meant to be read top to bottom, like a short book:
 
-    1. The model        GPTConfig, attention, MLP, Block, GPT; OpenAI's weights in and out;
-                        generation with a key/value cache.
-    2. The data         llm.c's token-shard format and a sharded, resumable data loader.
-    3. Optimization     AdamW parameter groups and the warmup + cosine learning-rate schedule.
-    4. Evaluation       validation loss over a fixed token budget, samples, HellaSwag.
-    5. Distributed      what torchrun gives us, device and precision choice, reductions.
-    6. Checkpoints      a complete training state, written atomically, and exact resume.
-    7. Training         the loop, in the order one optimizer step happens.
-    8. Tools            `bench`, `plot`, `sample`.
-    9. main()           the command line: every hyperparameter, its default and why.
+    1. GPT-2            GPTConfig and presets, attention, MLP, Block, GPT. Nothing else: a
+                        reader who stops here has understood GPT-2.
+    2. Generation       the key/value cache, the sampler, generate().
+    3. OpenAI's weights safetensors, the name mapping, load_pretrained / save_pretrained.
+    4. The data         llm.c's token shards, and a loader whose batches are drawn from all
+                        over the data, each window once per epoch, in any number of processes.
+    5. The machine      what torchrun gives us, device and precision choice, reductions, MFU.
+    6. Optimization     AdamW parameter groups, the warmup + cosine learning-rate schedule.
+    7. Evaluation       validation loss over a fixed token budget, samples, HellaSwag.
+    8. Checkpoints      the training state, written atomically, and exact resume.
+    9. Training         the loop, one function, in the order one optimizer step happens.
+    A. Appendix         a speed trick for one device: the CPU's chunked cross-entropy.
+    B. Appendix         the tools: `sample`, `hellaswag`, `bench`, `plot`.
+   10. main()           the command line: every hyperparameter, its default and why.
 
 Run it:
 
@@ -25,6 +29,10 @@ Run it:
 
 The names of the weights (wte, wpe, h, ln_1, attn.c_attn, ...) are OpenAI's and Hugging Face's,
 so every tensor here maps one-to-one onto the paper's figures and onto `transformers`.
+
+Imports run one way: fineweb.py (the data pipeline, and the plumbing all three scripts share:
+downloads, atomic writes, the cache folder, the error type) imports no other script;
+hellaswag.py imports fineweb; gpt2.py imports both.
 """
 from __future__ import annotations
 
@@ -39,17 +47,18 @@ import re
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import requests
 import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+
+import hellaswag
+from fineweb import UserError, atomic_write, cache_dir, download
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
 # Every model here, whatever the size of its embedding table, only ever scores these.
@@ -57,22 +66,8 @@ VOCAB_SIZE = 50257
 EOT = 50256
 
 
-class UserError(Exception):
-    """A problem the user can fix (a missing file, a bad flag): main() prints it as one line."""
-
-
-def gpt2_tokenizer() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 BPE. Its files are downloaded on first use and cached."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except (requests.RequestException, OSError) as e:
-        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken "
-                        f"downloads it once; offline, set TIKTOKEN_CACHE_DIR to a folder "
-                        f"holding its cached files") from None
-
-
 # -----------------------------------------------------------------------------------------------
-# 1. The model
+# 1. GPT-2
 #
 # GPT-2 (Radford et al., 2019) is a decoder-only transformer: token embeddings (wte) plus learned
 # position embeddings (wpe), n_layer identical blocks, a final LayerNorm (ln_f), and a linear
@@ -123,28 +118,6 @@ class GPTConfig:
         return config
 
 
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, so that generating one more
-    token costs one token's worth of compute instead of re-running the whole prefix.
-
-    Buffers are allocated once for `max_len` positions; `pos` is how many are filled.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's (B, nh, T, hs) keys and values; return all of them so far."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head attention in which position t only sees positions <= t.
 
@@ -165,8 +138,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            # SDPA's causal mask is aligned to the top-left corner, right only when queries and
-            # keys start together: so a cached call is either the prompt (pos 0) or one token,
+            # Generation (chapter 2) keeps the keys and values of earlier positions. SDPA's
+            # causal mask is aligned to the top-left corner, right only when queries and keys
+            # start together: so a cached call is either the prompt (pos 0) or one token,
             # which may look at every cached key and needs no mask at all.
             assert cache.pos == 0 or T == 1, "after the prompt, the cache takes one token a step"
             k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
@@ -204,79 +178,6 @@ class Block(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `x @ weight.T` against targets, without ever holding all the logits.
-
-    The lesson of this class: at B=8, T=256 the float32 logits are 2048 x 50304 x 4 bytes =
-    412 MB, and the plain path makes several such tensors per step (logits, softmax, their
-    gradients). On a CPU each one is a fresh mmap from the C allocator, returned to the kernel
-    when freed and faulted in again page by page the next step: ~470,000 page faults and ~0.7 s
-    of system time per step, measured. Here we walk over `chunk` rows at a time into one reused
-    buffer, and compute the gradients right away in the forward pass (the softmax we just made
-    *is* most of the gradient: d loss / d logits = softmax - onehot), so backward only scales
-    them. Same matmuls, same FLOPs, a few MB instead of ~1.6 GB of temporaries.
-
-    Each chunk's logits are made transposed, (V, n) = weight @ x.T: on a CPU that matmul runs
-    ~1.5x faster than x @ weight.T (its long dimension is the rows of the output), and the
-    softmax then reduces over rows, which vectorizes along the n columns (measured: README).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, needs_grad: bool):
-        # x: (N, C) final hidden states, weight: (Vp, C) the whole (maybe padded) table,
-        # targets: (N,). Rows >= vocab_size are padding: their logits are set to -inf, so they
-        # get probability 0 and gradient 0 (taking the full table spares autograd a 51 MB
-        # zero-padded copy of a sliced weight's gradient). needs_grad is passed in because
-        # inside forward grad mode is off, and needs_input_grad ignores no_grad().
-        N, V = x.size(0), weight.size(0)
-        grad_x = torch.empty_like(x) if needs_grad else None
-        grad_w = torch.empty_like(weight) if needs_grad else None
-        scratch = x.new_empty(V * min(chunk, N))  # one chunk's logits, reused by every chunk
-        loss_sum = x.new_zeros((), dtype=accumulator_dtype(x.device))
-        for start in range(0, N, chunk):
-            xc, tc = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
-            n = len(tc)
-            logits = torch.mm(weight, xc.t(), out=scratch[:V * n].view(V, n))  # (V, n)
-            logits[vocab_size:] = float("-inf")
-            target_logits = logits.gather(0, tc[None, :])  # (1, n)
-            # log-sum-exp by hand, in place: torch.logsumexp would allocate another (V, n).
-            peak = logits.amax(dim=0, keepdim=True)  # (1, n), for a stable exp
-            probs = logits.sub_(peak).exp_()  # unnormalized softmax, in the scratch buffer
-            total = probs.sum(dim=0, keepdim=True)  # (1, n)
-            loss_sum += (total.log() + peak - target_logits).sum()
-            if needs_grad:
-                # d loss / d logits = softmax - onehot(target) = probs / total - onehot. The
-                # division by total and the onehot are applied to the small (n, C) operands
-                # of the two matmuls instead of to the big (V, n) buffer: one pass fewer.
-                gx = grad_x[start:start + chunk]
-                torch.mm(probs.t(), weight, out=gx).div_(total.t()).sub_(weight[tc])  # (n, C)
-                grad_w.addmm_(probs, xc / total.t(), beta=0 if start == 0 else 1)  # (V, C)
-                grad_w.index_add_(0, tc, xc, alpha=-1)  # beta=0 on the first: overwrite
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.n = N
-        return (loss_sum / N).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        # In place: these buffers are ours alone, and a 51 MB copy per step is not free.
-        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None
-
-
-@torch.compiler.disable  # a hand-written loop of in-place kernels: nothing for a compiler to fuse
-def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
-    """Mean cross-entropy of (B, T, C) hidden states against (B, T) targets, in float32."""
-    # Autocast off: these matmuls accumulate a loss over the whole vocabulary. (mps never
-    # autocasts here, and torch.autocast("mps", enabled=False) raises before torch 2.5.)
-    off = (contextlib.nullcontext() if x.device.type == "mps"
-           else torch.autocast(device_type=x.device.type, enabled=False))
-    with off:
-        return ChunkedCrossEntropy.apply(x.flatten(0, 1).float(), weight.float(),
-                                         targets.flatten(), vocab_size, chunk,
-                                         torch.is_grad_enabled())
 
 
 class GPT(nn.Module):
@@ -337,85 +238,54 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, loss_chunk: int = 0):
         """idx, targets: (B, T) token ids. Without targets: (logits (B, T, vocab_size), None).
-        With targets: (None, mean loss). Training never reads the logits, and returning them
-        would keep them alive until the next step: 6.6 GB of bf16 at B=64, T=1024.
-
-        With `loss_chunk` > 0 the loss goes through ChunkedCrossEntropy, `loss_chunk` rows at
-        a time (a CPU memory optimization, see the appendix).
+        With targets: (None, mean cross-entropy). Training never reads the logits, and
+        returning them would keep them alive until the next step: 6.6 GB of bf16 at B=64,
+        T=1024.
         """
         x = self.hidden(idx)  # (B, T, C)
         if targets is None:
             return self.logits(x), None
-        if loss_chunk > 0:
+        if loss_chunk > 0:  # the CPU's memory-saving path: appendix A
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets,
                                                self.config.vocab_size, loss_chunk)
         logits = self.logits(x)  # (B, T, V)
         return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    # The three ways in and out of a GPT object besides training; their code sits with the
-    # formats they read (OpenAI's safetensors below, our checkpoints in chapter 6).
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "GPT":
-        """OpenAI's weights: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (downloaded from
-        the Hugging Face hub once, then cached), or a folder written by save_pretrained."""
-        return load_pretrained(name_or_path)
 
-    def save_pretrained(self, path):
-        """Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads."""
-        save_pretrained(self, path)
+# -----------------------------------------------------------------------------------------------
+# 2. Generation
+#
+# Sampling is a loop: run the model, turn the last position's logits into a distribution, draw
+# a token, append it. Without a cache, every step re-runs the whole sequence: O(T^2) work for T
+# tokens. With the key/value cache the prompt runs once ("prefill") and then each step feeds
+# only the newest token, attending to the keys and values stored for the rest: the attention
+# of chapter 1 writes into the cache and reads back everything so far.
 
-    @classmethod
-    def from_checkpoint(cls, path) -> "GPT":
-        """The model of a training checkpoint written by this file (on the CPU)."""
-        return load_checkpoint_model(path)
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so that generating one more
+    token costs one token's worth of compute instead of re-running the whole prefix.
 
-    # -- Generation ------------------------------------------------------------------------------
-    # Sampling is a loop: run the model, turn the last position's logits into a distribution,
-    # draw a token, append it. Without a cache, every step re-runs the whole sequence: O(T^2)
-    # work for T tokens. With the KV cache the prompt runs once ("prefill") and then each step
-    # feeds only the newest token, attending to the keys and values stored for the rest.
+    Buffers are allocated once for `max_len` positions; `pos` is how many are filled.
+    """
 
-    @torch.inference_mode()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, use_cache: bool = True):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + new).
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        head_size = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
 
-        temperature 0 is greedy decoding; top_k keeps the k likeliest tokens, top_p the smallest
-        set whose probability reaches p (nucleus sampling); seed makes the draws reproducible.
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's (B, nh, T, hs) keys and values; return all of them so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
 
-        Past block_size: the model has no position embedding beyond block_size, so once the
-        sequence is longer, each new token is predicted from the last block_size tokens only,
-        and the cache is rebuilt from that window every step (a full forward pass, as without a
-        cache): generation past block_size runs at the no-cache speed, with identical tokens.
-        """
-        was_training = self.training
-        self.eval()
-        B, T = idx.shape
-        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
-        out[:, :T] = idx
-        generator = torch.Generator(device=idx.device)
-        if seed is not None:
-            generator.manual_seed(seed)
-        else:
-            generator.seed()
-        cache = None
-        block = self.config.block_size
-        for n in range(T, T + max_new_tokens):  # n = tokens so far
-            if cache is not None and cache.pos == n - 1 and n <= block:
-                step_input = out[:, n - 1:n]  # (B, 1): only the newest token is new
-            else:
-                step_input = out[:, max(0, n - block):n]  # (B, <= block): prefill / no cache
-                if use_cache:
-                    cache = cache or KVCache(self.config, B, block, idx.device,
-                                             self.lm_head.weight.dtype)
-                    cache.pos = 0
-            x = self.hidden(step_input, cache)[:, -1]  # (B, C): only the last position matters
-            # At batch 1, reading the 50304 x C lm_head matrix is most of a step's time; as
-            # weight @ x.T (a matrix-vector product on its natural layout) it is ~10% quicker.
-            logits = (self.lm_head.weight @ x.t()).t()[:, :self.config.vocab_size]  # (B, V)
-            out[:, n] = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
-        self.train(was_training)
-        return out
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums over many terms, except on Apple's mps, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def sample_next_token(logits, temperature: float, top_k: int | None, top_p: float | None,
@@ -447,7 +317,74 @@ def sample_next_token(logits, temperature: float, top_k: int | None, top_p: floa
     return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
 
 
-# -- OpenAI's weights, in and out ---------------------------------------------------------------
+@torch.inference_mode()
+def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_cache: bool = True):
+    """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + new).
+
+    temperature 0 is greedy decoding; top_k keeps the k likeliest tokens, top_p the smallest
+    set whose probability reaches p (nucleus sampling); seed makes the draws reproducible.
+
+    Past block_size: the model has no position embedding beyond block_size, so once the
+    sequence is longer, each new token is predicted from the last block_size tokens only,
+    and the cache is rebuilt from that window every step (a full forward pass, as without a
+    cache): generation past block_size runs at the no-cache speed, with identical tokens.
+    """
+    was_training = model.training
+    model.eval()
+    B, T = idx.shape
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+    out[:, :T] = idx
+    generator = torch.Generator(device=idx.device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    cache = None
+    block = model.config.block_size
+    for n in range(T, T + max_new_tokens):  # n = tokens so far
+        if cache is not None and cache.pos == n - 1 and n <= block:
+            step_input = out[:, n - 1:n]  # (B, 1): only the newest token is new
+        else:
+            step_input = out[:, max(0, n - block):n]  # (B, <= block): prefill / no cache
+            if use_cache:
+                cache = cache or KVCache(model.config, B, block, idx.device,
+                                         model.lm_head.weight.dtype)
+                cache.pos = 0
+        x = model.hidden(step_input, cache)[:, -1]  # (B, C): only the last position matters
+        # At batch 1, reading the 50304 x C lm_head matrix is most of a step's time; as
+        # weight @ x.T (a matrix-vector product on its natural layout) it is ~10% quicker.
+        logits = (model.lm_head.weight @ x.t()).t()[:, :model.config.vocab_size]  # (B, V)
+        out[:, n] = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
+    model.train(was_training)
+    return out
+
+
+def gpt2_tokenizer() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 BPE. Its files are downloaded on first use and cached."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' and urllib's network errors, a bad cache folder
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken "
+                        f"downloads it once; offline, set TIKTOKEN_CACHE_DIR to a folder "
+                        f"holding its cached files") from None
+
+
+def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
+                 seed: int, top_k: int | None = 50) -> list[str]:
+    """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
+    enc = gpt2_tokenizer()
+    idx = torch.tensor([enc.encode(prompt) or [EOT]] * num_samples, dtype=torch.long,
+                       device=device)  # an empty prompt starts a fresh document
+    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    out = generate(model, idx, max_new_tokens, top_k=top_k, seed=seed)
+    return [enc.decode([t for t in row.tolist() if t != EOT]) for row in out]
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. OpenAI's weights, in and out
+#
 # OpenAI's GPT-2 checkpoints live on the Hugging Face hub as `model.safetensors` + `config.json`.
 # safetensors is a simple format, so we read and write it ourselves instead of depending on the
 # `safetensors` or `transformers` packages:
@@ -519,72 +456,6 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor]):
         f.write(blob)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Open `path.tmp` for writing; on success fsync it and rename it to `path`.
-
-    A rename is atomic on POSIX and Windows: a reader (or a rerun after a crash) sees the old
-    file or the complete new one, never half of one.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def cache_dir(*parts: str) -> Path:
-    """Our folder under the user's cache ($XDG_CACHE_HOME, default ~/.cache): never the repo."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "gpt2", *parts)
-
-
-def download(url: str, dest: Path, retries: int = 3):
-    """Stream url to dest with a progress bar. The bytes go to dest.part, which is renamed to
-    dest only once complete (its size checked against Content-Length), so an interrupted
-    download is never mistaken for a file; the next try resumes it with an HTTP Range request.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(retries + 1):
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            with requests.get(url, headers=headers, stream=True, timeout=30) as r:
-                if r.status_code in (401, 403, 404):
-                    raise UserError(f"{url}: HTTP {r.status_code} {r.reason}")
-                if r.status_code == 416:  # our .part is already complete (or garbage): restart
-                    part.unlink()
-                    continue
-                r.raise_for_status()
-                if r.status_code != 206:  # the server ignored Range: start over
-                    have = 0
-                total = have + int(r.headers.get("Content-Length", 0))
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                        total=total or None, initial=have, unit="B", unit_scale=True,
-                        desc=dest.name, disable=None) as bar:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                    f.flush()
-                    os.fsync(f.fileno())
-            if total and part.stat().st_size != total:
-                raise requests.ConnectionError(f"got {part.stat().st_size} of {total} bytes")
-            os.replace(part, dest)
-            return dest
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
-                requests.exceptions.ChunkedEncodingError) as e:  # worth another try
-            if attempt == retries:
-                raise UserError(f"cannot download {url}: {e} (no network? set HF_ENDPOINT, "
-                                f"or pass a local folder)") from None
-            time.sleep(0.5 * 2 ** attempt)
 
 
 def hub_file(name: str, filename: str) -> Path:
@@ -672,8 +543,8 @@ def save_pretrained(model: GPT, path):
         n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=None,
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
-    with atomic_write(path / "config.json", "w") as f:
-        json.dump(hf_config, f, indent=2)
+    with atomic_write(path / "config.json") as f:
+        f.write(json.dumps(hf_config, indent=2).encode())
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
@@ -684,10 +555,8 @@ def save_pretrained(model: GPT, path):
     write_safetensors(path / "model.safetensors", tensors)
 
 
-
-
 # -----------------------------------------------------------------------------------------------
-# 2. The data
+# 4. The data
 #
 # Training text is tokenized once, ahead of time, by fineweb.py into "shards": files of uint16
 # token ids (the vocabulary fits in 16 bits), 100M tokens each. The format is llm.c's, so shards
@@ -834,77 +703,7 @@ class ShardedDataLoader:
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Optimization
-#
-# AdamW with GPT-3's settings (Brown et al., 2020, appendix B): betas (0.9, 0.95), eps 1e-8,
-# weight decay 0.1, applied only to the 2-D tensors (the matmul weights and embeddings), never
-# to biases and LayerNorm gains, whose scale decay would only distort. The learning rate warms
-# up linearly (early gradients are large and noisy), then follows a cosine down to min_lr.
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str):
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    kwargs = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    try:  # one kernel for all parameters: CUDA, and CPU/MPS on recent torch
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
-
-
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-# -----------------------------------------------------------------------------------------------
-# 4. Evaluation
-#
-# Three signals during training. The validation loss, over a fixed budget of tokens from the
-# val shard: the same sequences whatever the number of processes or the micro-batch (each rank
-# takes every world_size-th sequence and the summed losses are reduced), so curves from
-# different setups can be compared. Samples from a fixed prompt, to see what the loss means.
-# And HellaSwag accuracy (hellaswag.py), the benchmark small GPTs are compared on.
-
-@torch.no_grad()
-def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
-                  ctx: "Context", autocast, loss_chunk: int) -> float:
-    """Mean loss per token over the first val_tokens // seq_len sequences of the val shard."""
-    model.eval()
-    n_seq = min(val_tokens, len(tokens) - 1) // seq_len
-    mine = list(range(ctx.rank, n_seq, ctx.world_size))
-    total = torch.zeros(2, dtype=accumulator_dtype(ctx.device), device=ctx.device)  # [loss sum, tokens]
-    for i in range(0, len(mine), batch_size):
-        rows = [torch.from_numpy(tokens[s * seq_len:(s + 1) * seq_len + 1].astype(np.int64))
-                for s in mine[i:i + batch_size]]
-        buf = torch.stack(rows).to(ctx.device)  # (b, T + 1)
-        with autocast:
-            _, loss = model(buf[:, :-1], buf[:, 1:], loss_chunk=loss_chunk)
-        total += torch.stack([loss.to(total.dtype) * buf[:, 1:].numel(),
-                              torch.tensor(buf[:, 1:].numel(), dtype=total.dtype,
-                                           device=ctx.device)])
-    all_reduce_sum(total, ctx)
-    model.train()
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-
-
-def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
-                 seed: int, top_k: int | None = 50) -> list[str]:
-    """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
-    enc = gpt2_tokenizer()
-    idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
-    out = model.generate(idx, max_new_tokens, top_k=top_k, seed=seed)
-    return [enc.decode([t for t in row.tolist() if t != EOT]) for row in out]
-
-
-# -----------------------------------------------------------------------------------------------
-# 5. Distributed setup
+# 5. The machine
 #
 # torchrun starts one process per GPU and tells each who it is through environment variables:
 # RANK (0..WORLD_SIZE-1, unique across all machines), LOCAL_RANK (which GPU of this machine)
@@ -912,9 +711,14 @@ def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int,
 # "am I the one that prints" by RANK == 0. Plain `python gpt2.py` has none of them: one process.
 # NCCL talks between GPUs, gloo between CPU processes. gloo has no AVG reduction, so a mean is
 # always computed as a SUM divided by the world size.
+#
+# The precision: bf16 autocast on GPUs whose tensor cores have it (matmuls in bf16, weights,
+# reductions and the optimizer in float32: ~2x faster than TF32), fp16 with loss scaling on
+# older GPUs, float32 on the CPU and Apple's mps.
 
 @dataclass
-class Context:
+class Runtime:
+    """Who this process is and what it computes on: one per process, made once."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -973,20 +777,21 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def accumulator_dtype(device: torch.device) -> torch.dtype:
-    """float64 for sums of many losses, except on Apple's mps, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
+def enable_tf32(device: torch.device):
+    if device.type == "cuda":
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
+        torch.set_float32_matmul_precision("high")
 
 
-def autocast_context(ctx: Context):
-    """Mixed precision: matmuls in ctx.dtype, weights and reductions kept in float32. In float32
-    no autocast context at all: torch.autocast("mps", enabled=False) itself raises before 2.5."""
-    if ctx.dtype == torch.float32:
+def autocast_context(runtime: Runtime):
+    """Mixed precision: matmuls in runtime.dtype, weights and reductions kept in float32. In
+    float32 no autocast context at all: torch.autocast("mps", enabled=False) raises before 2.5."""
+    if runtime.dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=ctx.dtype)
+    return torch.autocast(device_type=runtime.device.type, dtype=runtime.dtype)
 
 
-def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Context:
+def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runtime:
     """Read torchrun's variables, pick this process's device and join the process group.
 
     timeout_s bounds how long a collective waits for the slowest rank. Rank 0 alone writes
@@ -1001,11 +806,11 @@ def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Conte
         # context on GPU 0 (~500 MB there), whichever GPU we chose.
         torch.cuda.set_device(dev)
     if not distributed:
-        return Context(device=dev, dtype=pick_dtype(dtype, dev))
+        return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return Context(rank, local_rank, world_size, dev, pick_dtype(dtype, dev))
+    return Runtime(rank, local_rank, world_size, dev, pick_dtype(dtype, dev))
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1017,16 +822,37 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.ddp:
+def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.ddp:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-# Peak dense tensor-core FLOP/s from NVIDIA's datasheets (without sparsity), for MFU: the share
-# of the hardware's arithmetic that goes into the model's own FLOPs. Two columns, since the
-# peak depends on the dtype: bf16/fp16, and float32 matmuls (TF32 where the GPU has it; V100
-# and T4 have none, so their plain float32 figure). Longer names first: "H100 NVL" before "H100".
+def rank0_first(runtime: Runtime, fn):
+    """fn() on rank 0, then on the other ranks: what fn downloads is fetched once, not by every
+    process into the same file. If rank 0 fails, every rank stops (rather than wait forever)."""
+    result = error = None
+    if runtime.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if runtime.ddp:
+        failed = torch.tensor([error is not None], device=runtime.device)
+        dist.broadcast(failed, src=0)  # also the barrier: the others wait for rank 0 here
+        if failed.item() and not runtime.is_main:
+            raise UserError("rank 0 failed to prepare the data or weights (its error above)")
+    if error:
+        raise error
+    return result if runtime.is_main else fn()
+
+
+def say(runtime: Runtime, *message):
+    """Print, from rank 0 only: one line per event, not one per GPU."""
+    if runtime.is_main:
+        print(*message, flush=True)
+
+
 PEAK_FLOPS = {  # name: (bf16/fp16, float32/TF32)
     "H200": (989e12, 495e12), "H100 NVL": (835e12, 418e12), "H100 PCIe": (756e12, 378e12),
     "H100": (989e12, 495e12), "A100": (312e12, 156e12), "A10G": (125e12, 62.5e12),
@@ -1059,13 +885,92 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. Checkpoints
+# 6. Optimization
+#
+# AdamW with GPT-3's settings (Brown et al., 2020, appendix B): betas (0.9, 0.95), eps 1e-8,
+# weight decay 0.1, applied only to the 2-D tensors (the matmul weights and embeddings), never
+# to biases and LayerNorm gains, whose scale decay would only distort. The learning rate warms
+# up linearly (early gradients are large and noisy), then follows a cosine down to min_lr.
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str):
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    try:  # one kernel for all parameters: CUDA, and CPU/MPS on recent torch
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Evaluation
+#
+# Three signals during training. The validation loss, over a fixed budget of tokens from the
+# val shard: the same sequences whatever the number of processes or the micro-batch (each rank
+# takes every world_size-th sequence and the summed losses are reduced), so curves from
+# different setups can be compared; it goes through the same loss path as training, under the
+# same autocast. Samples from a fixed prompt, to see what the loss means (chapter 2). And
+# HellaSwag accuracy (hellaswag.py), the benchmark small GPTs are compared on.
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
+                  runtime: Runtime, loss_chunk: int) -> float:
+    """Mean loss per token over the first val_tokens // seq_len sequences of the val shard."""
+    model.eval()
+    n_seq = min(val_tokens, len(tokens) - 1) // seq_len
+    mine = list(range(runtime.rank, n_seq, runtime.world_size))
+    total = torch.zeros(2, dtype=accumulator_dtype(runtime.device),
+                        device=runtime.device)  # [loss sum, tokens]
+    for i in range(0, len(mine), batch_size):
+        rows = [torch.from_numpy(tokens[s * seq_len:(s + 1) * seq_len + 1].astype(np.int64))
+                for s in mine[i:i + batch_size]]
+        buf = torch.stack(rows).to(runtime.device)  # (b, T + 1)
+        with autocast_context(runtime):
+            _, loss = model(buf[:, :-1], buf[:, 1:], loss_chunk=loss_chunk)
+        n = buf[:, 1:].numel()
+        total += torch.stack([loss.to(total.dtype) * n, total.new_tensor(n)])
+    all_reduce_sum(total, runtime)
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def load_hellaswag(file, limit: int):
+    """HellaSwag's val examples for the training hook (downloaded once, then cached)."""
+    try:
+        return hellaswag.load_examples(file=file, limit=limit or None)
+    except (UserError, OSError) as e:
+        raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
+
+
+def hellaswag_accuracy(model: GPT, examples, runtime: Runtime) -> float:
+    """acc_norm over the examples, each rank scoring its share."""
+    result = hellaswag.evaluate(model, examples, runtime.device, rank=runtime.rank,
+                                world_size=runtime.world_size,
+                                autocast_dtype=None if runtime.dtype == torch.float32
+                                else runtime.dtype)
+    return result["acc_norm"]
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Checkpoints
 #
 # A checkpoint is everything needed to continue as if nothing happened: the weights, the
-# optimizer's moments, the step, the loader's position, every random number generator, and
-# the config and flags it was made with. It is written to a temporary file and renamed (a crash
-# mid-write leaves the previous checkpoint untouched), the newest --keep_checkpoints are kept,
-# and it is read with weights_only=True: plain tensors and numbers, never pickled code.
+# optimizer's moments, the gradient scaler, the step, the loader's position, every random
+# number generator, and the config and flags it was made with. TrainState holds exactly that,
+# and nothing else. It is written to a temporary file and renamed (a crash mid-write leaves the
+# previous checkpoint untouched), the newest --keep_checkpoints are kept, and it is read with
+# weights_only=True: plain tensors and numbers, never pickled code.
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -1084,35 +989,6 @@ def set_rng_state(state: dict):
     if state["cuda"] and torch.cuda.is_available():  # the GPUs both machines have
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, device)
-
-
-def checkpoint_path(log_dir, step: int) -> Path:
-    return Path(log_dir) / f"ckpt_{step:08d}.pt"
-
-
-def list_checkpoints(log_dir) -> list[Path]:
-    return sorted(Path(log_dir).glob("ckpt_[0-9]*.pt"))
-
-
-def save_checkpoint(path: Path, state: dict, keep: int):
-    with atomic_write(path) as f:
-        torch.save(state, f)
-    for old in list_checkpoints(path.parent)[:-keep]:
-        old.unlink()
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint's contents, every tensor on the CPU. Never onto the run's GPU: the RNG states
-    must stay CPU tensors, and load_state_dict moves weights and moments where they belong."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(state, dict) and "model" in state and "config" in state
-        return state
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # torch raises several kinds for a damaged zip or pickle
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
-                        f"move it away to resume from an older one") from None
 
 
 # OPTIMIZER_FLAGS describe how this machine runs AdamW, not the training state:
@@ -1136,7 +1012,68 @@ def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
         scaler.load_state_dict(saved)
 
 
-def load_agreed_checkpoint(log_dir, ctx: Context) -> tuple[Path, dict] | None:
+@dataclass
+class TrainState:
+    """What a checkpoint saves and restores (with the random number generators)."""
+    model: GPT  # the raw model: its state_dict keys stay plain, whatever wraps it for training
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (and empty) otherwise
+    loader: ShardedDataLoader
+    step: int = 0  # optimizer steps taken
+
+    def state_dict(self, args) -> dict:
+        return dict(step=self.step, model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                    loader=self.loader.state_dict(), rng=rng_state(),
+                    config=asdict(self.model.config), args=vars(args))
+
+    def load_state_dict(self, saved: dict, source):
+        if GPTConfig(**saved["config"]) != self.model.config:
+            raise UserError(f"{source} is a {saved['config']} model, not this run's "
+                            f"{asdict(self.model.config)}")
+        self.model.load_state_dict(saved["model"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])
+        load_scaler_state(self.scaler, saved["scaler"])
+        self.loader.load_state_dict(saved["loader"])
+        set_rng_state(saved["rng"])
+        self.step = saved["step"]
+
+
+def checkpoint_path(log_dir, step: int) -> Path:
+    return Path(log_dir) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(log_dir) -> list[Path]:
+    return sorted(Path(log_dir).glob("ckpt_[0-9]*.pt"))
+
+
+def save_checkpoint(state: TrainState, args, runtime: Runtime):
+    """Rank 0 writes the checkpoint of this step; the other ranks go on (their copies of the
+    state are identical) and wait for it in the next all-reduce."""
+    if not runtime.is_main:
+        return
+    path = checkpoint_path(args.log_dir, state.step)
+    with atomic_write(path) as f:
+        torch.save(state.state_dict(args), f)
+    for old in list_checkpoints(path.parent)[:-args.keep_checkpoints]:
+        old.unlink()
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint's contents, every tensor on the CPU. Never onto the run's GPU: the RNG states
+    must stay CPU tensors, and load_state_dict moves weights and moments where they belong."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(state, dict) and "model" in state and "config" in state
+        return state
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # torch raises several kinds for a damaged zip or pickle
+        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
+                        f"move it away to resume from an older one") from None
+
+
+def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | None:
     """The checkpoint every rank resumes from, and its contents: rank 0's newest, or None if
     rank 0 has none.
 
@@ -1147,34 +1084,49 @@ def load_agreed_checkpoint(log_dir, ctx: Context) -> tuple[Path, dict] | None:
     with the same line.
     """
     newest = list_checkpoints(log_dir)
-    step = torch.tensor([int(newest[-1].stem.split("_")[1]) if newest else -1], device=ctx.device)
-    if ctx.ddp:
+    step = torch.tensor([int(newest[-1].stem.split("_")[1]) if newest else -1], device=runtime.device)
+    if runtime.ddp:
         dist.broadcast(step, src=0)
     if step.item() < 0:
         return None
     path = checkpoint_path(log_dir, step.item())
-    failed, state = torch.zeros(ctx.world_size, device=ctx.device), None
+    failed, state, error = torch.zeros(runtime.world_size, device=runtime.device), None, None
     try:
         state = load_checkpoint(path)
-    except UserError:
-        failed[ctx.rank] = 1
-    all_reduce_sum(failed, ctx)
+    except UserError as e:
+        failed[runtime.rank], error = 1, e
+    if not runtime.ddp and error:
+        raise error
+    all_reduce_sum(failed, runtime)
     if failed.any():
         ranks = failed.nonzero().flatten().tolist()
-        raise UserError(f"cannot resume from {path}: rank(s) {ranks} cannot read it (missing or "
-                        f"damaged there); without a shared filesystem, copy it to every node")
+        raise UserError(f"cannot resume from {path}: rank(s) {ranks} cannot read it "
+                        f"({error or 'missing or damaged there'}); without a shared "
+                        f"filesystem, copy it to every node")
     return path, state
 
 
+def resume(state: TrainState, log_dir, runtime: Runtime):
+    """Continue from the newest checkpoint in log_dir, if there is one."""
+    agreed = load_agreed_checkpoint(log_dir, runtime)
+    if agreed is None:
+        say(runtime, f"--resume: no checkpoint in {log_dir}, starting from step 0")
+        return
+    path, saved = agreed
+    state.load_state_dict(saved, path)
+    say(runtime, f"resumed from {path} at step {state.step}")
+
+
 def load_checkpoint_model(path) -> GPT:
-    state = load_checkpoint(path)
-    model = GPT(GPTConfig(**state["config"]))
-    model.load_state_dict(state["model"])
+    """The model of a training checkpoint (on the CPU), for sampling, evaluation, export."""
+    saved = load_checkpoint(path)
+    model = GPT(GPTConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
     return model
 
 
 # -----------------------------------------------------------------------------------------------
-# 7. Training
+# 9. Training
 #
 # One optimizer step, in order: set the learning rate; run grad_accum micro-batches forward and
 # backward, summing gradients (with DDP, the gradient all-reduce is skipped on all but the last
@@ -1182,6 +1134,11 @@ def load_checkpoint_model(path) -> GPT:
 # (GPT-3's value: one bad batch cannot throw the model far); take the AdamW step. Then log, and
 # every so often evaluate and checkpoint. The loss is read back from the GPU once per step, for
 # the log line: the only host-device sync in the step.
+#
+# Two models: `state.model`, the raw GPT that checkpoints save and evaluation runs, and
+# `train_model`, the same parameters wrapped for speed (torch.compile) and for several GPUs
+# (DDP, which all-reduces gradients during backward). Evaluation and generation use the raw
+# one: they need no gradient sync, and a compiled model would recompile for their shapes.
 
 class EventLog:
     """<log_dir>/log.jsonl: one JSON object per event (training step, evaluation, ...)."""
@@ -1193,8 +1150,8 @@ class EventLog:
             # A resumed run forgets what the interrupted one logged after its checkpoint.
             kept = [line for line in self.path.read_text().splitlines()
                     if _event_step(line) is not None and _event_step(line) <= resume_step]
-            with atomic_write(self.path, "w") as f:
-                f.write("".join(line + "\n" for line in kept))
+            with atomic_write(self.path) as f:
+                f.write("".join(line + "\n" for line in kept).encode())
         elif enabled:
             self.path.unlink(missing_ok=True)
 
@@ -1225,187 +1182,157 @@ def model_config(args) -> GPTConfig:
                                  pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of)
 
 
-def say(ctx: Context, *message):
-    if ctx.is_main:
-        print(*message, flush=True)
+def training_data(args, runtime: Runtime):
+    """The train loader, the val tokens (None without a val shard) and the accumulation steps."""
+    train_files = find_shards(args.data_dir, "train")
+    val_files = find_shards(args.data_dir, "val")
+    if not train_files:
+        raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
+                        f"(or pass --data_dir)")
+    B, T, W = args.batch_size, args.seq_len, runtime.world_size
+    if args.total_batch_size % (B * T * W):
+        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
+    grad_accum = args.total_batch_size // (B * T * W)
+    loader = ShardedDataLoader(train_files, B, T, grad_accum, runtime.rank, W, args.seed)
+    return loader, read_shard(val_files[0]) if val_files else None, grad_accum
 
 
-class Trainer:
-    """Holds the training state, so that each part of a step is a small method."""
+def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainState:
+    config = model_config(args)
+    if args.seq_len > config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} > --block_size {config.block_size}")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = GPT(config).to(runtime.device)
+    optimizer = configure_optimizer(model, args.max_lr, args.weight_decay, runtime.device.type)
+    # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+    return TrainState(model, optimizer, scaler, loader)
 
-    def __init__(self, args, ctx: Context):
-        self.args, self.ctx = args, ctx
-        self.log_dir = Path(args.log_dir)
-        train_files = find_shards(args.data_dir, "train")
-        val_files = find_shards(args.data_dir, "val")
-        if not train_files:
-            raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
-                            f"(or pass --data_dir)")
-        B, T, W = args.batch_size, args.seq_len, ctx.world_size
-        if args.total_batch_size % (B * T * W):
-            raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
-                            f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
-        self.grad_accum = args.total_batch_size // (B * T * W)
-        self.config = model_config(args)
-        if T > self.config.block_size:
-            raise UserError(f"--seq_len {T} > --block_size {self.config.block_size}")
-        self.loader = ShardedDataLoader(train_files, B, T, self.grad_accum, ctx.rank, W, args.seed)
-        self.val_tokens = read_shard(val_files[0]) if val_files else None
-        self.max_steps = args.max_steps or args.num_epochs * self.loader.steps_per_epoch
-        torch.manual_seed(args.seed)  # the same initial weights on every rank
-        self.model = GPT(self.config).to(ctx.device)
-        self.optimizer = configure_optimizer(self.model, args.max_lr, args.weight_decay,
-                                             ctx.device.type)
-        # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.dtype == torch.float16)
-        self.step = 0
-        if args.resume:
-            self._resume()
-        self.train_model = torch.compile(self.model) if args.compile == "on" else self.model
-        if ctx.ddp:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.train_model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-        self.events = EventLog(self.log_dir, ctx.is_main, self.step if args.resume else None)
-        self.peak_flops = args.peak_flops or datasheet_peak_flops(ctx.device, ctx.dtype)
-        self.hellaswag_examples = self._load_hellaswag() if args.hellaswag_every else None
 
-    def _resume(self):
-        agreed = load_agreed_checkpoint(self.log_dir, self.ctx)
-        if agreed is None:
-            say(self.ctx, f"--resume: no checkpoint in {self.log_dir}, starting from step 0")
-            return
-        path, state = agreed
-        if GPTConfig(**state["config"]) != self.config:
-            raise UserError(f"{path} is a {state['config']} model, not this run's "
-                            f"{asdict(self.config)}")
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        load_scaler_state(self.scaler, state["scaler"])
-        self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        say(self.ctx, f"resumed from {path} at step {self.step}")
+def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
+    """torch.compile, then DDP around the compiled model. This order lets DDP's bucketed
+    all-reduce overlap the backward pass (torch's guidance: compile the inner module, wrap it
+    with DDP; dynamo then splits the graph at DDP's bucket boundaries)."""
+    train_model = torch.compile(model) if args.compile == "on" else model
+    if runtime.ddp:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
+    return train_model
 
-    def _load_hellaswag(self):
-        import hellaswag  # only when asked for: it downloads its data on first use
-        try:
-            return hellaswag.load_examples(file=self.args.hellaswag_file,
-                                           limit=self.args.hellaswag_limit or None)
-        except (hellaswag.HellaSwagError, OSError) as e:
-            raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
 
-    def train_step(self) -> dict:
-        args, ctx = self.args, self.ctx
-        t0 = time.perf_counter()
-        lr = get_lr(self.step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps,
-                    self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=ctx.device)
-        for micro in range(self.grad_accum):
-            x, y = (to_device(t, ctx.device) for t in self.loader.next_batch())  # (B, T) each
-            # DDP all-reduces gradients during backward; skip it but on the last micro-batch.
-            # no_sync() must be entered before the forward pass, which records the intent.
-            last = micro == self.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not ctx.ddp else self.train_model.no_sync()
-            with sync:
-                with autocast_context(ctx):
-                    _, loss = self.train_model(x, y, loss_chunk=args.loss_chunk)
-                loss = loss / self.grad_accum  # a mean over the whole step, not a sum
-                loss_sum += loss.detach()
-                self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        loss = all_reduce_sum(loss_sum, ctx).item() / ctx.world_size  # syncs with the device
-        dt = time.perf_counter() - t0
-        if not math.isfinite(loss):
-            last = list_checkpoints(self.log_dir)
-            raise UserError(f"loss is {loss} at step {self.step}: stopping. Lower --max_lr or "
-                            f"check the data; last good checkpoint: "
-                            f"{last[-1] if last else 'none'}")
-        tokens_per_s = args.total_batch_size / dt
-        event = dict(step=self.step, loss=loss, lr=lr, norm=norm.item(), ms=1000 * dt,
-                     tokens_per_s=tokens_per_s)
-        if self.peak_flops:
-            event["mfu"] = flops_per_token(self.config, args.seq_len) * tokens_per_s / (
-                self.peak_flops * ctx.world_size)
-        self.step += 1
-        return event
+def train_step(state: TrainState, train_model: nn.Module, args, runtime: Runtime,
+               grad_accum: int, max_steps: int) -> dict:
+    """One optimizer step; returns its log event."""
+    t0 = time.perf_counter()
+    lr = get_lr(state.step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps,
+                max_steps)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=runtime.device)
+    for micro in range(grad_accum):
+        x, y = (to_device(t, runtime.device) for t in state.loader.next_batch())  # (B, T) each
+        # DDP all-reduces gradients during backward; skip it but on the last micro-batch.
+        # no_sync() must be entered before the forward pass, which records the intent.
+        last = micro == grad_accum - 1
+        sync = contextlib.nullcontext() if last or not runtime.ddp else train_model.no_sync()
+        with sync:
+            with autocast_context(runtime):
+                _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
+            loss = loss / grad_accum  # a mean over the whole step, not a sum
+            loss_sum += loss.detach()
+            state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    loss = all_reduce_sum(loss_sum, runtime).item() / runtime.world_size  # syncs with the device
+    dt = time.perf_counter() - t0
+    if not math.isfinite(loss):
+        last = list_checkpoints(args.log_dir)
+        raise UserError(f"loss is {loss} at step {state.step}: stopping. Lower --max_lr or "
+                        f"check the data; last good checkpoint: {last[-1] if last else 'none'}")
+    state.step += 1
+    return dict(step=state.step - 1, loss=loss, lr=lr, norm=norm.item(), ms=1000 * dt,
+                tokens_per_s=args.total_batch_size / dt)
 
-    def evaluate(self):
-        args, ctx, event = self.args, self.ctx, dict(step=self.step)
-        if self.val_tokens is not None:
-            event["val_loss"] = evaluate_loss(self.model, self.val_tokens, args.seq_len,
-                                              args.batch_size, args.val_tokens, ctx,
-                                              autocast_context(ctx), args.loss_chunk)
-        if self.hellaswag_examples and (self.step % args.hellaswag_every == 0
-                                        or self.step == self.max_steps):
-            import hellaswag
-            result = hellaswag.evaluate(self.model, self.hellaswag_examples, ctx.device,
-                                        rank=ctx.rank, world_size=ctx.world_size,
-                                        autocast_dtype=None if ctx.dtype == torch.float32
-                                        else ctx.dtype)
-            event["hellaswag"] = result["acc_norm"]
-        if ctx.is_main and args.num_samples:
-            event["samples"] = sample_texts(self.model, args.sample_prompt, args.num_samples,
-                                            args.sample_tokens, ctx.device, args.seed)
-        self.events.write(**event)
-        if ctx.is_main:
-            parts = [f"{k} {v:.4f}" for k, v in event.items() if isinstance(v, float)]
-            print(f"step {self.step:6d} | eval | " + " | ".join(parts), flush=True)
-            for text in event.get("samples", []):
-                print("  >", text.replace("\n", " ")[:200], flush=True)
 
-    def checkpoint(self):
-        if not self.ctx.is_main:
-            return
-        state = dict(step=self.step, model=self.model.state_dict(),
-                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                     loader=self.loader.state_dict(), rng=rng_state(),
-                     config=asdict(self.config), args=vars(self.args))
-        save_checkpoint(checkpoint_path(self.log_dir, self.step), state, self.args.keep_checkpoints)
+def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
+             max_steps: int) -> dict:
+    """The evaluation event of this step: val loss, HellaSwag when due, samples."""
+    event = dict(step=state.step)
+    if val_tokens is not None:
+        event["val_loss"] = evaluate_loss(state.model, val_tokens, args.seq_len, args.batch_size,
+                                          args.val_tokens, runtime, args.loss_chunk)
+    if hellaswag_examples and (state.step % args.hellaswag_every == 0 or state.step == max_steps):
+        event["hellaswag"] = hellaswag_accuracy(state.model, hellaswag_examples, runtime)
+    if runtime.is_main and args.num_samples:
+        event["samples"] = sample_texts(state.model, args.sample_prompt, args.num_samples,
+                                        args.sample_tokens, runtime.device, args.seed)
+    return event
 
-    def run(self):
-        args, ctx = self.args, self.ctx
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        say(ctx, f"model {args.model}: {self.model.num_params():,} parameters | "
-                 f"{ctx.world_size} x {ctx.device.type} {str(ctx.dtype).removeprefix('torch.')} | "
-                 f"{args.total_batch_size:,} tokens/step = {args.batch_size} x {args.seq_len} x "
-                 f"{self.grad_accum} accum x {ctx.world_size} | {self.max_steps} steps "
-                 f"({self.loader.steps_per_epoch} per epoch)")
-        start = self.step
-        if start == 0:
-            self.events.write(step=0, model=args.model, config=asdict(self.config),
-                              total_batch_size=args.total_batch_size, world_size=ctx.world_size)
-        while True:
-            resumed_here = self.step == start and start > 0  # already evaluated before the stop
-            if (self.step % args.eval_every == 0 or self.step == self.max_steps) and not resumed_here:
-                self.evaluate()
-            if self.step >= self.max_steps:
-                break
-            event = self.train_step()
-            self.events.write(**event)
-            say(ctx, f"step {event['step']:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} "
+
+def print_event(event: dict, runtime: Runtime):
+    if "loss" in event:
+        say(runtime, f"step {event['step']:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} "
                      f"| norm {event['norm']:.3f} | {event['ms']:.0f} ms | "
                      f"{event['tokens_per_s']:,.0f} tok/s" +
                      (f" | MFU {100 * event['mfu']:.1f}%" if "mfu" in event else ""))
-            if self.step % args.checkpoint_every == 0 or self.step == self.max_steps:
-                self.checkpoint()
+        return
+    parts = [f"{k} {v:.4f}" for k, v in event.items() if isinstance(v, float)]
+    say(runtime, f"step {event['step']:6d} | eval | " + " | ".join(parts))
+    for text in event.get("samples", []):
+        say(runtime, "  >", text.replace("\n", " ")[:200])
 
 
-def enable_tf32(device: torch.device):
-    if device.type == "cuda":
-        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
-        torch.set_float32_matmul_precision("high")
+def run_training(args, runtime: Runtime):
+    """The whole run, in the order things happen."""
+    loader, val_tokens, grad_accum = training_data(args, runtime)
+    state = new_train_state(args, runtime, loader)
+    # Resume before compile and DDP: the checkpoint's keys are the raw model's, and DDP copies
+    # rank 0's weights to every rank when it wraps the model, so they must be final by then.
+    if args.resume:
+        resume(state, args.log_dir, runtime)
+    train_model = wrap_for_training(state.model, args, runtime)
+    max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
+    peak_flops = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
+    hellaswag_examples = (rank0_first(runtime, lambda: load_hellaswag(args.hellaswag_file,
+                                                                      args.hellaswag_limit))
+                          if args.hellaswag_every else None)
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    events = EventLog(Path(args.log_dir), runtime.is_main, state.step if args.resume else None)
+    say(runtime, f"{state.model.num_params():,} parameters | {runtime.world_size} x "
+                 f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')} | "
+                 f"{args.total_batch_size:,} tokens/step = {args.batch_size} x {args.seq_len} x "
+                 f"{grad_accum} accum x {runtime.world_size} | {max_steps} steps "
+                 f"({loader.steps_per_epoch} per epoch)")
+    start = state.step
+    if start == 0:
+        events.write(step=0, model=args.model, config=asdict(state.model.config),
+                     total_batch_size=args.total_batch_size, world_size=runtime.world_size)
+    while True:
+        due = state.step % args.eval_every == 0 or state.step == max_steps
+        if due and not (state.step == start > 0):  # a resumed step was evaluated before the stop
+            event = evaluate(state, args, runtime, val_tokens, hellaswag_examples, max_steps)
+            events.write(**event)
+            print_event(event, runtime)
+        if state.step >= max_steps:
+            break
+        event = train_step(state, train_model, args, runtime, grad_accum, max_steps)
+        if peak_flops:
+            event["mfu"] = (flops_per_token(state.model.config, args.seq_len) *
+                            event["tokens_per_s"] / (peak_flops * runtime.world_size))
+        events.write(**event)
+        print_event(event, runtime)
+        if state.step % args.checkpoint_every == 0 or state.step == max_steps:
+            save_checkpoint(state, args, runtime)
 
 
 def apply_speed_settings(args, device: torch.device):
     """The device-dependent defaults shared by training and `bench`."""
     enable_tf32(device)
-    if args.loss_chunk < 0:  # auto: see ChunkedCrossEntropy; GPUs do better fused+compiled
+    if args.loss_chunk < 0:  # auto: appendix A; GPUs do better with the plain loss, compiled
         args.loss_chunk = 256 if device.type == "cpu" else 0
     if args.compile == "auto":
         # build-nanogpt measured 300 -> 130 ms per step on an A100 from torch.compile; on a
@@ -1414,45 +1341,130 @@ def apply_speed_settings(args, device: torch.device):
 
 
 def train(args):
-    ctx = setup_distributed(args.device, args.dtype, args.dist_timeout)
+    runtime = setup_distributed(args.device, args.dtype, args.dist_timeout)
     try:
-        apply_speed_settings(args, ctx.device)
-        Trainer(args, ctx).run()
+        apply_speed_settings(args, runtime.device)
+        run_training(args, runtime)
     finally:
-        if ctx.ddp:
+        if runtime.ddp:
             dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Tools around training
+# A. Appendix: a speed trick for one device, the CPU's chunked cross-entropy
 #
-# Three commands share the model code above: `sample` continues a prompt with OpenAI's weights
-# or a checkpoint of ours (the KV-cache generator of chapter 1), `bench` measures how fast all
-# of this runs on your machine, and `plot` turns a run's log.jsonl into a picture.
+# At B=8, T=256 the float32 logits are 2048 x 50304 x 4 bytes = 412 MB, and the plain loss of
+# chapter 1 makes several such tensors per step (logits, softmax, their gradients). On a CPU
+# each one is a fresh mmap from the C allocator, returned to the kernel when freed and faulted
+# in again page by page the next step: ~470,000 page faults and ~0.7 s of system time per step,
+# measured. The chunked loss walks over `chunk` rows at a time into one reused buffer, and
+# computes the gradients right away in the forward pass (the softmax just made *is* most of the
+# gradient: d loss / d logits = softmax - onehot), so backward only scales them. Same matmuls,
+# same FLOPs, a few MB instead of ~1.6 GB of temporaries. Measured on the 2-vCPU development
+# machine (README, Performance): 1,065 -> 1,360-1,480 tokens/s, peak memory 1,910 -> 805 MiB.
+# GPUs do better with the plain loss under torch.compile, so there it is off (--loss_chunk -1).
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `x @ weight.T` against targets, without ever holding all the logits.
+
+    The lesson of this class: at B=8, T=256 the float32 logits are 2048 x 50304 x 4 bytes =
+    412 MB, and the plain path makes several such tensors per step (logits, softmax, their
+    gradients). On a CPU each one is a fresh mmap from the C allocator, returned to the kernel
+    when freed and faulted in again page by page the next step: ~470,000 page faults and ~0.7 s
+    of system time per step, measured. Here we walk over `chunk` rows at a time into one reused
+    buffer, and compute the gradients right away in the forward pass (the softmax we just made
+    *is* most of the gradient: d loss / d logits = softmax - onehot), so backward only scales
+    them. Same matmuls, same FLOPs, a few MB instead of ~1.6 GB of temporaries.
+
+    Each chunk's logits are made transposed, (V, n) = weight @ x.T: on a CPU that matmul runs
+    ~1.5x faster than x @ weight.T (its long dimension is the rows of the output), and the
+    softmax then reduces over rows, which vectorizes along the n columns (measured: README).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, needs_grad: bool):
+        # x: (N, C) final hidden states, weight: (Vp, C) the whole (maybe padded) table,
+        # targets: (N,). Rows >= vocab_size are padding: their logits are set to -inf, so they
+        # get probability 0 and gradient 0 (taking the full table spares autograd a 51 MB
+        # zero-padded copy of a sliced weight's gradient). needs_grad is passed in because
+        # inside forward grad mode is off, and needs_input_grad ignores no_grad().
+        N, V = x.size(0), weight.size(0)
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_w = torch.empty_like(weight) if needs_grad else None
+        scratch = x.new_empty(V * min(chunk, N))  # one chunk's logits, reused by every chunk
+        loss_sum = x.new_zeros((), dtype=accumulator_dtype(x.device))
+        for start in range(0, N, chunk):
+            xc, tc = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
+            n = len(tc)
+            logits = torch.mm(weight, xc.t(), out=scratch[:V * n].view(V, n))  # (V, n)
+            logits[vocab_size:] = float("-inf")
+            target_logits = logits.gather(0, tc[None, :])  # (1, n)
+            # log-sum-exp by hand, in place: torch.logsumexp would allocate another (V, n).
+            peak = logits.amax(dim=0, keepdim=True)  # (1, n), for a stable exp
+            probs = logits.sub_(peak).exp_()  # unnormalized softmax, in the scratch buffer
+            total = probs.sum(dim=0, keepdim=True)  # (1, n)
+            loss_sum += (total.log() + peak - target_logits).sum()
+            if needs_grad:
+                # d loss / d logits = softmax - onehot(target) = probs / total - onehot. The
+                # division by total and the onehot are applied to the small (n, C) operands
+                # of the two matmuls instead of to the big (V, n) buffer: one pass fewer.
+                gx = grad_x[start:start + chunk]
+                torch.mm(probs.t(), weight, out=gx).div_(total.t()).sub_(weight[tc])  # (n, C)
+                grad_w.addmm_(probs, xc / total.t(), beta=0 if start == 0 else 1)  # (V, C)
+                grad_w.index_add_(0, tc, xc, alpha=-1)  # beta=0 on the first: overwrite
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.n = N
+        return (loss_sum / N).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        # In place: these buffers are ours alone, and a 51 MB copy per step is not free.
+        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None
+
+
+@torch.compiler.disable  # a hand-written loop of in-place kernels: nothing for a compiler to fuse
+def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
+    """Mean cross-entropy of (B, T, C) hidden states against (B, T) targets, in float32."""
+    # Autocast off: these matmuls accumulate a loss over the whole vocabulary. (mps never
+    # autocasts here, and torch.autocast("mps", enabled=False) raises before torch 2.5.)
+    off = (contextlib.nullcontext() if x.device.type == "mps"
+           else torch.autocast(device_type=x.device.type, enabled=False))
+    with off:
+        return ChunkedCrossEntropy.apply(x.flatten(0, 1).float(), weight.float(),
+                                         targets.flatten(), vocab_size, chunk,
+                                         torch.is_grad_enabled())
+
+
+# -----------------------------------------------------------------------------------------------
+# B. Appendix: the tools
+#
+# Four commands share the story's code: `sample` continues a prompt with OpenAI's weights or a
+# checkpoint of ours (chapter 2's generator), `hellaswag` scores a model on HellaSwag (also
+# `python hellaswag.py`), `bench` measures how fast all of this runs on your machine, and `plot`
+# turns a run's log.jsonl into a picture.
 
 def load_model(args, device) -> GPT:
     """--checkpoint PATH (trained here) or --model NAME_OR_FOLDER (OpenAI's weights)."""
-    if args.checkpoint:
-        model = GPT.from_checkpoint(args.checkpoint)
-    else:
-        model = GPT.from_pretrained(args.model)
+    model = load_checkpoint_model(args.checkpoint) if args.checkpoint else load_pretrained(args.model)
     return model.to(device).eval()
 
 
 def sample(args):
     """python gpt2.py sample: continue a prompt with OpenAI's GPT-2 or a checkpoint."""
     device = pick_device(args.device)
-    ctx = Context(device=device, dtype=pick_dtype("auto", device))  # bf16 where the GPU has it
+    runtime = Runtime(device=device, dtype=pick_dtype("auto", device))  # bf16 where it pays
     enable_tf32(device)
     model = load_model(args, device)
     enc = gpt2_tokenizer()
     prompt = enc.encode(args.prompt) or [EOT]  # an empty prompt starts a fresh document
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     t0 = time.perf_counter()
-    with autocast_context(ctx):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             use_cache=not args.no_cache)
+    with autocast_context(runtime):
+        out = generate(model, idx, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       use_cache=not args.no_cache)
     dt = time.perf_counter() - t0
     for row in out.tolist():
         print("-" * 80)
@@ -1460,6 +1472,28 @@ def sample(args):
     print("-" * 80)
     print(f"{args.num_samples} x {args.max_new_tokens} tokens in {dt:.2f} s "
           f"({args.num_samples * args.max_new_tokens / dt:.1f} tokens/s)", file=sys.stderr)
+
+
+def hellaswag_command(args):
+    """python gpt2.py hellaswag (or python hellaswag.py): score a model on HellaSwag."""
+    # The data first: a bad file should fail before minutes of downloading weights.
+    examples = hellaswag.load_examples(args.split, args.file, args.limit, base_url=args.base_url)
+    device = pick_device(args.device)
+    # Training's precision: bf16 autocast on GPUs that have it, fp16 on older ones, float32
+    # elsewhere. Half precision rounds the losses, so an ending that ties another to three
+    # digits may flip: expect a score within a few examples of the float32 one.
+    runtime = Runtime(device=device, dtype=pick_dtype("auto", device))
+    enable_tf32(device)
+    model = load_model(args, device)
+    start = time.perf_counter()
+    result = hellaswag.evaluate(model, examples, device, batch_size=args.batch_size,
+                                autocast_dtype=None if runtime.dtype == torch.float32
+                                else runtime.dtype, progress=True)
+    elapsed = time.perf_counter() - start
+    print(f"acc      {result['acc']:.4f}  ({result['correct']}/{result['n']})")
+    print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")
+    print(f"n        {result['n']}")
+    print(f"elapsed  {elapsed:.1f} s  ({result['n'] / elapsed:.1f} examples/s on {device})")
 
 
 # `bench` measures, in one process, everything that decides how fast training goes: the
@@ -1504,52 +1538,52 @@ def peak_memory_mib(device) -> dict:
     return {"peak_rss_mib": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)}
 
 
-def bench_train_step(model, train_model, optimizer, args, ctx) -> dict[str, list[float]]:
+def bench_train_step(model, train_model, optimizer, args, runtime) -> dict[str, list[float]]:
     """Seconds of forward, backward and optimizer, per repetition, on random tokens."""
     B, T = args.batch_size, args.seq_len
-    x = torch.randint(0, VOCAB_SIZE, (B, T), device=ctx.device)
-    y = torch.randint(0, VOCAB_SIZE, (B, T), device=ctx.device)
+    x = torch.randint(0, VOCAB_SIZE, (B, T), device=runtime.device)
+    y = torch.randint(0, VOCAB_SIZE, (B, T), device=runtime.device)
     parts = {"forward": [], "backward": [], "optimizer": []}
     loss = None
 
     def forward():
         nonlocal loss
-        with autocast_context(ctx):
+        with autocast_context(runtime):
             _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
 
     for rep in range(args.warmup + args.reps):
-        times = [timed(forward, ctx.device), timed(lambda: loss.backward(), ctx.device),
+        times = [timed(forward, runtime.device), timed(lambda: loss.backward(), runtime.device),
                  timed(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)),
-                       ctx.device)]
+                       runtime.device)]
         if rep >= args.warmup:
             for name, t in zip(parts, times):
                 parts[name].append(t)
     return parts
 
 
-def bench_generation(model, ctx, prompt_len: int, new_tokens: int, reps: int, use_cache: bool):
-    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len), device=ctx.device)
-    times = measure(lambda: model.generate(idx, new_tokens, top_k=50, seed=0, use_cache=use_cache),
-                    ctx.device, reps, warmup=1)
+def bench_generation(model, runtime, prompt_len: int, new_tokens: int, reps: int, use_cache: bool):
+    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len), device=runtime.device)
+    times = measure(lambda: generate(model, idx, new_tokens, top_k=50, seed=0, use_cache=use_cache),
+                    runtime.device, reps, warmup=1)
     return [new_tokens / t for t in times]
 
 
-def bench_transformers_generation(model, ctx, prompt_len: int, new_tokens: int, reps: int):
+def bench_transformers_generation(model, runtime, prompt_len: int, new_tokens: int, reps: int):
     """The same weights in transformers' GPT2LMHeadModel, its cached generate (for comparison;
     transformers is a test-only dependency, imported only for --vs_transformers)."""
     import tempfile
 
     import transformers
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).to(ctx.device).eval()
-    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len), device=ctx.device)
+        save_pretrained(model, tmp)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).to(runtime.device).eval()
+    idx = torch.randint(0, VOCAB_SIZE, (1, prompt_len), device=runtime.device)
 
     def generate():
         with torch.no_grad():
             hf.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                         top_k=50, pad_token_id=EOT)
-    return [new_tokens / t for t in measure(generate, ctx.device, reps, warmup=1)]
+    return [new_tokens / t for t in measure(generate, runtime.device, reps, warmup=1)]
 
 
 def bench_loader(reps: int, B: int = 64, T: int = 1024, shard_tokens: int = 16_000_000) -> list[float]:
@@ -1575,26 +1609,26 @@ def spread(values: list[float]) -> str:
 
 def bench(args):
     device = pick_device(args.device)
-    ctx = Context(device=device, dtype=pick_dtype(args.dtype, device))
+    runtime = Runtime(device=device, dtype=pick_dtype(args.dtype, device))
     apply_speed_settings(args, device)
     torch.manual_seed(0)
     config = model_config(args)
     model = GPT(config).to(device)
     optimizer = configure_optimizer(model, 1e-4, 0.1, device.type)
     train_model = torch.compile(model) if args.compile == "on" else model
-    peak = matmul_peak_flops(device, ctx.dtype, args.reps)
-    parts = bench_train_step(model, train_model, optimizer, args, ctx)
+    peak = matmul_peak_flops(device, runtime.dtype, args.reps)
+    parts = bench_train_step(model, train_model, optimizer, args, runtime)
     step = [sum(ts) for ts in zip(*parts.values())]
     tok_s = [args.batch_size * args.seq_len / t for t in step]
     flops = flops_per_token(config, args.seq_len)
     model.eval()
-    gen = {use_cache: bench_generation(model, ctx, 16, args.gen_tokens, args.reps, use_cache)
+    gen = {use_cache: bench_generation(model, runtime, 16, args.gen_tokens, args.reps, use_cache)
            for use_cache in (True, False)}
-    hf_gen = (bench_transformers_generation(model, ctx, 16, args.gen_tokens, args.reps)
+    hf_gen = (bench_transformers_generation(model, runtime, 16, args.gen_tokens, args.reps)
               if args.vs_transformers else None)
     loader = bench_loader(args.reps)
-    datasheet = datasheet_peak_flops(device, ctx.dtype)
-    result = dict(device=str(device), dtype=str(ctx.dtype).removeprefix("torch."),
+    datasheet = datasheet_peak_flops(device, runtime.dtype)
+    result = dict(device=str(device), dtype=str(runtime.dtype).removeprefix("torch."),
                   params=model.num_params(), batch_size=args.batch_size, seq_len=args.seq_len,
                   train_tok_s=float(np.median(tok_s)), peak_flops=peak,
                   mfu=flops * float(np.median(tok_s)) / peak,
@@ -1676,7 +1710,7 @@ def plot(args):
 
 
 # -----------------------------------------------------------------------------------------------
-# 9. main(): the command line
+# 10. main(): the command line
 #
 # Every hyperparameter is a flag, in one place, with the reason for its default. The defaults
 # are the GPT-2 124M recipe on FineWeb-Edu 10B tokens (build-nanogpt's, itself GPT-3 small's
@@ -1775,14 +1809,18 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2.py sample",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Sample text from OpenAI's GPT-2 or a checkpoint.")
+def add_model_source_flags(p):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="gpt2",
                      help=f"OpenAI weights ({', '.join(HUB_MODELS)}) or a save_pretrained folder")
     src.add_argument("--checkpoint", help="a checkpoint written by training (ckpt_*.pt)")
+
+
+def sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2.py sample",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Sample text from OpenAI's GPT-2 or a checkpoint.")
+    add_model_source_flags(p)
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     p.add_argument("--num_samples", type=int, default=4, help="continuations, batched")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to add to each")
@@ -1791,6 +1829,18 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, help="nucleus sampling threshold (default off)")
     p.add_argument("--seed", type=int, help="makes the samples reproducible (default random)")
     p.add_argument("--no_cache", action="store_true", help="recompute the prefix every token")
+    add_device_flags(p)
+    return p
+
+
+def hellaswag_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt2.py hellaswag", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score a GPT-2 model on HellaSwag (completion style, as build-nanogpt and "
+                    "llm.c do). Prints acc, acc_norm, n, elapsed time and examples/s. "
+                    "`python hellaswag.py` is the same command.")
+    add_model_source_flags(p)
+    hellaswag.add_data_flags(p)
     add_device_flags(p)
     return p
 
@@ -1827,6 +1877,7 @@ def plot_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample),
+            "hellaswag": (hellaswag_parser, hellaswag_command),
             "bench": (bench_parser, bench), "plot": (plot_parser, plot)}
 
 

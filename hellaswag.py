@@ -41,6 +41,9 @@ How to run it
     python hellaswag.py --checkpoint log/ckpt_00019073.pt   # a checkpoint of gpt2.py
     python hellaswag.py --model gpt2 --limit 500 --device cpu
 
+(`python hellaswag.py ...` is `python gpt2.py hellaswag ...`: loading a model is gpt2.py's
+business, and this module imports only fineweb, so that gpt2.py can import it for training.)
+
 During training, gpt2.py calls `evaluate(model, examples, device, rank=..., world_size=...)`
 every `--hellaswag_every` steps: each rank scores every world_size-th example and the counts
 are summed across ranks, so 8 GPUs get through the 10,042 examples about 8 times sooner.
@@ -49,7 +52,8 @@ The data (`hellaswag_{train,val,test}.jsonl`, val is 11 MB) is downloaded once i
 `$XDG_CACHE_HOME/gpt2/hellaswag` (default `~/.cache/gpt2/hellaswag`) from `$HELLASWAG_URL`
 or `--base_url`; `--file PATH` reads a local copy in the same jsonl format instead.
 
-Reading order: data (download, validate), rendering (tokens and mask), scoring, command line.
+Reading order: data (download, validate), rendering (tokens and mask), scoring, the data flags
+of the command line.
 """
 import argparse
 import contextlib
@@ -60,12 +64,13 @@ import sys
 import time
 from pathlib import Path
 
-import requests
 import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from fineweb import UserError, cache_dir, download
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")
@@ -75,71 +80,43 @@ N_ENDINGS = 4
 N_VOCAB = 50257
 
 
-class HellaSwagError(ValueError):
-    """A problem the user can fix: a missing or malformed data file, a failed download."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: download once, then read and validate every row.
 # ---------------------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    """Where downloads live: the user's cache folder, never the repository."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "gpt2" / "hellaswag"
-
-
-def download(split: str, base_url: str | None = None) -> Path:
-    """Fetch `hellaswag_{split}.jsonl` into the cache unless it is already there."""
+def download_split(split: str, base_url: str | None = None) -> Path:
+    """Fetch `hellaswag_{split}.jsonl` into the cache unless it is already there (fineweb's
+    downloader: resumed, retried, renamed into place only once complete). In training, rank 0
+    fetches it before the other ranks look (gpt2.py): one download, not one per GPU."""
     if split not in SPLITS:
-        raise HellaSwagError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    path = cache_dir() / f"hellaswag_{split}.jsonl"
-    if path.exists():
-        return path
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    path = cache_dir("hellaswag", f"hellaswag_{split}.jsonl")
     base_url = (base_url or os.environ.get("HELLASWAG_URL") or DEFAULT_URL).rstrip("/")
-    url = f"{base_url}/{path.name}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Every DDP rank on a node may download at the same moment: each writes its own temporary
-    # file and renames it into place, so a reader only ever sees a complete file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with requests.get(url, stream=True, timeout=60) as response:
-            response.raise_for_status()
-            size = int(response.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=size, unit="B", unit_scale=True,
-                                            desc=path.name) as bar:
-                for chunk in response.iter_content(chunk_size=1 << 20):
-                    bar.update(f.write(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise HellaSwagError(f"could not download {url}: {e} "
-                             "(set --base_url or HELLASWAG_URL, or pass --file PATH)") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return download(f"{base_url}/{path.name}", path)
+    except UserError as e:
+        raise UserError(f"{e} (set --base_url or HELLASWAG_URL, or pass --file PATH)") from None
 
 
 def check_example(row, where: str) -> dict:
     """Return `row` if it has what scoring needs; otherwise say what is wrong, and where."""
     if not isinstance(row, dict):
-        raise HellaSwagError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     # A context of at least one token: the model needs something to predict an ending from.
     if not isinstance(row.get("ctx"), str) or not row["ctx"].strip():
-        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string")
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
     endings = row.get("endings")
     if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
-        raise HellaSwagError(f"{where}: 'endings' must be a list of strings")
+        raise UserError(f"{where}: 'endings' must be a list of strings")
     if len(endings) != N_ENDINGS:
-        raise HellaSwagError(f"{where}: {len(endings)} endings, HellaSwag has {N_ENDINGS}")
+        raise UserError(f"{where}: {len(endings)} endings, HellaSwag has {N_ENDINGS}")
     if "label" not in row:
-        raise HellaSwagError(f"{where}: no 'label' (the test split's labels are not public; "
+        raise UserError(f"{where}: no 'label' (the test split's labels are not public; "
                              "score val or train)")
     label = row["label"]
     # bool is a subclass of int in Python, but `true` is not a valid answer index.
     if type(label) is not int or not 0 <= label < N_ENDINGS:
-        raise HellaSwagError(f"{where}: 'label' must be an integer 0-{N_ENDINGS - 1}, "
+        raise UserError(f"{where}: 'label' must be an integer 0-{N_ENDINGS - 1}, "
                              f"got {label!r}")
     return row
 
@@ -147,7 +124,7 @@ def check_example(row, where: str) -> dict:
 def read_examples(path: Path, limit: int | None = None) -> list[dict]:
     """Parse a HellaSwag jsonl file (one example per line), validating each line read."""
     if not path.is_file():
-        raise HellaSwagError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -159,17 +136,17 @@ def read_examples(path: Path, limit: int | None = None) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise HellaSwagError(f"{where}: not valid JSON ({e.msg})") from e
+                raise UserError(f"{where}: not valid JSON ({e.msg})") from e
             examples.append(check_example(row, where))
     if not examples:
-        raise HellaSwagError(f"{path}: no examples in the file")
+        raise UserError(f"{path}: no examples in the file")
     return examples
 
 
 def load_examples(split: str = "val", file: str | os.PathLike | None = None,
                   limit: int | None = None, *, base_url: str | None = None) -> list[dict]:
     """The first `limit` (default: all) examples of `file`, or of the downloaded `split`."""
-    path = Path(file) if file is not None else download(split, base_url)
+    path = Path(file) if file is not None else download_split(split, base_url)
     return read_examples(path, limit)
 
 
@@ -349,75 +326,31 @@ def examples_per_second(model: torch.nn.Module, examples: list[dict],
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Command line: the data flags. The command itself (loading a model, the device) is gpt2.py's
+# `hellaswag` command, which adds these flags to its own.
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Score a GPT-2 model on HellaSwag (completion style, as build-nanogpt "
-                    "and llm.c do). Prints acc, acc_norm, n, elapsed time and examples/s.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default="gpt2", metavar="NAME_OR_FOLDER",
-                        help="OpenAI weights by name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
-                             "or a transformers save_pretrained folder (default: gpt2)")
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="a training checkpoint written by gpt2.py, used instead of "
-                             "--model (default: none)")
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_data_flags(parser: argparse.ArgumentParser):
     parser.add_argument("--split", default="val", choices=SPLITS,
-                        help="which split to download and score; test has no public labels "
-                             "(default: val)")
+                        help="which split to download and score; test has no public labels")
     parser.add_argument("--file", metavar="PATH",
-                        help="read examples from this local jsonl file instead of "
-                             "downloading (default: none)")
-    parser.add_argument("--limit", type=int, metavar="N",
-                        help="score only the first N examples (default: all)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N, mps, or auto for cuda, else mps, else cpu "
-                             "(default: auto)")
-    parser.add_argument("--batch_size", type=int, default=8,
-                        help="examples per forward pass, 4 rows each; lower it if memory "
-                             "runs out (default: 8)")
+                        help="read examples from this local jsonl file instead of downloading")
+    parser.add_argument("--limit", type=positive_int, metavar="N",
+                        help="score only the first N examples; none = all 10,042 of val")
+    parser.add_argument("--batch_size", type=positive_int, default=8,
+                        help="examples per forward pass, 4 rows each; lower it if memory runs out")
     parser.add_argument("--base_url", default=None,
-                        help="where to download the jsonl files from (default: $HELLASWAG_URL, "
-                             f"else {DEFAULT_URL})")
-    args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import gpt2  # here, not at the top: gpt2 imports this module for its training hook
-
-    try:
-        # The data first: a bad file should fail before minutes of downloading weights.
-        examples = load_examples(args.split, args.file, args.limit, base_url=args.base_url)
-        device = gpt2.pick_device(args.device)
-        if args.checkpoint:
-            model = gpt2.GPT.from_checkpoint(args.checkpoint)
-        else:
-            model = gpt2.GPT.from_pretrained(args.model)
-    except (HellaSwagError, gpt2.UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    # Training's choice of precision: bf16 autocast on GPUs that have it (fp16 on older ones),
-    # fp32 elsewhere. Half precision rounds the losses, so an ending that ties another to three
-    # digits may flip: expect a score within a few examples of the fp32 one.
-    dtype = gpt2.pick_dtype("auto", device)
-    gpt2.enable_tf32(device)  # CUDA: float32 matmuls on tensor cores, as training does
-    start = time.perf_counter()
-    result = evaluate(model.to(device), examples, device, batch_size=args.batch_size,
-                      autocast_dtype=None if dtype == torch.float32 else dtype, progress=True)
-    elapsed = time.perf_counter() - start
-    print(f"acc      {result['acc']:.4f}  ({result['correct']}/{result['n']})")
-    print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")
-    print(f"n        {result['n']}")
-    print(f"elapsed  {elapsed:.1f} s  ({result['n'] / elapsed:.1f} examples/s on {device})")
-    return 0
+                        help=f"where to download the jsonl files from; none = $HELLASWAG_URL, "
+                             f"else {DEFAULT_URL}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import gpt2  # the script's door to gpt2.py's command; the module itself never imports gpt2
+    gpt2.main(["hellaswag", *sys.argv[1:]])

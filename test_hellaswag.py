@@ -62,7 +62,7 @@ def model_folder(hf_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model(model_folder) -> gpt2.GPT:
     """The same weights in our GPT, as `python hellaswag.py --model FOLDER` loads them."""
-    return gpt2.GPT.from_pretrained(str(model_folder))
+    return gpt2.load_pretrained(str(model_folder))
 
 
 @pytest.fixture(scope="session")
@@ -305,7 +305,7 @@ import torch.distributed as dist
 import gpt2, hellaswag
 model_folder, data_file, limit, out = sys.argv[1:]
 dist.init_process_group("gloo")  # torchrun's environment says where rank 0 listens
-model = gpt2.GPT.from_pretrained(model_folder)
+model = gpt2.load_pretrained(model_folder)
 examples = hellaswag.load_examples(file=data_file, limit=int(limit))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 result = hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
@@ -386,7 +386,7 @@ def test_download_writes_the_cache_once_and_reads_it_after(github, tmp_path, val
 
 
 def test_a_failed_download_names_the_url_and_leaves_no_file(github, tmp_path):
-    with pytest.raises(hellaswag.HellaSwagError, match=r"hellaswag_train.jsonl: 404"):
+    with pytest.raises(hellaswag.UserError, match=r"hellaswag_train.jsonl: HTTP 404"):
         hellaswag.load_examples("train")
     assert list((tmp_path / "cache/gpt2/hellaswag").iterdir()) == []
 
@@ -419,7 +419,7 @@ def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
 
 def test_help_gives_every_flags_default(capsys):
     with pytest.raises(SystemExit):
-        hellaswag.parse_args(["--help"])
+        gpt2.hellaswag_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for flag in ("--model", "--checkpoint", "--split", "--file", "--limit", "--device",
                  "--batch_size", "--base_url"):
@@ -445,7 +445,9 @@ def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, capsy
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
     # The data is read before the model is loaded: this folder is never looked at.
-    assert hellaswag.main(["--file", str(path), "--model", str(tmp_path / "no_model")]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        gpt2.main(["hellaswag", "--file", str(path), "--model", str(tmp_path / "no_model")])
+    assert exit_info.value.code == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
 
@@ -457,7 +459,7 @@ def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
 
 def test_cli_scores_a_training_checkpoint(model, val_file, scored_1000, tmp_path, capsys):
     path = gpt2.checkpoint_path(tmp_path, 0)
-    gpt2.save_checkpoint(path, dict(model=model.state_dict(), config=asdict(model.config)), keep=1)
-    assert hellaswag.main(["--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
-                           "--device", "cpu"]) == 0
+    torch.save(dict(model=model.state_dict(), config=asdict(model.config)), path)
+    gpt2.main(["hellaswag", "--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
+               "--device", "cpu"])
     assert capsys.readouterr().out.splitlines()[:2] == report_lines(scored_1000, 12)
