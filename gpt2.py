@@ -101,6 +101,11 @@ class GPTConfig:
     # lm_head matmul tile evenly on GPUs (~4% faster in build-nanogpt). The extra rows are never
     # scored, sampled or saved: `logits` are always cut back to vocab_size columns.
     pad_vocab_to_multiple_of: int = 1
+    # GPT-2 trained with dropout 0.1 on the attention weights, the residual branches and the
+    # embeddings (transformers' attn_pdrop, resid_pdrop, embd_pdrop). Pretraining on billions
+    # of tokens does fine without (build-nanogpt, nanoGPT: 0); fine-tuning on a small text
+    # overfits without it. Only in training: eval() turns it off.
+    dropout: float = 0.0
 
     @property
     def padded_vocab_size(self) -> int:
@@ -132,6 +137,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True  # see GPT._init_weights
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.size()
@@ -144,9 +151,10 @@ class CausalSelfAttention(nn.Module):
             # which may look at every cached key and needs no mask at all.
             assert cache.pos == 0 or T == 1, "after the prompt, the cache takes one token a step"
             k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
+            q, k, v, is_causal=T > 1, dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.c_proj(y)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -160,9 +168,10 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, 4C) inside, (B, T, C) out
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, 4C) inside, (B, T, C) out
 
 
 class Block(nn.Module):
@@ -187,6 +196,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
@@ -223,7 +233,7 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
         if cache is not None:
@@ -542,7 +552,8 @@ def save_pretrained(model: GPT, path):
         n_positions=c.block_size, n_ctx=c.block_size, vocab_size=c.vocab_size,
         n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=None,
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        tie_word_embeddings=True)
     with atomic_write(path / "config.json") as f:
         f.write(json.dumps(hf_config, indent=2).encode())
     tensors = {}
@@ -1177,9 +1188,10 @@ def read_events(log_dir) -> list[dict]:
 
 
 def model_config(args) -> GPTConfig:
-    return GPTConfig.from_preset(args.model, n_layer=args.n_layer, n_head=args.n_head,
+    return GPTConfig.from_preset(args.model or "gpt2", n_layer=args.n_layer, n_head=args.n_head,
                                  n_embd=args.n_embd, block_size=args.block_size,
-                                 pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of)
+                                 pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
+                                 dropout=args.dropout)
 
 
 def training_data(args, runtime: Runtime):
@@ -1198,12 +1210,40 @@ def training_data(args, runtime: Runtime):
     return loader, read_shard(val_files[0]) if val_files else None, grad_accum
 
 
+def pretrained_for_training(args) -> GPT:
+    """--init_from: OpenAI's weights (a hub name or a save_pretrained folder) or a ckpt_*.pt of
+    ours, weights only (the optimizer and the schedule start afresh). The architecture is the
+    source's; its position table is cropped to --block_size if that is smaller (nanoGPT's crop:
+    a shorter context uses only the first rows), the vocabulary padded as training wants
+    (exports cut it back), and --dropout applies."""
+    if args.model or args.n_layer or args.n_head or args.n_embd:
+        raise UserError("--init_from takes the architecture from its source: drop --model, "
+                        "--n_layer, --n_head and --n_embd")
+    is_checkpoint = args.init_from.endswith(".pt")
+    source = (load_checkpoint_model(args.init_from) if is_checkpoint
+              else load_pretrained(args.init_from))
+    c = source.config
+    block_size = args.block_size or c.block_size
+    if block_size > c.block_size:
+        raise UserError(f"--block_size {block_size} > {args.init_from}'s {c.block_size}: its "
+                        f"position table has no rows to extend it with")
+    model = GPT(GPTConfig(block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd,
+                          args.pad_vocab_to_multiple_of, args.dropout))
+    state = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}  # tied
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:c.vocab_size]
+    load_weights(model, state, args.init_from)
+    return model
+
+
 def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainState:
-    config = model_config(args)
-    if args.seq_len > config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} > --block_size {config.block_size}")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = GPT(config).to(runtime.device)
+    model = (rank0_first(runtime, lambda: pretrained_for_training(args)) if args.init_from
+             else GPT(model_config(args)))
+    if args.seq_len > model.config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
+    model = model.to(runtime.device)
+    config = model.config
     optimizer = configure_optimizer(model, args.max_lr, args.weight_decay, runtime.device.type)
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
@@ -1309,7 +1349,8 @@ def run_training(args, runtime: Runtime):
                  f"({loader.steps_per_epoch} per epoch)")
     start = state.step
     if start == 0:
-        events.write(step=0, model=args.model, config=asdict(state.model.config),
+        events.write(step=0, model=args.init_from or args.model or "gpt2",
+                     config=asdict(state.model.config),
                      total_batch_size=args.total_batch_size, world_size=runtime.world_size)
     while True:
         due = state.step % args.eval_every == 0 or state.step == max_steps
@@ -1440,10 +1481,10 @@ def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
 # -----------------------------------------------------------------------------------------------
 # B. Appendix: the tools
 #
-# Four commands share the story's code: `sample` continues a prompt with OpenAI's weights or a
+# Five commands share the story's code: `sample` continues a prompt with OpenAI's weights or a
 # checkpoint of ours (chapter 2's generator), `hellaswag` scores a model on HellaSwag (also
-# `python hellaswag.py`), `bench` measures how fast all of this runs on your machine, and `plot`
-# turns a run's log.jsonl into a picture.
+# `python hellaswag.py`), `export` hands a checkpoint to transformers, `bench` measures how fast
+# all of this runs on your machine, and `plot` turns a run's log.jsonl into a picture.
 
 def load_model(args, device) -> GPT:
     """--checkpoint PATH (trained here) or --model NAME_OR_FOLDER (OpenAI's weights)."""
@@ -1494,6 +1535,12 @@ def hellaswag_command(args):
     print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")
     print(f"n        {result['n']}")
     print(f"elapsed  {elapsed:.1f} s  ({result['n'] / elapsed:.1f} examples/s on {device})")
+
+
+def export(args):
+    """python gpt2.py export: a checkpoint of ours as a folder transformers loads."""
+    save_pretrained(load_checkpoint_model(args.checkpoint), args.out)
+    print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
 
 
 # `bench` measures, in one process, everything that decides how fast training goes: the
@@ -1718,8 +1765,8 @@ def plot(args):
 
 def add_model_flags(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="gpt2", help=f"preset: {', '.join(PRESETS)} "
-                   "(default gpt2, the 124M model)")
+    g.add_argument("--model", help=f"preset: {', '.join(PRESETS)} (none = gpt2, the 124M "
+                   "model)")
     g.add_argument("--n_layer", type=int, help="override the preset's number of blocks")
     g.add_argument("--n_head", type=int, help="override the preset's attention heads")
     g.add_argument("--n_embd", type=int, help="override the preset's width")
@@ -1727,6 +1774,10 @@ def add_model_flags(p):
     g.add_argument("--pad_vocab_to_multiple_of", type=int, default=64,
                    help="embedding rows rounded up to a multiple of this: 64 gives 50304, which "
                         "tiles evenly on GPUs (default 64; 1 = no padding)")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on attention weights, residual branches and embeddings, in "
+                        "training only: 0 for pretraining (build-nanogpt, nanoGPT), ~0.1 to "
+                        "fine-tune on a small text (GPT-2's own value)")
 
 
 def add_device_flags(p):
@@ -1747,6 +1798,12 @@ def train_parser() -> argparse.ArgumentParser:
         description="Train GPT-2 (the default command). Other commands: "
                     "`gpt2.py sample --help`, `gpt2.py bench --help`, `gpt2.py plot --help`.")
     add_model_flags(p)
+    p.add_argument("--init_from", metavar="SOURCE",
+                   help="start from pretrained weights instead of random ones: gpt2, "
+                        "gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained folder or a "
+                        "ckpt_*.pt of ours (weights only: a fresh optimizer and schedule); the "
+                        "architecture comes from it. To fine-tune (README): --max_lr 3e-5 "
+                        "--warmup_steps 0 --dropout 0.1, small --total_batch_size")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data/fineweb_edu",
                    help="folder of token shards written by fineweb.py")
@@ -1845,6 +1902,17 @@ def hellaswag_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpt2.py export",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Write a checkpoint as a transformers save_pretrained "
+                                            "folder (config.json + model.safetensors, the "
+                                            "vocabulary unpadded).")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by training")
+    p.add_argument("--out", required=True, help="the folder to write")
+    return p
+
+
 def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpt2.py bench",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1878,6 +1946,7 @@ def plot_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample),
             "hellaswag": (hellaswag_parser, hellaswag_command),
+            "export": (export_parser, export),
             "bench": (bench_parser, bench), "plot": (plot_parser, plot)}
 
 

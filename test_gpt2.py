@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -934,3 +935,97 @@ def test_gpu_hellaswag_in_bf16_agrees_with_float32_on_1000_rows():
     labels = torch.tensor([ex["label"] for ex in examples])
     assert (fp32 == bf16).float().mean() >= 0.9
     assert abs((fp32 == labels).float().mean() - (bf16 == labels).float().mean()) <= 0.03
+
+
+# -- Fine-tuning: pretrained weights in, dropout, your own text ----------------------------------
+
+FINETUNE_RUN = ["--seq_len", "64", "--batch_size", "4", "--total_batch_size", "512",
+                "--hellaswag_every", "0", "--num_samples", "0", "--val_tokens", "4096"]
+
+
+def transformers_val_loss(hf, val_shard, seq_len=64, val_tokens=4096) -> float:
+    """transformers' mean cross-entropy over the val sequences gpt2.evaluate_loss reads."""
+    tokens = torch.from_numpy(gpt2.read_shard(val_shard).astype(np.int64))
+    n = val_tokens // seq_len
+    rows = torch.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])  # (n, T+1)
+    with torch.no_grad():
+        logits = hf(rows[:, :-1]).logits  # (n, T, V)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).item()
+
+
+def first_val_loss(log_dir) -> float:
+    return next(e["val_loss"] for e in gpt2.read_events(log_dir) if "val_loss" in e)
+
+
+def test_init_from_a_transformers_folder_or_our_checkpoint_starts_at_transformers_val_loss(
+        shakespeare, tmp_path):
+    hf = hf_model(n_layer=2, n_head=4, n_embd=64, vocab_size=gpt2.VOCAB_SIZE, n_positions=128)
+    hf.save_pretrained(tmp_path / "hf")
+    val_shard = shakespeare / "shakespeare_val_000000.bin"
+    common = ["--data_dir", shakespeare, *FINETUNE_RUN, "--max_steps", "1", "--eval_every", "1",
+              "--block_size", "64"]  # cropped from the source's 128 positions
+    gpt2.main([*common, "--init_from", tmp_path / "hf", "--log_dir", tmp_path / "a"])
+    assert first_val_loss(tmp_path / "a") == pytest.approx(transformers_val_loss(hf, val_shard), abs=1e-4)
+    # The checkpoint after one step, as a starting point: transformers, given its export, agrees.
+    ckpt = tmp_path / "a/ckpt_00000001.pt"
+    gpt2.main(["export", "--checkpoint", ckpt, "--out", tmp_path / "exported"])
+    stepped = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    gpt2.main([*common, "--init_from", ckpt, "--log_dir", tmp_path / "b"])
+    assert first_val_loss(tmp_path / "b") == pytest.approx(transformers_val_loss(stepped, val_shard), abs=1e-4)
+    assert first_val_loss(tmp_path / "b") != pytest.approx(first_val_loss(tmp_path / "a"), abs=1e-4)
+
+
+def test_init_from_refuses_size_flags_and_a_longer_context_with_one_line(shakespeare, tmp_path, capsys):
+    hf_model(vocab_size=gpt2.VOCAB_SIZE, n_positions=64).save_pretrained(tmp_path / "hf")
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *FINETUNE_RUN, "--init_from", tmp_path / "hf"]
+    assert "--init_from takes the architecture from its source" in cli_error(capsys, *common, "--n_layer", "4")
+    assert "--init_from takes the architecture from its source" in cli_error(capsys, *common, "--model", "mini")
+    err = cli_error(capsys, *common, "--block_size", "128")
+    assert f"--block_size 128 > {tmp_path / 'hf'}'s 64" in err
+
+
+def test_a_fine_tune_on_a_txt_learns_resumes_exactly_and_exports_to_transformers(tmp_path, samples):
+    # Your text -> shards (10% of its tokens for validation), then OpenAI-style weights -> fine-tune.
+    assert fineweb.main(["--input", str(samples / "tinyshakespeare.txt"),
+                         "--out_dir", str(tmp_path / "data"), "--num_proc", "1"]) in (0, None)
+    hf_model(n_layer=2, n_head=4, n_embd=64, vocab_size=gpt2.VOCAB_SIZE).save_pretrained(tmp_path / "hf")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--data_dir", tmp_path / "data", *FINETUNE_RUN, "--init_from", tmp_path / "hf",
+              "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "3",
+              "--keep_checkpoints", "5", "--max_lr", "3e-3", "--warmup_steps", "0", "--dropout", "0.1"]
+    gpt2.main([*common, "--log_dir", full])
+    val = [e["val_loss"] for e in gpt2.read_events(full) if "val_loss" in e]
+    assert val[1] < val[0] - 0.5  # it learns Shakespeare
+    resumed.mkdir()
+    (resumed / "ckpt_00000003.pt").write_bytes((full / "ckpt_00000003.pt").read_bytes())
+    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+    a = torch.load(full / "ckpt_00000006.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # dropout's masks included: the RNG resumed
+    gpt2.main(["export", "--checkpoint", full / "ckpt_00000006.pt", "--out", tmp_path / "out"])
+    ours = gpt2.load_checkpoint_model(full / "ckpt_00000006.pt").eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = random_tokens(gpt2.VOCAB_SIZE)
+    torch.testing.assert_close(ours(idx)[0], hf_logits(hf, idx), atol=1e-4, rtol=0)
+    assert hf.config.vocab_size == gpt2.VOCAB_SIZE  # the padding rows stay ours
+
+
+def test_dropout_changes_training_but_not_evaluation_or_greedy_generation(shakespeare, tmp_path):
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+    plain = GPT(config)
+    dropped = GPT(GPTConfig(**{**asdict(config), "dropout": 0.1}))
+    dropped.load_state_dict(plain.state_dict())
+    idx = random_tokens(64, (2, 16))
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(idx)[0], dropped(idx)[0])
+    assert torch.equal(gpt2.generate(plain, idx, 8, temperature=0),
+                       gpt2.generate(dropped, idx, 8, temperature=0))
+    plain.train(), dropped.train()
+    assert torch.equal(plain(idx, idx)[1], plain(idx, idx)[1])  # no randomness without dropout
+    assert not torch.equal(dropped(idx, idx)[1], dropped(idx, idx)[1])
+    runs = {}
+    for p in ("0", "0.1"):
+        gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / p, *TINY_RUN,
+                   "--max_steps", "2", "--dropout", p])
+        runs[p] = train_losses(tmp_path / p)
+    assert runs["0"][0] != runs["0.1"][0]
