@@ -511,6 +511,25 @@ def hf_state_dict_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return ours
 
 
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
+    """Copy tensors into the model, checking names and shapes (wte may be padded here)."""
+    own = model.state_dict()
+    del own["lm_head.weight"]  # the same tensor as wte.weight
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, t in state.items():
+            target = own[name]
+            if name == "transformer.wte.weight":
+                target = target[:t.size(0)]  # the real rows of a padded table
+            if target.shape != t.shape:
+                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model "
+                                f"expects {tuple(target.shape)}")
+            target.copy_(t)
+
+
 def load_pretrained(name_or_path: str) -> GPT:
     """Build a GPT from OpenAI's weights: a hub name (downloaded once) or a local folder."""
     if os.path.isdir(name_or_path):
@@ -529,25 +548,6 @@ def load_pretrained(name_or_path: str) -> GPT:
     model = GPT(config_from_hf(config_path))
     load_weights(model, hf_state_dict_to_ours(read_safetensors(weights_path)), str(weights_path))
     return model
-
-
-def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
-    """Copy tensors into the model, checking names and shapes (wte may be padded here)."""
-    own = model.state_dict()
-    del own["lm_head.weight"]  # the same tensor as wte.weight
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{source}: weights do not match the model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, t in state.items():
-            target = own[name]
-            if name == "transformer.wte.weight":
-                target = target[:t.size(0)]  # the real rows of a padded table
-            if target.shape != t.shape:
-                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model "
-                                f"expects {tuple(target.shape)}")
-            target.copy_(t)
 
 
 def save_pretrained(model: GPT, path):
@@ -880,12 +880,6 @@ PEAK_FLOPS = {  # name: (bf16/fp16, float32/TF32)
     "T4": (65e12, 8.1e12)}
 
 
-def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    if device.type != "cuda":
-        return None
-    return peak_flops_of(torch.cuda.get_device_name(device), dtype)
-
-
 def peak_flops_of(gpu_name: str, dtype: torch.dtype) -> float | None:
     """The datasheet peak of a GPU named like "NVIDIA L4", for dtype; None if unknown. Names are
     matched as whole words, so that "L4" is not found inside "L40S" nor "A10" inside "A100"."""
@@ -893,6 +887,12 @@ def peak_flops_of(gpu_name: str, dtype: torch.dtype) -> float | None:
         if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", gpu_name):
             return single if dtype == torch.float32 else half
     return None
+
+
+def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device), dtype)
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -1159,6 +1159,13 @@ def load_checkpoint_model(path) -> GPT:
 # (DDP, which all-reduces gradients during backward). Evaluation and generation use the raw
 # one: they need no gradient sync, and a compiled model would recompile for their shapes.
 
+def _event_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
 class EventLog:
     """<log_dir>/log.jsonl: one JSON object per event (training step, evaluation, ...)."""
 
@@ -1178,13 +1185,6 @@ class EventLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event) + "\n")
-
-
-def _event_step(line: str) -> int | None:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a kill
 
 
 def read_events(log_dir) -> list[dict]:
@@ -1556,6 +1556,13 @@ def export(args):
 # with and without the cache, the loader, and peak memory. MFU is the model's FLOPs per second
 # over that ceiling. Medians over repetitions, with the spread, since shared machines are noisy.
 
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def timed(fn, device) -> float:
     """Seconds fn() takes, waiting for the GPU to finish its queued work."""
     synchronize(device)
@@ -1563,13 +1570,6 @@ def timed(fn, device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - t0
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def measure(fn, device, reps: int, warmup: int = 2) -> list[float]:
