@@ -1,14 +1,26 @@
-"""pytest setup shared by every test file: the offline tokenizer and the real test data.
+"""pytest setup shared by every test file: the offline tokenizer, the real test data, a local
+web server standing in for the hub and GitHub, and the ways to run a script and judge its errors.
 
 The test data lives in the repository (samples/, see its README): a fresh clone tests itself.
 tiktoken downloads the GPT-2 BPE files on first use; where there is no network (this project's
 CI) a read-only copy sits in ../shared/tiktoken_cache, and we point tiktoken at it when it exists
 and TIKTOKEN_CACHE_DIR is not already set.
 """
+import collections
+import contextlib
+import http.server
 import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+
+import fineweb
 
 ROOT = Path(__file__).resolve().parent
 SAMPLES = ROOT / "samples"
@@ -16,6 +28,8 @@ TIKTOKEN_CACHE = ROOT.parent / "shared" / "tiktoken_cache"
 
 if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+
+real_sleep = time.sleep  # the server's own pauses, whatever a test does to time.sleep (no_backoff)
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +41,174 @@ def samples() -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none "
                                        "(run them alone with `python -m pytest -q -m gpu`)")
+
+
+# ---------------------------------------------------------------------------------------
+# A local server for the hub's and GitHub's files, with faults to inject on demand.
+# ---------------------------------------------------------------------------------------
+class LocalHub:
+    """A web server on 127.0.0.1 at `url`: `files[name]` (bytes) is served at `root + name`, with
+    HTTP Range (206 and a Content-Range; 416 past the end, as the hub answers), and
+    `/moved/<name>` redirects (302) to it, as the hub redirects to its CDN. Anything else is 404,
+    unless `routes` answers it: {path prefix: answer(hub, path) -> (status, headers, body)}.
+
+    `faults[name]` lists faults for the next requests of that file, used up one per request:
+    "drop" (send half the body, then hang up), "503" or any other status (answer it), "slow"
+    (4 KB per 50 ms), "corrupt" (flip the first byte), "whole" (ignore the Range header).
+    `requests` logs (path, Range header) for every request. A context manager: it stops on exit."""
+
+    def __init__(self, files, root="/", routes=None):
+        self.files, self.root, self.routes = dict(files), root, dict(routes or {})
+        self.faults = collections.defaultdict(list)
+        self.requests = []
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def paths(self):
+        """The paths asked for, in order."""
+        return [path for path, _ in self.requests]
+
+    def downloads(self, name):
+        """The Range headers of the requests for one file, in order (None: from the start)."""
+        return [rng for path, rng in self.requests if path.endswith(name)]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def handler(self):
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.requests.append((self.path, self.headers.get("Range")))
+                name = self.path.removeprefix(hub.root)
+                route = next((prefix for prefix in hub.routes if self.path.startswith(prefix)), None)
+                try:
+                    if route is not None:
+                        status, headers, body = hub.routes[route](hub, self.path)
+                        self.send_response(status)
+                        for key, value in headers.items():
+                            self.send_header(key, value)
+                        self.reply(body)
+                    elif self.path.startswith(hub.root) and name in hub.files:
+                        self.download(name)
+                    elif self.path.startswith("/moved/"):
+                        self.send_response(302)
+                        self.send_header("Location", hub.root + self.path.removeprefix("/moved/"))
+                        self.reply(b"")
+                    else:
+                        self.send_error(404)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client was killed: that is what some tests do
+
+            def download(self, name):
+                fault = hub.faults[name].pop(0) if hub.faults[name] else None
+                if fault and fault.isdigit():
+                    return self.send_error(int(fault))
+                data = hub.files[name]
+                if fault == "corrupt":
+                    data = bytes([data[0] ^ 1]) + data[1:]
+                start = int(re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
+                if fault == "whole":
+                    start = 0
+                if start and start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    return self.reply(b"")
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                body = data[start:]
+                if fault == "drop":
+                    return self.reply(body, cut=len(body) // 2)
+                self.reply(body, pace=0.05 if fault == "slow" else 0)
+
+            def reply(self, body, cut=None, pace=0):
+                """Send `body` (headers first); stop after `cut` bytes, or send 4 KB per `pace` s."""
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if pace:
+                    for i in range(0, len(body), 4096):
+                        self.wfile.write(body[i:i + 4096])
+                        real_sleep(pace)
+                else:
+                    self.wfile.write(body[:cut])
+
+            def log_message(self, *args):
+                pass  # keep pytest's output clean
+
+        return Handler
+
+
+@pytest.fixture
+def local_hub():
+    """local_hub(files, root="/", routes=None) starts a LocalHub, stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda *args, **kwargs: stack.enter_context(LocalHub(*args, **kwargs))
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """The download retries' sleeps (fineweb.download's backoff), recorded instead of slept."""
+    delays = []
+    monkeypatch.setattr(fineweb.time, "sleep", delays.append)
+    return delays
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------
+# Running the scripts: as the user runs them, or in this process; and their errors.
+# ---------------------------------------------------------------------------------------
+def run_script(script, *args, env=None, timeout=600):
+    """`python SCRIPT ARGS` in a subprocess from the repository's root, as a user runs it, with
+    `env` added to this process's environment: (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(main, *args) calls a script's main(ARGS) in this process, quicker than a subprocess:
+    (exit code, stdout, stderr), whether main returns its code or raises SystemExit."""
+    def run(main, *args):
+        capsys.readouterr()  # forget what the test printed before
+        try:
+            code = main(list(map(str, args)))
+        except SystemExit as e:
+            code = e.code
+        return (code or 0, *capsys.readouterr())
+    return run
+
+
+def assert_one_error_line(result, *fragments, alone=True):
+    """A user's error, from (exit code, stdout, stderr): exit code 1, no traceback, and one line
+    `error: ...` that names what is wrong (holds each of `fragments`) last on stderr. `alone`:
+    the only line there; else what a run reported on its way (downloads) may come before it.
+    Returns the line."""
+    code, _, err = result
+    assert code == 1, (code, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), err
+    assert [line for line in lines if line.startswith("error")] == lines[-1:], err
+    assert len(lines) == 1 or not alone, err
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]

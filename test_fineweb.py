@@ -1,8 +1,8 @@
 """Tests for fineweb.py, offline, as worked examples.
 
-A stand-in for the Hugging Face hub runs on 127.0.0.1 (`FakeHub`): it answers the tree API
-(one file per page, so the pagination is exercised) and serves two real FineWeb-Edu parquet
-files under the hub's paths, with HTTP Range support and faults to inject on demand (a
+A stand-in for the Hugging Face hub runs on 127.0.0.1 (conftest's `LocalHub`): it answers the
+tree API (one file per page, so the pagination is exercised) and serves two real FineWeb-Edu
+parquet files under the hub's paths, with HTTP Range support and faults to inject on demand (a
 connection dropped halfway, a 503, a 404, a slow line, corrupted bytes). The two files are the
 150 documents of samples/fineweb_edu_sample10BT_150.parquet as they are (one row group)
 and the same documents rewritten with row groups of 16 rows, so that reading by row groups,
@@ -13,13 +13,11 @@ pointed at the fake hub, with shards of 20,000 tokens: ~180,000 tokens make 9 sh
 
 Your own text (`--input` .txt, .jsonl, .parquet) is tested on samples/tinyshakespeare.txt and
 the same FineWeb-Edu documents, against tiktoken's encoding; its many ways of being bad run
-in this process (`fineweb.main`), which is quicker than a subprocess and returns the exit code.
+in this process (conftest's `cli` calls `fineweb.main`), which is quicker than a subprocess.
 """
-import collections
 import concurrent.futures
 import errno
 import hashlib
-import http.server
 import json
 import os
 import re
@@ -27,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,6 +36,7 @@ import tiktoken
 
 import fineweb
 import gpt2
+from conftest import LocalHub, assert_one_error_line, run_script
 
 FINEWEB = Path(__file__).resolve().parent / "fineweb.py"
 SAMPLE = "fineweb_edu_sample10BT_150.parquet"
@@ -85,129 +83,57 @@ def expected_tokens(documents):
 # ---------------------------------------------------------------------------------------
 # The fake hub.
 # ---------------------------------------------------------------------------------------
-class FakeHub:
-    """huggingface.co's tree API and resolve/ downloads, on 127.0.0.1, with injected faults.
+RESOLVE = "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"  # the hub's path to a file
+TREE = f"/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/{HUB_DIR}"  # and to the file list
 
-    `faults[name]` is a list of faults for the next requests of that file, used up one per
-    request: "drop" (send half the bytes, then close), "503", "404", "slow" (a slow line),
-    "corrupt" (flip a byte), "whole" (ignore the Range header). `/moved/<name>` redirects (302)
-    to the file, as the hub redirects to its CDN; a Range past the end is answered 416, as the
-    hub does. `requests` logs (path, Range header) for every request."""
 
-    def __init__(self, files):
-        self.files = files
-        self.faults = collections.defaultdict(list)
-        self.requests = []
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+def tree_page(hub, path):
+    """The hub's tree API: one file per page, the next page behind a Link header, as the hub
+    paginates. A route of conftest's LocalHub."""
+    names = sorted(hub.files)
+    page = int(path.partition("?cursor=")[2] or 0)
+    data = hub.files[names[page]]
+    entry = {"type": "file", "oid": "0" * 40, "size": len(data), "path": names[page],
+             "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
+    headers = {"Link": f'<{hub.url}{TREE}?cursor={page + 1}>; rel="next"'} if page + 1 < len(names) else {}
+    return 200, headers, json.dumps([entry]).encode()
 
-    def handler(self):
-        hub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests.append((self.path, self.headers.get("Range")))
-                tree = f"/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/{HUB_DIR}"
-                resolve = "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
-                try:
-                    if self.path.startswith(tree):
-                        self.tree_page(tree)
-                    elif self.path.startswith(resolve) and self.path[len(resolve):] in hub.files:
-                        self.download(self.path[len(resolve):])
-                    elif self.path.startswith("/moved/"):
-                        self.send_response(302)
-                        self.send_header("Location", resolve + self.path[len("/moved/"):])
-                        self.reply(b"")
-                    else:
-                        self.send_error(404)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client was killed: that is what some tests do
-
-            def tree_page(self, tree):
-                """One file per page, the next page behind a Link header, as the hub paginates."""
-                names = sorted(hub.files)
-                page = int(self.path.partition("?cursor=")[2] or 0)
-                data = hub.files[names[page]]
-                entry = {"type": "file", "oid": "0" * 40, "size": len(data), "path": names[page],
-                         "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
-                self.send_response(200)
-                if page + 1 < len(names):
-                    self.send_header("Link", f'<{hub.url}{tree}?cursor={page + 1}>; rel="next"')
-                self.reply(json.dumps([entry]).encode())
-
-            def download(self, name):
-                fault = hub.faults[name].pop(0) if hub.faults[name] else None
-                if fault in ("404", "503"):
-                    return self.send_error(int(fault))
-                data = hub.files[name]
-                if fault == "corrupt":
-                    data = bytes([data[0] ^ 1]) + data[1:]
-                start = int(re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-")[1])
-                if fault == "whole":
-                    start = 0
-                if start and start >= len(data):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    return self.reply(b"")
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                body = data[start:]
-                if fault == "drop":
-                    return self.reply(body, cut=len(body) // 2)
-                self.reply(body, pace=0.05 if fault == "slow" else 0)
-
-            def reply(self, body, cut=None, pace=0):
-                """Send `body` (headers first); stop after `cut` bytes, or send 4 KB per `pace` s."""
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if pace:
-                    for i in range(0, len(body), 4096):
-                        self.wfile.write(body[i:i + 4096])
-                        time.sleep(pace)
-                else:
-                    self.wfile.write(body[:cut])
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def downloads(self, name):
-        """The Range headers of the requests for one file."""
-        return [rng for path, rng in self.requests if path.endswith(name)]
+HUB = dict(root=RESOLVE, routes={TREE: tree_page})  # LocalHub(files, **HUB): the FineWeb-Edu hub
 
 
 @pytest.fixture
-def hub(parquet_files):
-    hub = FakeHub(dict(parquet_files))
-    yield hub
-    hub.close()
+def hub(parquet_files, local_hub):
+    return local_hub(parquet_files, **HUB)
 
 
 # ---------------------------------------------------------------------------------------
 # Running fineweb.py and reading what it wrote.
 # ---------------------------------------------------------------------------------------
-def fineweb_command(tmp, *flags):
-    return [sys.executable, str(FINEWEB), "--out_dir", str(tmp / "shards"), "--cache_dir", str(tmp / "cache"),
-            *FLAGS, *flags]
+def fineweb_args(tmp, *flags):
+    return ["--out_dir", str(tmp / "shards"), "--cache_dir", str(tmp / "cache"), *FLAGS, *flags]
 
 
 def hub_env(hub):
     """The environment of a run: HF_ENDPOINT at the fake hub, or (no hub) at a closed port."""
-    return dict(os.environ, HF_ENDPOINT=hub.url if hub else "http://127.0.0.1:9")
+    return {"HF_ENDPOINT": hub.url if hub else "http://127.0.0.1:9"}
 
 
 def run_fineweb(tmp, hub, *flags):
     """Run `python fineweb.py` as a user would; return (exit code, stdout, stderr)."""
-    done = subprocess.run(fineweb_command(tmp, *flags), env=hub_env(hub), capture_output=True, text=True,
-                          timeout=120)
-    return done.returncode, done.stdout, done.stderr
+    return run_script("fineweb.py", *fineweb_args(tmp, *flags), env=hub_env(hub), timeout=120)
+
+
+def input_args(out_dir, inputs, *flags):
+    """fineweb.py's arguments to turn local files into shards in out_dir."""
+    return ["--input", *map(str, inputs), "--out_dir", str(out_dir), *FLAGS, *flags]
+
+
+@pytest.fixture
+def convert(cli):
+    """convert(out_dir, inputs, *flags) runs fineweb.py on local files in this process (cheaper
+    than a subprocess): (exit code, stdout, stderr)."""
+    return lambda out_dir, inputs, *flags: cli(fineweb.main, *input_args(out_dir, inputs, *flags))
 
 
 def shards_in(out_dir):
@@ -215,24 +141,12 @@ def shards_in(out_dir):
     return {p.name: p.read_bytes() for p in sorted(Path(out_dir).glob("fineweb_edu_*.bin"), key=lambda p: p.stem[-6:])}
 
 
-def assert_one_error_line(stderr, *fragments):
-    """A user's error: a single `error: ...` line that names what is wrong, no traceback."""
-    assert "Traceback" not in stderr, stderr
-    lines = stderr.strip().splitlines()
-    assert lines[-1].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
-
-
 @pytest.fixture(scope="session")
 def clean_run(parquet_files, tmp_path_factory):
     """An uninterrupted download-and-tokenize run: the reference every other run must match."""
     tmp = tmp_path_factory.mktemp("clean")
-    hub = FakeHub(dict(parquet_files))
-    try:
+    with LocalHub(parquet_files, **HUB) as hub:
         code, out, err = run_fineweb(tmp, hub)
-    finally:
-        hub.close()
     assert code == 0, err
     return {"dir": tmp / "shards", "cache": tmp / "cache", "stdout": out, "shards": shards_in(tmp / "shards")}
 
@@ -322,15 +236,6 @@ def test_keep_parquet_keeps_the_downloads(tmp_path, hub, parquet_files):
 # process, against the fake hub, with URLs that are not the FineWeb-Edu list's.
 # ---------------------------------------------------------------------------------------
 SECOND = f"{HUB_DIR}/001_00000.parquet"
-RESOLVE = "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
-
-
-@pytest.fixture
-def no_backoff(monkeypatch):
-    """The retries' sleeps, recorded instead of slept."""
-    sleeps = []
-    monkeypatch.setattr(fineweb.time, "sleep", sleeps.append)
-    return sleeps
 
 
 def test_download_of_unknown_size_resumes_a_dropped_connection_with_the_missing_bytes(tmp_path, hub, no_backoff):
@@ -350,7 +255,7 @@ def test_download_follows_a_redirect_to_another_path(tmp_path, hub):
     dest = tmp_path / "file.parquet"
     fineweb.download(f"{hub.url}/moved/{SECOND}", dest, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     assert dest.read_bytes() == data
-    assert [path for path, _ in hub.requests] == [f"/moved/{SECOND}", RESOLVE + SECOND]
+    assert hub.paths == [f"/moved/{SECOND}", RESOLVE + SECOND]
 
 
 def test_download_failing_its_sha256_deletes_the_part_with_one_user_error(tmp_path, hub, no_backoff):
@@ -449,8 +354,8 @@ def start_and_stop_mid_way(tmp_path, hub):
     hub.faults[second] = ["slow"]
     part = tmp_path / "cache" / f"{second}.part"
     manifest = tmp_path / "shards" / "manifest.json"
-    run = subprocess.Popen(fineweb_command(tmp_path), env=hub_env(hub), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen([sys.executable, str(FINEWEB), *fineweb_args(tmp_path)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, **hub_env(hub)})
     deadline = time.time() + 60
     while not (manifest.exists() and json.loads(manifest.read_text())["shards"] and part.exists()
                and part.stat().st_size > 0):
@@ -494,17 +399,15 @@ def test_a_dead_tokenizer_process_stops_the_run_with_one_line(tmp_path, hub, cle
     run, workers = start_and_stop_mid_way(tmp_path, hub)
     os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
     _, err = run.communicate(timeout=60)
-    assert run.returncode == 1
-    assert_one_error_line(err, "a tokenizer process died")
+    assert_one_error_line((run.returncode, "", err), "a tokenizer process died", alone=False)  # after downloads
     assert_rerun_finishes_the_job(tmp_path, hub, clean_run)
 
 
 def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_run, local_files, monkeypatch,
-                                                                capsys):
+                                                                convert):
     # In this process, so that os.fsync can be made to fail as it does on a full disk. The
     # download's split (one whole shard), so that the shards are the clean run's.
-    argv = ["--input", *map(str, local_files), "--out_dir", str(tmp_path / "shards"), *FLAGS,
-            "--val_size", str(SHARD_SIZE)]
+    args = (tmp_path / "shards", local_files, "--val_size", str(SHARD_SIZE))
     real_fsync, calls = os.fsync, []
 
     def fsync_on_a_disk_that_fills_up(fd):
@@ -514,13 +417,12 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_on_a_disk_that_fills_up)
-    assert fineweb.main(argv) == 1
-    assert_one_error_line(capsys.readouterr().err, "fineweb_edu_train_000001.bin.tmp", "No space left on device")
+    assert_one_error_line(convert(*args), "fineweb_edu_train_000001.bin.tmp", "No space left on device")
     assert sorted(os.listdir(tmp_path / "shards")) == ["fineweb_edu_val_000000.bin", "manifest.json"]
     assert shards_in(tmp_path / "shards")["fineweb_edu_val_000000.bin"] == clean_run["shards"]["fineweb_edu_val_000000.bin"]
 
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert fineweb.main(argv) == 0
+    assert convert(*args)[0] == 0
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
 
 
@@ -534,11 +436,11 @@ class TokenizerWithTooBigAnId:
         return np.array([70_000], dtype=np.uint32)
 
 
-def test_a_token_id_outside_uint16_stops_with_one_line_naming_the_file(tmp_path, local_files, monkeypatch, capsys):
+def test_a_token_id_outside_uint16_stops_with_one_line_naming_the_file(tmp_path, local_files, monkeypatch, convert):
     # In this process: the tokenizer processes fork from it and find the stand-in.
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: TokenizerWithTooBigAnId())
-    assert fineweb.main(["--input", str(local_files[0]), "--out_dir", str(tmp_path / "shards"), *FLAGS]) == 1
-    assert_one_error_line(capsys.readouterr().err, str(local_files[0]), "token id 70000 does not fit")
+    assert_one_error_line(convert(tmp_path / "shards", local_files[:1]),
+                          str(local_files[0]), "token id 70000 does not fit")
     assert not shards_in(tmp_path / "shards")
 
 
@@ -562,9 +464,7 @@ def test_a_bad_second_file_stops_with_one_line_and_keeps_earlier_shards(tmp_path
         hub.files[second] = hub.files[second][:len(hub.files[second]) // 2]
     else:
         hub.files[second] = without_text(hub.files[second])
-    code, _, err = run_fineweb(tmp_path, hub)
-    assert code == 1
-    assert_one_error_line(err, "001_00000.parquet", message)
+    assert_one_error_line(run_fineweb(tmp_path, hub), "001_00000.parquet", message, alone=False)
     written = shards_in(tmp_path / "shards")
     assert 0 < len(written) <= 4  # the first file's 89,438 tokens make at most 4 full shards
     assert written == dict(list(clean_run["shards"].items())[:len(written)])
@@ -575,9 +475,7 @@ def test_a_bad_second_file_stops_with_one_line_and_keeps_earlier_shards(tmp_path
 def test_a_corrupted_download_fails_its_sha256_check(tmp_path, hub):
     second = f"{HUB_DIR}/001_00000.parquet"
     hub.faults[second] = ["corrupt"]
-    code, _, err = run_fineweb(tmp_path, hub)
-    assert code == 1
-    assert_one_error_line(err, "001_00000.parquet", "sha256")
+    assert_one_error_line(run_fineweb(tmp_path, hub), "001_00000.parquet", "sha256", alone=False)
     assert not (tmp_path / "cache" / f"{second}.part").exists()  # deleted, so a rerun fetches it again
     assert run_fineweb(tmp_path, hub)[0] == 0
 
@@ -585,10 +483,8 @@ def test_a_corrupted_download_fails_its_sha256_check(tmp_path, hub):
 def test_a_rerun_with_another_shard_size_refuses_to_mix_shards(tmp_path, hub, clean_run):
     out_dir = tmp_path / "copy"
     shutil.copytree(clean_run["dir"], out_dir)
-    done = subprocess.run(fineweb_command(tmp_path, "--out_dir", str(out_dir), "--shard_size", "30000"),
-                          env=hub_env(hub), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert_one_error_line(done.stderr, str(out_dir), "--out_dir")
+    run = run_fineweb(tmp_path, hub, "--out_dir", str(out_dir), "--shard_size", "30000")
+    assert_one_error_line(run, str(out_dir), "--out_dir")
     assert shards_in(out_dir) == clean_run["shards"]
 
 
@@ -653,11 +549,6 @@ def write_jsonl(path, documents, field="text"):
     return path
 
 
-def convert(out_dir, inputs, *flags):
-    """Run fineweb.py on local files in this process (cheaper than a subprocess); its exit code."""
-    return fineweb.main(["--input", *map(str, inputs), "--out_dir", str(out_dir), *FLAGS, *flags])
-
-
 @pytest.mark.parametrize("shard_size, val_tokens", [(100_000_000, 33_803), (SHARD_SIZE, SHARD_SIZE)])
 def test_tiny_shakespeare_txt_gives_val_then_train_shards_holding_its_exact_gpt2_encoding(
         tmp_path, samples, shakespeare, enc, shard_size, val_tokens):
@@ -698,18 +589,18 @@ def test_mixed_txt_jsonl_parquet_give_the_token_stream_of_each_converted_alone_i
     assert val == -(-len(mixed) // 10) < SHARD_SIZE  # 10% of the tokens, with shards of 20,000
 
 
-def test_text_field_names_the_jsonl_field_and_the_parquet_column(tmp_path, sample_texts, enc):
+def test_text_field_names_the_jsonl_field_and_the_parquet_column(tmp_path, sample_texts, enc, convert):
     jsonl = write_jsonl(tmp_path / "docs.jsonl", sample_texts[:5], field="content")
     table = pa.table({"content": sample_texts[5:10], "text": ["not this"] * 5})
     pq.write_table(table, tmp_path / "docs.parquet")
-    assert convert(tmp_path / "shards", [jsonl, tmp_path / "docs.parquet"], "--text_field", "content") == 0
+    assert convert(tmp_path / "shards", [jsonl, tmp_path / "docs.parquet"], "--text_field", "content")[0] == 0
     assert np.array_equal(token_stream(tmp_path / "shards"), encoding(enc, sample_texts[:10]))
 
 
-def test_a_utf8_byte_order_mark_and_blank_jsonl_lines_are_not_text(tmp_path, enc):
+def test_a_utf8_byte_order_mark_and_blank_jsonl_lines_are_not_text(tmp_path, enc, convert):
     (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfTo be, or not to be")
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "that is"}\n\n  \n{"text": "the question"}\r\n')
-    assert convert(tmp_path / "shards", [tmp_path / "a.txt", tmp_path / "b.jsonl"]) == 0
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt", tmp_path / "b.jsonl"])[0] == 0
     assert np.array_equal(token_stream(tmp_path / "shards"),
                           encoding(enc, ["To be, or not to be", "that is", "the question"]))
 
@@ -737,7 +628,7 @@ GOOD_LINE = b'{"text": "caf\xc3\xa9 society"}\n'  # 26 bytes, with a two-byte UT
     ("missing.txt", None, [], ["missing.txt", "no such file"]),
     ("bad.jsonl", b'{"text": ""}\n', [], ["the input holds 1 tokens", "too few"]),
 ])
-def test_a_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, name, data, flags, fragments):
+def test_a_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, convert, name, data, flags, fragments):
     good = tmp_path / "good.txt"
     good.write_text("A good file first: the run must not have written its tokens.")
     bad = tmp_path / name
@@ -746,25 +637,24 @@ def test_a_bad_input_stops_with_one_line_and_writes_nothing(tmp_path, capsys, na
     elif data is not None:
         bad.write_bytes(data)
     inputs = [bad] if "too few" in fragments else [good, bad]
-    assert convert(tmp_path / "shards", inputs, *flags) == 1
-    assert_one_error_line(capsys.readouterr().err, *fragments)
+    assert_one_error_line(convert(tmp_path / "shards", inputs, *flags), *fragments)
     assert not (tmp_path / "shards").exists()  # no manifest, no shard: nothing for a rerun to trust
 
 
-def test_a_val_size_that_leaves_nothing_to_train_on_is_refused(tmp_path, capsys):
+def test_a_val_size_that_leaves_nothing_to_train_on_is_refused(tmp_path, convert):
     (tmp_path / "a.txt").write_text("Only a few tokens here.")  # 6 tokens, after <|endoftext|>
-    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "7") == 1
-    assert_one_error_line(capsys.readouterr().err, "holds 7 tokens", "too few for a validation split of 7")
+    assert_one_error_line(convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "7"),
+                          "holds 7 tokens", "too few for a validation split of 7")
     assert not (tmp_path / "shards").exists()
-    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "6") == 0
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "6")[0] == 0
     assert [(len(data) - 1024) // 2 for data in shards_in(tmp_path / "shards").values()] == [6, 1]
 
 
-def test_after_a_missing_field_error_the_rerun_with_text_field_is_not_refused(tmp_path, sample_texts, enc, capsys):
+def test_after_a_missing_field_error_the_rerun_with_text_field_is_not_refused(tmp_path, sample_texts, enc, convert):
     jsonl = write_jsonl(tmp_path / "docs.jsonl", sample_texts[:3], field="body")
-    assert convert(tmp_path / "shards", [jsonl]) == 1
-    assert_one_error_line(capsys.readouterr().err, "docs.jsonl line 1", "no 'text' field (it has: id, body)")
-    assert convert(tmp_path / "shards", [jsonl], "--text_field", "body") == 0
+    assert_one_error_line(convert(tmp_path / "shards", [jsonl]),
+                          "docs.jsonl line 1", "no 'text' field (it has: id, body)")
+    assert convert(tmp_path / "shards", [jsonl], "--text_field", "body")[0] == 0
     assert np.array_equal(token_stream(tmp_path / "shards"), encoding(enc, sample_texts[:3]))
 
 
@@ -774,13 +664,13 @@ def jsonl_then_txt(samples, sample_texts, tmp_path_factory):
     the shards of an uninterrupted run: 10% would be ~43,000 tokens, so val is one shard."""
     tmp = tmp_path_factory.mktemp("jsonl_then_txt")
     inputs = [write_jsonl(tmp / "docs.jsonl", sample_texts), samples / "tinyshakespeare.txt"]
-    assert convert(tmp / "shards", inputs) == 0
+    assert fineweb.main(input_args(tmp / "shards", inputs)) == 0
     return inputs, shards_in(tmp / "shards")
 
 
 @pytest.mark.parametrize("failing_shard, file, inside", [(2, 0, "row"), (8, 1, "skip")])
 def test_a_run_stopped_inside_a_jsonl_or_a_txt_finishes_on_rerun_with_identical_shards(
-        tmp_path, jsonl_then_txt, monkeypatch, capsys, failing_shard, file, inside):
+        tmp_path, jsonl_then_txt, monkeypatch, convert, failing_shard, file, inside):
     inputs, clean = jsonl_then_txt
     assert len(clean) > failing_shard + 1
     real_write_shard = fineweb.write_shard
@@ -791,16 +681,16 @@ def test_a_run_stopped_inside_a_jsonl_or_a_txt_finishes_on_rerun_with_identical_
         real_write_shard(path, tokens)
 
     monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
-    assert convert(tmp_path / "shards", inputs) == 1
-    assert_one_error_line(capsys.readouterr().err, "No space left on device")
+    assert_one_error_line(convert(tmp_path / "shards", inputs), "No space left on device")
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert len(manifest["shards"]) == failing_shard and manifest["val_tokens"] == SHARD_SIZE
     next_file, next_row, next_skip = manifest["shards"][-1]["next"]
     assert next_file == file and {"row": next_row, "skip": next_skip}[inside] > 0  # mid-file, as meant
 
     monkeypatch.setattr(fineweb, "write_shard", real_write_shard)
-    assert convert(tmp_path / "shards", inputs) == 0
-    assert "resuming after" in capsys.readouterr().out
+    code, out, _ = convert(tmp_path / "shards", inputs)
+    assert code == 0
+    assert "resuming after" in out
     assert shards_in(tmp_path / "shards") == clean
 
 
@@ -816,14 +706,15 @@ def test_the_count_stops_once_it_has_enough_tokens_to_decide_the_split(tmp_path,
         assert fineweb.count_input(args, files, pool, enough=30_000) == reached[reached >= 30_000][0] < reached[-1]
 
 
-def test_a_rerun_with_another_val_size_refuses_to_mix_shards(tmp_path, shakespeare, capsys):
+def test_a_rerun_with_another_val_size_refuses_to_mix_shards(tmp_path, shakespeare, convert):
     (tmp_path / "a.txt").write_text(shakespeare[:5000])
-    assert convert(tmp_path / "shards", [tmp_path / "a.txt"]) == 0
+    assert convert(tmp_path / "shards", [tmp_path / "a.txt"])[0] == 0
     before = shards_in(tmp_path / "shards")
-    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "10.0%") == 0  # the default, said so
-    assert "nothing to do" in capsys.readouterr().out
-    assert convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "20%") == 1
-    assert_one_error_line(capsys.readouterr().err, str(tmp_path / "shards"), '"val_size": "10%"', "--out_dir")
+    code, out, _ = convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "10.0%")  # the default, said so
+    assert code == 0
+    assert "nothing to do" in out
+    assert_one_error_line(convert(tmp_path / "shards", [tmp_path / "a.txt"], "--val_size", "20%"),
+                          str(tmp_path / "shards"), '"val_size": "10%"', "--out_dir")
     assert shards_in(tmp_path / "shards") == before
 
 

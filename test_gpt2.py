@@ -5,14 +5,12 @@ weights (nothing is downloaded): if our model computes what GPT-2 computes, the 
 """
 import argparse
 import contextlib
-import http.server
 import json
 import math
 import os
 import struct
 import subprocess
 import sys
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import transformers
 
 import fineweb
 import gpt2
+from conftest import assert_one_error_line, free_port, run_script
 from gpt2 import GPT, GPTConfig
 
 HERE = Path(__file__).resolve().parent
@@ -211,50 +210,20 @@ def test_tokenizer_works_offline():
 
 # -- 1c. Downloading OpenAI's weights from the hub (a local server stands in for it) ------------
 
-class HubHandler(http.server.BaseHTTPRequestHandler):
-    """Serves files under /openai-community/<name>/resolve/main/<file>, with Range support.
-    `drops` counts how many more answers break off halfway through the body."""
-    root: Path
-    drops = 0
-
-    def do_GET(self):
-        parts = self.path.strip("/").split("/")
-        path = self.root / parts[1] / parts[-1] if len(parts) == 5 else None
-        if path is None or not path.exists():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers["Range"] else 0
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        body = data[start:]
-        if type(self).drops > 0 and len(body) > 1000:
-            type(self).drops -= 1
-            self.wfile.write(body[:len(body) // 2])  # ... and hang up
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+OPENAI = "/openai-community/gpt2/resolve/main/"  # where the hub keeps OpenAI's 124M GPT-2
 
 
 @pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A local "hub" holding a small random GPT-2 under the name gpt2; yields the handler."""
-    root = tmp_path / "hub"
+def hub(tmp_path, monkeypatch, local_hub):
+    """A local "hub" (conftest's LocalHub) holding a small random GPT-2 under the name gpt2, its
+    transformers model in `hub.hf`; HF_ENDPOINT points at it, and the cache starts empty."""
     hf = hf_model()
-    hf.save_pretrained(root / "gpt2")
-    handler = type("Handler", (HubHandler,), {"root": root, "drops": 0})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    hf.save_pretrained(tmp_path / "gpt2")
+    hub = local_hub({p.name: p.read_bytes() for p in (tmp_path / "gpt2").iterdir()}, root=OPENAI)
+    hub.hf = hf
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    handler.hf = hf
-    yield handler
-    server.shutdown()
+    return hub
 
 
 def test_from_pretrained_downloads_from_hf_endpoint_and_caches(hub, tmp_path):
@@ -263,21 +232,20 @@ def test_from_pretrained_downloads_from_hf_endpoint_and_caches(hub, tmp_path):
     torch.testing.assert_close(model(idx)[0], hf_logits(hub.hf, idx), atol=1e-4, rtol=0)
     cached = tmp_path / "cache/gpt2/hub/openai-community--gpt2/model.safetensors"
     assert cached.exists()
-    (hub.root / "gpt2/model.safetensors").unlink()  # the hub is gone: the cache must serve
+    del hub.files["model.safetensors"]  # the hub is gone: the cache must serve
     gpt2.load_pretrained("gpt2")
 
 
 def test_a_dropped_connection_is_resumed_and_gives_the_right_weights(hub):
-    hub.drops = 1
+    hub.faults["model.safetensors"] = ["drop"]
     model = gpt2.load_pretrained("gpt2")
-    assert hub.drops == 0
+    assert hub.faults["model.safetensors"] == []
     idx = random_tokens(512)
     torch.testing.assert_close(model(idx)[0], hf_logits(hub.hf, idx), atol=1e-4, rtol=0)
 
 
-def test_a_download_that_keeps_failing_leaves_no_file_in_the_cache(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(fineweb.time, "sleep", lambda s: None)  # no backoff between the tries
-    hub.drops = 100
+def test_a_download_that_keeps_failing_leaves_no_file_in_the_cache(hub, tmp_path, no_backoff):
+    hub.faults["model.safetensors"] = ["drop"] * 100
     with pytest.raises(gpt2.UserError, match="cannot download"):
         gpt2.load_pretrained("gpt2")
     assert not (tmp_path / "cache/gpt2/hub/openai-community--gpt2/model.safetensors").exists()
@@ -290,55 +258,36 @@ def test_a_missing_model_on_the_hub_is_a_clear_404(hub):
 
 # -- 1d. Errors a user can cause: one line, exit 1 ------------------------------------------------
 
-def run_cli(*args, env=None):
-    """Run `python gpt2.py ARGS` as a user would; returns (exit code, stdout, stderr)."""
-    r = subprocess.run([sys.executable, str(HERE / "gpt2.py"), *map(str, args)],
-                       capture_output=True, text=True, env={**os.environ, **(env or {})},
-                       cwd=HERE, timeout=600)
-    return r.returncode, r.stdout, r.stderr
-
-
-def cli_error(capsys, *args) -> str:
-    """Run gpt2.main(ARGS) in this process; assert it exits 1 with one line; return the line."""
-    capsys.readouterr()  # forget what the test printed before
-    with pytest.raises(SystemExit) as exit_info:
-        gpt2.main(list(map(str, args)))
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
-
-
 def test_an_unknown_model_name_exits_1_with_one_line():
-    code, _, err = run_cli("sample", "--model", "gpt5")
+    code, _, err = run_script("gpt2.py", "sample", "--model", "gpt5")
     assert code == 1 and "Traceback" not in err
     assert err.strip() == ("error: unknown model 'gpt5': use one of gpt2, gpt2-medium, gpt2-large, "
                            "gpt2-xl or a folder with config.json and model.safetensors")
 
 
-def test_a_folder_without_the_weights_is_named(tmp_path, capsys):
+def test_a_folder_without_the_weights_is_named(tmp_path, cli):
     (tmp_path / "config.json").write_text("{}")
-    assert "has no model.safetensors" in cli_error(capsys, "sample", "--model", tmp_path)
+    assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path), "has no model.safetensors")
 
 
-def test_a_truncated_safetensors_file_is_named(tmp_path, capsys):
+def test_a_truncated_safetensors_file_is_named(tmp_path, cli):
     hf_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    assert "truncated or malformed" in cli_error(capsys, "sample", "--model", tmp_path)
+    assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path), "truncated or malformed")
 
 
-def test_a_malformed_safetensors_header_is_named(tmp_path, capsys):
+def test_a_malformed_safetensors_header_is_named(tmp_path, cli):
     hf_model().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
-    assert "malformed safetensors header" in cli_error(capsys, "sample", "--model", tmp_path)
+    assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path), "malformed safetensors header")
 
 
-def test_weights_of_the_wrong_shape_are_named(tmp_path, capsys):
+def test_weights_of_the_wrong_shape_are_named(tmp_path, cli):
     hf_model(n_embd=64).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 32}))
-    err = cli_error(capsys, "sample", "--model", tmp_path)
+    err = assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path))
     assert "has shape (192,), the model expects (96,)" in err
 
 
@@ -550,13 +499,6 @@ def finish(process):
     return out
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_on_two_processes_matches_one_process_with_twice_the_accumulation(shakespeare, tmp_path):
     # 512 tokens a step: 2 ranks x 4 x 64, or 1 process x 2 micro-batches x 4 x 64.
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--device", "cpu"]
@@ -584,40 +526,40 @@ def test_ddp_across_two_nodes_on_localhost_matches_one_process(shakespeare, tmp_
 
 # -- 7b. Errors a user can cause when training --------------------------------------------------
 
-def test_no_shards_says_run_fineweb_first(tmp_path, capsys):
-    err = cli_error(capsys, "--data_dir", tmp_path / "empty", "--log_dir", tmp_path)
+def test_no_shards_says_run_fineweb_first(tmp_path, cli):
+    err = assert_one_error_line(cli(gpt2.main, "--data_dir", tmp_path / "empty", "--log_dir", tmp_path))
     assert err == f"error: no token shards in {tmp_path / 'empty'}: run `python fineweb.py` first (or pass --data_dir)"
 
 
-def test_a_shard_with_a_bad_header_stops_training_with_its_name(tmp_path, capsys):
+def test_a_shard_with_a_bad_header_stops_training_with_its_name(tmp_path, cli):
     bad = tmp_path / "data/x_train_000001.bin"
     bad.parent.mkdir()
     bad.write_bytes(b"\x00" * 2048)
-    err = cli_error(capsys, "--data_dir", bad.parent, "--log_dir", tmp_path, *TINY_RUN)
+    err = assert_one_error_line(cli(gpt2.main, "--data_dir", bad.parent, "--log_dir", tmp_path, *TINY_RUN))
     assert str(bad) in err and "not a token shard" in err
 
 
-def test_a_total_batch_not_divisible_by_the_micro_batch_is_refused(shakespeare, tmp_path, capsys):
-    err = cli_error(capsys, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
-                    "--total_batch_size", "1000")
+def test_a_total_batch_not_divisible_by_the_micro_batch_is_refused(shakespeare, tmp_path, cli):
+    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
+                                    "--total_batch_size", "1000"))
     assert "--total_batch_size 1000 is not divisible by batch_size * seq_len * world_size" in err
 
 
-def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, tmp_path, capsys):
+def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, tmp_path, cli):
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
     gpt2.main(common)
     ckpt = tmp_path / "ckpt_00000002.pt"
     damaged = ckpt.read_bytes()[:5000]
     ckpt.write_bytes(damaged)
-    err = cli_error(capsys, *common, "--resume")
+    err = assert_one_error_line(cli(gpt2.main, *common, "--resume"))
     assert str(ckpt) in err and "corrupt or truncated checkpoint" in err
     assert ckpt.read_bytes() == damaged
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, tmp_path, capsys):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, tmp_path, cli):
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
     gpt2.main(common)
-    err = cli_error(capsys, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30")
+    err = assert_one_error_line(cli(gpt2.main, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30"))
     assert "loss is nan" in err and "ckpt_00000002.pt" in err
     assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
 
@@ -771,8 +713,8 @@ def test_compiled_training_saves_plain_keys_and_still_evaluates_and_samples(shak
     assert not [k for k in state["model"] if "_orig_mod" in k]
     evals = [e for e in gpt2.read_events(tmp_path) if "val_loss" in e]
     assert [e["step"] for e in evals] == [0, 2] and all(e["samples"] for e in evals)
-    code, out, err = run_cli("sample", "--checkpoint", tmp_path / "ckpt_00000002.pt",
-                             "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
+    code, out, err = run_script("gpt2.py", "sample", "--checkpoint", tmp_path / "ckpt_00000002.pt",
+                                "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
     assert code == 0 and out.startswith("-" * 80), err
 
 
@@ -894,8 +836,8 @@ def test_gpu_compiled_training_evaluates_scores_hellaswag_and_samples(shakespear
     assert [e["step"] for e in evals] == [0, 2, 4] and all(e["samples"] for e in evals)
     assert all(0 <= e["hellaswag"] <= 1 for e in evals)
     assert all("mfu" in e for e in gpt2.read_events(tmp_path) if "loss" in e)
-    code, out, err = run_cli("sample", "--checkpoint", tmp_path / "ckpt_00000004.pt",
-                             "--num_samples", "2", "--max_new_tokens", "8", "--seed", "0")
+    code, out, err = run_script("gpt2.py", "sample", "--checkpoint", tmp_path / "ckpt_00000004.pt",
+                                "--num_samples", "2", "--max_new_tokens", "8", "--seed", "0")
     assert code == 0 and out.startswith("-" * 80), err
 
 
@@ -975,12 +917,12 @@ def test_init_from_a_transformers_folder_or_our_checkpoint_starts_at_transformer
     assert first_val_loss(tmp_path / "b") != pytest.approx(first_val_loss(tmp_path / "a"), abs=1e-4)
 
 
-def test_init_from_refuses_size_flags_and_a_longer_context_with_one_line(shakespeare, tmp_path, capsys):
+def test_init_from_refuses_size_flags_and_a_longer_context_with_one_line(shakespeare, tmp_path, cli):
     hf_model(vocab_size=gpt2.VOCAB_SIZE, n_positions=64).save_pretrained(tmp_path / "hf")
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *FINETUNE_RUN, "--init_from", tmp_path / "hf"]
-    assert "--init_from takes the architecture from its source" in cli_error(capsys, *common, "--n_layer", "4")
-    assert "--init_from takes the architecture from its source" in cli_error(capsys, *common, "--model", "mini")
-    err = cli_error(capsys, *common, "--block_size", "128")
+    for size_flag in (["--n_layer", "4"], ["--model", "mini"]):
+        assert_one_error_line(cli(gpt2.main, *common, *size_flag), "--init_from takes the architecture from its source")
+    err = assert_one_error_line(cli(gpt2.main, *common, "--block_size", "128"))
     assert f"--block_size 128 > {tmp_path / 'hf'}'s 64" in err
 
 

@@ -6,13 +6,10 @@ loaded into our GPT through save_pretrained, as OpenAI's weights would be. Rando
 enough to check the scoring: it must pick, example by example, the ending that transformers'
 own logits pick (up to float rounding), whatever the batch, the padding or the number of ranks.
 """
-import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2
 import hellaswag
+from conftest import free_port, run_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -314,12 +312,6 @@ dist.destroy_process_group()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
         model_folder, val_file, scored_1000, tmp_path):
     script = tmp_path / "worker.py"
@@ -338,42 +330,14 @@ def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
 
 # -- Download ---------------------------------------------------------------------------------
 
-class FakeGitHub(http.server.BaseHTTPRequestHandler):
-    """Serves the files of `root` and counts the requests, like raw.githubusercontent.com."""
-    root: Path
-    paths: list
-
-    def do_GET(self):
-        self.paths.append(self.path)
-        path = self.root / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass  # keep pytest's output clean
-
-
 @pytest.fixture
-def github(tmp_path, monkeypatch, val_file):
-    """A server on 127.0.0.1 holding hellaswag_val.jsonl (our 1,000 rows); a fresh cache."""
-    root = tmp_path / "github"
-    root.mkdir()
-    (root / "hellaswag_val.jsonl").write_bytes(val_file.read_bytes())
-    handler = type("Handler", (FakeGitHub,), {"root": root, "paths": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    handler.url = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setenv("HELLASWAG_URL", handler.url)
+def github(tmp_path, monkeypatch, local_hub, val_file):
+    """A server on 127.0.0.1 (conftest's LocalHub) standing in for raw.githubusercontent.com,
+    holding hellaswag_val.jsonl (our 1,000 rows); HELLASWAG_URL points at it; a fresh cache."""
+    github = local_hub({"hellaswag_val.jsonl": val_file.read_bytes()})
+    monkeypatch.setenv("HELLASWAG_URL", github.url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    yield handler
-    server.shutdown()
-    server.server_close()
+    return github
 
 
 def test_download_writes_the_cache_once_and_reads_it_after(github, tmp_path, val_file):
@@ -393,13 +357,6 @@ def test_a_failed_download_names_the_url_and_leaves_no_file(github, tmp_path):
 
 # -- Command line -----------------------------------------------------------------------------
 
-def run_cli(*args, env=None) -> subprocess.CompletedProcess:
-    """`python hellaswag.py ARGS` as a user runs it."""
-    return subprocess.run([sys.executable, HERE / "hellaswag.py", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=HERE,
-                          env={**os.environ, **(env or {})})
-
-
 def report_lines(scored, n: int) -> list[str]:
     """The acc and acc_norm lines the command line prints for the first n examples."""
     c = counts(scored, n)
@@ -409,10 +366,10 @@ def report_lines(scored, n: int) -> list[str]:
 
 def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
         github, model_folder, scored_1000):
-    run = run_cli("--model", model_folder, "--limit", "12", "--device", "cpu",
-                  "--base_url", github.url, env={"HELLASWAG_URL": "http://127.0.0.1:9/nothing"})
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+    code, out, err = run_script("hellaswag.py", "--model", model_folder, "--limit", "12", "--device", "cpu",
+                                "--base_url", github.url, env={"HELLASWAG_URL": "http://127.0.0.1:9/nothing"})
+    assert code == 0, err
+    lines = out.splitlines()
     assert lines[:3] == [*report_lines(scored_1000, 12), "n        12"]
     assert lines[3].startswith("elapsed") and "examples/s on cpu" in lines[3]
 
@@ -440,21 +397,19 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", BAD_FILES)
-def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, capsys):
+def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, cli):
     rows, message = BAD_FILES[case]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
     # The data is read before the model is loaded: this folder is never looked at.
-    with pytest.raises(SystemExit) as exit_info:
-        gpt2.main(["hellaswag", "--file", str(path), "--model", str(tmp_path / "no_model")])
-    assert exit_info.value.code == 1
-    out, err = capsys.readouterr()
+    code, out, err = cli(gpt2.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
+    assert code == 1
     assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
 
 
 def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
-    run = run_cli("--file", tmp_path / "nope.jsonl")
-    assert (run.returncode, run.stderr) == (1, f"error: {tmp_path / 'nope.jsonl'}: no such file\n")
+    code, _, err = run_script("hellaswag.py", "--file", tmp_path / "nope.jsonl")
+    assert (code, err) == (1, f"error: {tmp_path / 'nope.jsonl'}: no such file\n")
 
 
 def test_cli_scores_a_training_checkpoint(model, val_file, scored_1000, tmp_path, capsys):
