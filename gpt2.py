@@ -14,7 +14,7 @@ This file is meant to be read top to bottom, like a short book:
     8. Checkpoints      the training state, written atomically, and exact resume.
     9. Training         the loop, one function, in the order one optimizer step happens.
     A. Appendix         a speed trick for one device: the CPU's chunked cross-entropy.
-    B. Appendix         the tools: `sample`, `hellaswag`, `bench`, `plot`.
+    B. Appendix         the tools: `sample`, `hellaswag`, `export`, `bench`, `plot`.
    10. main()           the command line: every hyperparameter, its default and why.
 
 Run it:
@@ -24,6 +24,7 @@ Run it:
     torchrun --standalone --nproc_per_node=8 gpt2.py     # train on 8 GPUs of one machine
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
         --master_addr=HOST --master_port=29500 gpt2.py   # ... and node_rank=1 on the second
+    python gpt2.py --init_from gpt2 --data_dir data/mine --max_lr 3e-5 --dropout 0.1  # fine-tune
     python gpt2.py sample --model gpt2 --prompt "Hello, I'm a language model,"
     python gpt2.py --help                                # every flag, with its default's reason
 
