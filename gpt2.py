@@ -969,7 +969,7 @@ def load_hellaswag(file, limit: int):
     """HellaSwag's val examples for the training hook (downloaded once, then cached)."""
     try:
         return hellaswag.load_examples(file=file, limit=limit or None)
-    except (UserError, OSError) as e:
+    except UserError as e:
         raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
 
 
@@ -1252,7 +1252,6 @@ def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainS
     if args.seq_len > model.config.block_size:
         raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
     model = model.to(runtime.device)
-    config = model.config
     optimizer = configure_optimizer(model, args.max_lr, args.weight_decay, runtime.device.type)
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)

@@ -112,12 +112,12 @@ def check_example(row, where: str) -> dict:
         raise UserError(f"{where}: {len(endings)} endings, HellaSwag has {N_ENDINGS}")
     if "label" not in row:
         raise UserError(f"{where}: no 'label' (the test split's labels are not public; "
-                             "score val or train)")
+                        "score val or train)")
     label = row["label"]
     # bool is a subclass of int in Python, but `true` is not a valid answer index.
     if type(label) is not int or not 0 <= label < N_ENDINGS:
         raise UserError(f"{where}: 'label' must be an integer 0-{N_ENDINGS - 1}, "
-                             f"got {label!r}")
+                        f"got {label!r}")
     return row
 
 
@@ -126,18 +126,23 @@ def read_examples(path: Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue  # a trailing blank line is not an example
-            where = f"{path}: line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from e
-            examples.append(check_example(row, where))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if not line.strip():
+                    continue  # a trailing blank line is not an example
+                where = f"{path}: line {lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where}: not valid JSON ({e.msg})") from e
+                examples.append(check_example(row, where))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason}): not a HellaSwag jsonl file") from None
+    except OSError as e:  # unreadable: a folder, no permission
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if not examples:
         raise UserError(f"{path}: no examples in the file")
     return examples

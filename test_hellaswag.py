@@ -407,6 +407,14 @@ def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, cli):
     assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
 
 
+def test_a_binary_file_is_one_line_and_exit_1_not_a_traceback(tmp_path, cli):
+    path = tmp_path / "weights.jsonl"
+    path.write_bytes(json.dumps(ROOF).encode() + b"\n\xff\xfe\x00\x81 not text\n")
+    code, out, err = cli(gpt2.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
+    assert (code, out) == (1, "")
+    assert err == f"error: {path}: not UTF-8 text (invalid start byte): not a HellaSwag jsonl file\n"
+
+
 def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
     code, _, err = run_script("hellaswag.py", "--file", tmp_path / "nope.jsonl")
     assert (code, err) == (1, f"error: {tmp_path / 'nope.jsonl'}: no such file\n")
