@@ -141,7 +141,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -152,8 +152,11 @@ class CausalSelfAttention(nn.Module):
             # which may look at every cached key and needs no mask at all.
             assert cache.pos == 0 or T == 1, "after the prompt, the cache takes one token a step"
             k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+        # `mask` (B, 1, T, T), True where a query may see a key, replaces the causal mask for a
+        # caller that packs several sequences into one row (GPT.hidden).
         y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
-            q, k, v, is_causal=T > 1, dropout_p=self.attn_dropout if self.training else 0.0)
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -185,8 +188,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,16 +230,25 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx, cache: KVCache | None = None):
-        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f."""
+    def hidden(self, idx, cache: KVCache | None = None, pos=None, mask=None):
+        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f.
+
+        By default token t sits at position t (after the cache's tokens) and sees tokens <= t.
+        A caller may instead give each token its position, `pos` (B, T), and say whom it sees,
+        `mask` (B, 1, T, T): hellaswag.py lays a context and its 4 endings into one row, each
+        ending at the positions that follow the context and seeing only the context and itself,
+        so the context is computed once instead of 4 times, for the same results.
+        """
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens > block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if pos is None:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of {start + T} tokens > block_size "
+                                 f"{self.config.block_size}")
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)

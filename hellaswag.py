@@ -190,54 +190,108 @@ def render_example(example: dict, enc: tiktoken.Encoding | None = None,
     return tokens, mask, example["label"]
 
 
-def pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack (r_i, L_i) tensors into one (sum of r_i, max L_i) tensor, right-padding with 0."""
+def pad_cat(rows: list[torch.Tensor], value: int = 0) -> torch.Tensor:
+    """Stack (r_i, L_i) tensors into one (sum of r_i, max L_i) tensor, right-padded with value."""
     width = max(r.size(1) for r in rows)
-    return torch.cat([F.pad(r, (0, width - r.size(1))) for r in rows])
+    return torch.cat([F.pad(r, (0, width - r.size(1)), value=value) for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------
 # Scoring: the loss of each ending, the prediction, and the counts across ranks.
 # ---------------------------------------------------------------------------------------------
 
-def ending_logits(model: torch.nn.Module, tokens: torch.Tensor,
-                  ending: torch.Tensor) -> torch.Tensor:
-    """The logits (E, V) at the E positions whose next token is an ending's, V maybe padded.
-
-    `tokens` is (R, L); `ending` is (R, L-1), True where position t predicts an ending token.
-    A model with `hidden` (tokens -> final hidden states) and an `lm_head` module, as gpt2.GPT
-    has, takes the fast path: the lm_head (the biggest matmul of a small GPT) runs only at the
-    scored positions, about a third of them. Any other model maps tokens to logits (or to a
-    tuple whose first item is the logits) at every position, and we pick the scored ones.
+def fast_path(model: torch.nn.Module) -> bool:
+    """Whether `model` is one of gpt2.py's (or quacks like one): `hidden(idx, pos=, mask=)` for
+    the final hidden states and an `lm_head` module for the logits. Any other model only needs
+    to map tokens to logits (or to a tuple whose first item is the logits) at every position.
     """
-    if callable(getattr(model, "hidden", None)) and isinstance(
-            getattr(model, "lm_head", None), torch.nn.Module):
-        x = model.hidden(tokens[:, :-1])  # (R, L-1, C): the last token predicts nothing
-        return model.lm_head(x[ending])  # (E, V)
+    return callable(getattr(model, "hidden", None)) and isinstance(
+        getattr(model, "lm_head", None), torch.nn.Module)
+
+
+def pack_example(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An example's 4 rows (render_example's tokens and mask) as one row for the fast path.
+
+    The context once, then the 4 endings one after another: `row` (n,). Each token also gets
+    `pos` (n,), its position in its own completion (every ending continues from the context's
+    length), and `part` (n,), 0 for the context and i + 1 for ending i; attention lets a token
+    see the context and its own part (see packed_losses). So each ending is scored exactly as
+    in its own row, while the body runs over n = ctx + the 4 endings' tokens instead of
+    4 x ctx + the endings': 1.9x fewer tokens on HellaSwag's val rows, whose contexts are
+    28 tokens and endings 16 on average. `src` (E,) says, for each ending token in order,
+    which token predicts it: the one before it, or, for an ending's first token, the context's
+    last token.
+    """
+    n_ctx = int(mask[0].nonzero()[0])  # every ending starts where the context stops
+    row, pos, src = [tokens[0, :n_ctx]], [torch.arange(n_ctx)], []
+    part = [torch.zeros(n_ctx, dtype=torch.long)]
+    start = n_ctx  # where the next ending goes in the packed row
+    for i in range(N_ENDINGS):
+        n = int(mask[i].sum())
+        row.append(tokens[i, n_ctx:n_ctx + n])
+        pos.append(torch.arange(n_ctx, n_ctx + n))
+        part.append(torch.full((n,), i + 1))
+        src.append(torch.cat([torch.tensor([n_ctx - 1]), torch.arange(start, start + n - 1)]))
+        start += n
+    return torch.cat(row), torch.cat(pos), torch.cat(part), torch.cat(src)
+
+
+def packed_losses(model: torch.nn.Module, packed: list[tuple[torch.Tensor, ...]],
+                  device: str | torch.device) -> torch.Tensor:
+    """Summed loss of each ending of a batch of packed examples (the fast path): (B, 4)."""
+    tokens = pad_cat([row[None] for row, _, _, _ in packed]).to(device)  # (B, L)
+    pos = pad_cat([pos[None] for _, pos, _, _ in packed]).to(device)  # (B, L)
+    part = pad_cat([part[None] for _, _, part, _ in packed], value=-1).to(device)  # (B, L)
+    B, L = tokens.shape
+    # A token sees the tokens before it that are context or of its own part. Padding, part
+    # -1, sees only itself and the context, and no real token sees it.
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
+    sees = causal & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None]))  # (B, L, L)
+    x = model.hidden(tokens, pos=pos, mask=sees[:, None])  # (B, L, C)
+    ending = part > 0  # (B, L), True at the tokens we score
+    rows = torch.arange(B, device=device)[:, None].expand(B, L)[ending]  # (E,), row-major
+    src = torch.cat([src for _, _, _, src in packed]).to(device)  # (E,), in the same order
+    # The lm_head (the biggest matmul of a small GPT) runs only at the E scored positions;
+    # the padded vocabulary columns are put out of the softmax in place, without a copy.
+    logits = model.lm_head(x[rows, src])  # (E, V), V maybe padded
+    logits[:, N_VOCAB:] = float("-inf")
+    # A stable softmax wants fp32 (not float64: Apple's mps has none).
+    losses = F.cross_entropy(logits.float(), tokens[ending], reduction="none")  # (E,)
+    which = rows * N_ENDINGS + part[ending] - 1  # (E,), the ending each loss belongs to
+    summed = torch.zeros(B * N_ENDINGS, dtype=torch.float32, device=device)
+    return summed.index_add_(0, which, losses).view(B, N_ENDINGS)
+
+
+def row_losses(model: torch.nn.Module, rows: list[tuple[torch.Tensor, torch.Tensor]],
+               device: str | torch.device) -> torch.Tensor:
+    """Summed loss of the ending of each (1, n) row (tokens, mask), any model: (R, 1).
+
+    The plain path: the model's logits at every position, then the ones that predict an ending
+    token. Padding cannot leak into the result: attention is causal, so a padded position only
+    influences positions after it, and those are not scored.
+    """
+    tokens = pad_cat([tokens for tokens, _ in rows]).to(device)  # (R, L)
+    # Position t predicts token t + 1: the logits at t are scored against the token at t + 1.
+    ending = pad_cat([mask for _, mask in rows])[:, 1:].bool().to(device)  # (R, L-1)
     out = model(tokens)
     logits = out[0] if isinstance(out, tuple) else out  # (R, L, V)
     if logits.shape[:2] != tokens.shape:
         raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for tokens "
                          f"of shape {tuple(tokens.shape)}: every position's logits are needed")
-    return logits[:, :-1][ending]  # (E, V)
-
-
-def ending_losses(model: torch.nn.Module, tokens: torch.Tensor,
-                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and mean cross-entropy of each row's masked tokens: two (R,) float32 tensors.
-
-    Padding cannot leak into the result: attention is causal, so a padded position only
-    influences positions after it, and those are masked out.
-    """
-    # Position t predicts token t + 1: the logits at t are scored against the token at t + 1.
-    ending = mask[:, 1:].bool()  # (R, L-1), True where the predicted token is an ending's
-    # A stable softmax wants fp32 (not float64: Apple's mps has none); the padded vocabulary
-    # columns are left out.
-    picked = ending_logits(model, tokens, ending)[:, :N_VOCAB].float()  # (E, 50257)
-    losses = torch.zeros(ending.shape, dtype=torch.float32, device=picked.device)  # (R, L-1)
+    picked = logits[:, :-1][ending][:, :N_VOCAB].float()  # (E, 50257), padded columns left out
+    losses = torch.zeros(ending.shape, dtype=torch.float32, device=device)  # (R, L-1)
     losses[ending] = F.cross_entropy(picked, tokens[:, 1:][ending], reduction="none")
-    summed = losses.sum(dim=1)  # (R,)
-    return summed, summed / ending.sum(dim=1)
+    return losses.sum(dim=1, keepdim=True)
+
+
+def unpadded_rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """An example's (4, L) tokens and mask as 4 (1, n_i) pairs, each row cut to its own length.
+
+    render_example pads the 4 rows to the longest ending; scored on their own, the rows can be
+    batched with rows of their own length instead, and no position is spent on that padding.
+    """
+    lengths = [int(row.nonzero().max()) + 1 for row in mask]  # the ending ends the row
+    return [(tokens[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)]
 
 
 def autocast(device: str | torch.device, dtype: torch.dtype | None):
@@ -251,14 +305,38 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def unpadded_rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """An example's (4, L) tokens and mask as 4 (1, n_i) pairs, each row cut to its own length.
+def ending_losses(model: torch.nn.Module, rendered: list[tuple[torch.Tensor, torch.Tensor]],
+                  device: str | torch.device, *, autocast_dtype: torch.dtype | None = None,
+                  batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Summed loss of each ending of each rendered (tokens, mask) example: (N, 4), on the CPU.
 
-    render_example pads the 4 rows to the longest ending; scored on their own, the rows can be
-    batched with rows of their own length instead, and no position is spent on that padding.
+    Our model packs an example into one row (pack_example), `batch_size` rows a forward pass;
+    any other model gets 4 rows per example, `4 * batch_size` a pass. Either way each row is
+    scored on its own (attention never crosses rows), so rows of similar length are batched
+    together, whichever examples they come from: a batch is nearly all tokens, and the result
+    does not depend on the batch size.
     """
-    lengths = [int(row.nonzero().max()) + 1 for row in mask]  # the ending ends the row
-    return [(tokens[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)]
+    if fast_path(model):
+        items = [pack_example(tokens, mask) for tokens, mask in rendered]  # N packed rows
+        score, per_pass, endings_per_item = packed_losses, batch_size, N_ENDINGS
+    else:
+        items = [row for tokens, mask in rendered for row in unpadded_rows(tokens, mask)]  # 4N
+        score, per_pass, endings_per_item = row_losses, N_ENDINGS * batch_size, 1
+    order = sorted(range(len(items)), key=lambda i: items[i][0].numel())
+    losses = torch.empty(len(items), endings_per_item)  # (N, 4) or (4N, 1)
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    try:
+        with torch.no_grad(), tqdm(total=len(rendered) * N_ENDINGS, unit="ending",
+                                   disable=not progress) as bar:
+            for start in range(0, len(order), per_pass):
+                batch = order[start:start + per_pass]
+                with autocast(device, autocast_dtype):
+                    losses[batch] = score(model, [items[i] for i in batch], device).cpu()
+                bar.update(losses[batch].numel())
+    finally:
+        model.train(was_training)
+    return losses.view(-1, N_ENDINGS)
 
 
 def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
@@ -267,33 +345,16 @@ def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.de
     """Score `examples` with `model`: (labels, pred, pred_norm), each (N,) on the CPU.
 
     `pred` is the ending with the lowest summed loss, `pred_norm` with the lowest mean loss.
-    `4 * batch_size` rows share one forward pass; the results do not depend on the batch size.
     `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
     """
     max_len = getattr(getattr(model, "config", None), "block_size", None)  # crop if limited
     rendered = [render_example(ex, max_len=max_len) for ex in examples]
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)  # (N,)
-    rows = [row for tokens, mask, _ in rendered for row in unpadded_rows(tokens, mask)]  # 4N
-    # Each row is scored on its own (attention never crosses rows), so rows of similar length
-    # are batched together, whichever examples they come from: a batch is nearly all tokens.
-    order = sorted(range(len(rows)), key=lambda r: rows[r][0].size(1))
-    losses = torch.empty(2, len(rows))  # (2, 4N): summed and mean loss of each row, on the CPU
-    was_training = model.training
-    model.eval()  # no dropout while scoring
-    try:
-        with torch.no_grad(), tqdm(total=len(rows), unit="row", disable=not progress) as bar:
-            for start in range(0, len(order), N_ENDINGS * batch_size):
-                batch = order[start:start + N_ENDINGS * batch_size]
-                tokens = pad_cat([rows[r][0] for r in batch]).to(device)  # (R, L)
-                mask = pad_cat([rows[r][1] for r in batch]).to(device)  # (R, L)
-                with autocast(device, autocast_dtype):
-                    summed, mean = ending_losses(model, tokens, mask)  # (R,), (R,)
-                losses[:, batch] = torch.stack([summed, mean]).cpu()  # (2, R)
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
-    summed, mean = losses.view(2, -1, N_ENDINGS)  # (N, 4), (N, 4)
-    return labels, summed.argmin(dim=1), mean.argmin(dim=1)
+    summed = ending_losses(model, [(tokens, mask) for tokens, mask, _ in rendered], device,
+                           autocast_dtype=autocast_dtype, batch_size=batch_size,
+                           progress=progress)  # (N, 4)
+    lengths = torch.stack([mask.sum(dim=1) for _, mask, _ in rendered])  # (N, 4) ending tokens
+    return labels, summed.argmin(dim=1), (summed / lengths).argmin(dim=1)
 
 
 def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,

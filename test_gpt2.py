@@ -141,6 +141,24 @@ def test_padded_vocabulary_rows_are_never_scored():
     assert logits.shape[-1] == 100
 
 
+def test_given_positions_and_a_mask_two_endings_packed_after_one_context_compute_as_if_alone():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    ctx, end1, end2 = (torch.randint(0, 50257, (n,)) for n in (6, 3, 5))
+    row = torch.cat([ctx, end1, end2])[None]  # (1, 14): the context once, then both endings
+    pos = torch.cat([torch.arange(6), torch.arange(6, 9), torch.arange(6, 11)])[None]  # (1, 14)
+    part = torch.tensor([0] * 6 + [1] * 3 + [2] * 5)  # (14,)
+    # Each token sees the earlier tokens of the context and of its own ending.
+    sees = torch.ones(14, 14, dtype=torch.bool).tril() & ((part[None, :] == 0)
+                                                          | (part[None, :] == part[:, None]))
+    with torch.no_grad():
+        packed = model.hidden(row, pos=pos, mask=sees[None, None])[0]  # (14, C)
+        alone1 = model.hidden(torch.cat([ctx, end1])[None])[0]  # (9, C)
+        alone2 = model.hidden(torch.cat([ctx, end2])[None])[0]  # (11, C)
+    assert torch.allclose(packed[:9], alone1, atol=1e-5)
+    assert torch.allclose(packed[9:], alone2[6:], atol=1e-5)
+
+
 # -- 1b. Generation with the KV cache -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
