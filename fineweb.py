@@ -98,8 +98,8 @@ EOT = 50256  # <|endoftext|>, GPT-2's only special token; it opens every documen
 # Plumbing shared by the three scripts: why it lives here.
 #
 # gpt2.py and hellaswag.py do `from fineweb import UserError, atomic_write, cache_dir,
-# download`: one copy of the error class, the atomic write, the cache folder and the
-# downloader, not three that drift apart. It lives in this file because fineweb.py imports
+# download, gpt2_tokenizer`: one copy of the error class, the atomic write, the cache folder,
+# the downloader and the tokenizer's loader, not three that drift apart. It lives in this file because fineweb.py imports
 # no torch (so importing it costs the others nothing, and its tokenizer worker processes stay
 # small), it is the first script a user runs, and it is the one that must survive bad
 # networks: a 28 GB download over hours meets every kind of failure, so the downloader that
@@ -149,6 +149,17 @@ def cache_dir(*parts):
     outside the repository, shared by every checkout. Not created here: download() makes the
     folders it writes into."""
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2", *parts)
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE (50,257 tokens). tiktoken downloads its two files on first use and
+    caches them (in $TIKTOKEN_CACHE_DIR if set); without them and offline, one line says so."""
+    try:
+        return tiktoken.get_encoding("gpt2")  # tiktoken keeps it: later calls cost a lookup
+    except Exception as e:  # requests' and urllib's network errors, a bad cache folder
+        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken "
+                        f"downloads it once; offline, set TIKTOKEN_CACHE_DIR to a folder "
+                        f"holding its cached files") from None
 
 
 def hub_base():
@@ -565,7 +576,7 @@ def init_worker():
     global _encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    _encoder = tiktoken.get_encoding("gpt2")
+    _encoder = gpt2_tokenizer()
 
 
 def exit_with_parent(parent):
@@ -829,6 +840,7 @@ def run(args):
     started = time.time()
     if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
         raise UserError("this tiktoken is too old (no encode_to_numpy): pip install 'tiktoken>=0.9'")
+    gpt2_tokenizer()  # here, where a missing tokenizer is one line, not a broken pool
     manifest = load_manifest(args)
     if manifest and manifest["done"]:
         print(f"nothing to do: {args.out_dir} is complete")

@@ -32,8 +32,8 @@ The names of the weights (wte, wpe, h, ln_1, attn.c_attn, ...) are OpenAI's and 
 so every tensor here maps one-to-one onto the paper's figures and onto `transformers`.
 
 Imports run one way: fineweb.py (the data pipeline, and the plumbing all three scripts share:
-downloads, atomic writes, the cache folder, the error type) imports no other script;
-hellaswag.py imports fineweb; gpt2.py imports both.
+downloads, atomic writes, the cache folder, the error type, the tokenizer) imports no other
+script; hellaswag.py imports fineweb; gpt2.py imports both.
 """
 from __future__ import annotations
 
@@ -52,14 +52,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag
-from fineweb import UserError, atomic_write, cache_dir, download
+from fineweb import UserError, atomic_write, cache_dir, download, gpt2_tokenizer
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
 # Every model here, whatever the size of its embedding table, only ever scores these.
@@ -390,16 +389,6 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
         out[:, n] = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
     model.train(was_training)
     return out
-
-
-def gpt2_tokenizer() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 BPE. Its files are downloaded on first use and cached."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # requests' and urllib's network errors, a bad cache folder
-        raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken "
-                        f"downloads it once; offline, set TIKTOKEN_CACHE_DIR to a folder "
-                        f"holding its cached files") from None
 
 
 def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
@@ -817,10 +806,9 @@ def enable_tf32(device: torch.device):
 
 def autocast_context(runtime: Runtime):
     """Mixed precision: matmuls in runtime.dtype, weights and reductions kept in float32. In
-    float32 no autocast context at all: torch.autocast("mps", enabled=False) raises before 2.5."""
-    if runtime.dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=runtime.device.type, dtype=runtime.dtype)
+    float32 no autocast context at all: torch.autocast("mps", enabled=False) raises before 2.5.
+    (The HellaSwag scorer needs the same context without importing us: hellaswag.py has it.)"""
+    return hellaswag.autocast(runtime.device, runtime.dtype)
 
 
 def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runtime:
@@ -989,8 +977,7 @@ def hellaswag_accuracy(model: GPT, examples, runtime: Runtime) -> float:
     """acc_norm over the examples, each rank scoring its share."""
     result = hellaswag.evaluate(model, examples, runtime.device, rank=runtime.rank,
                                 world_size=runtime.world_size,
-                                autocast_dtype=None if runtime.dtype == torch.float32
-                                else runtime.dtype)
+                                autocast_dtype=runtime.dtype)
     return result["acc_norm"]
 
 
@@ -1548,8 +1535,7 @@ def hellaswag_command(args):
     model = load_model(args, device)
     start = time.perf_counter()
     result = hellaswag.evaluate(model, examples, device, batch_size=args.batch_size,
-                                autocast_dtype=None if runtime.dtype == torch.float32
-                                else runtime.dtype, progress=True)
+                                autocast_dtype=runtime.dtype, progress=True)
     elapsed = time.perf_counter() - start
     print(f"acc      {result['acc']:.4f}  ({result['correct']}/{result['n']})")
     print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")

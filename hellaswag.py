@@ -60,7 +60,6 @@ of the command line.
 """
 import argparse
 import contextlib
-import functools
 import json
 import os
 import sys
@@ -73,7 +72,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fineweb import UserError, cache_dir, download
+from fineweb import UserError, cache_dir, download, gpt2_tokenizer
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 SPLITS = ("train", "val", "test")
@@ -162,12 +161,6 @@ def load_examples(split: str = "val", file: str | os.PathLike | None = None,
 # Rendering: one example becomes 4 rows of tokens and a mask over each row's ending.
 # ---------------------------------------------------------------------------------------------
 
-@functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
-    """tiktoken's GPT-2 BPE, loaded on first use (not at import: gpt2.py imports us)."""
-    return tiktoken.get_encoding("gpt2")
-
-
 def render_example(example: dict, enc: tiktoken.Encoding | None = None,
                    max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Return (tokens, mask, label): the 4 candidate completions, right-padded with 0.
@@ -178,7 +171,7 @@ def render_example(example: dict, enc: tiktoken.Encoding | None = None,
     `max_len` (a model's block_size), the context loses tokens from its start; the endings,
     which are what we score, stay whole.
     """
-    enc = enc or gpt2_encoding()
+    enc = enc or gpt2_tokenizer()
     ctx = enc.encode(example["ctx"])
     endings = [enc.encode(" " + ending) for ending in example["endings"]]
     longest = max(len(end) for end in endings)
@@ -298,12 +291,13 @@ def unpadded_rows(tokens: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.
 
 
 def autocast(device: str | torch.device, dtype: torch.dtype | None):
-    """torch.autocast to `dtype`, or no context at all for None (fp32).
+    """torch.autocast to `dtype` (bf16, fp16), or no context at all for float32 or None.
 
     Not autocast(enabled=False): torch < 2.5 raises on that for mps, even though it asks for
-    nothing to be done.
+    nothing to be done. (gpt2.py's training uses this one too: it lives here because this
+    module may not import gpt2.)
     """
-    if dtype is None:
+    if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
 

@@ -226,6 +226,22 @@ def test_tokenizer_works_offline():
     assert tiktoken.get_encoding("gpt2").encode("Hello world") == [15496, 995]
 
 
+@pytest.mark.parametrize("script", ["fineweb.py", "hellaswag.py", "gpt2.py sample"])
+def test_without_the_tokenizer_files_and_offline_each_script_says_so_in_one_line(
+        script, samples, tmp_path):
+    folder = tmp_path / "model"
+    gpt2.save_pretrained(GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)), folder)
+    args = {"fineweb.py": ["--input", samples / "tinyshakespeare.txt", "--out_dir", tmp_path / "out"],
+            "hellaswag.py": ["--model", folder, "--file", samples / "hellaswag_val_1000.jsonl"],
+            "gpt2.py sample": ["--model", folder, "--max_new_tokens", 2]}[script]
+    # An empty tokenizer cache, and a proxy nobody listens on: tiktoken's download fails at once.
+    dead = f"http://127.0.0.1:{free_port()}"
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": dead,
+               "https_proxy": dead, "NO_PROXY": "", "no_proxy": ""}
+    result = run_script(*script.split(), *args, env=offline, timeout=120)
+    assert_one_error_line(result, "GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
+
+
 # -- 1c. Downloading OpenAI's weights from the hub (a local server stands in for it) ------------
 
 OPENAI = "/openai-community/gpt2/resolve/main/"  # where the hub keeps OpenAI's 124M GPT-2
