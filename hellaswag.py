@@ -169,12 +169,17 @@ def render_example(example: dict, enc: tiktoken.Encoding | None = None,
     GPT-2's BPE the space belongs to the word after it (" roof" is one token), so this is how
     the ending's first word would look in running text. If a row would be longer than
     `max_len` (a model's block_size), the context loses tokens from its start; the endings,
-    which are what we score, stay whole.
+    which are what we score, stay whole, after at least one context token to predict the
+    first of them from (a model too short for that is an error: the val set's longest ending
+    is 73 tokens long).
     """
     enc = enc or gpt2_tokenizer()
     ctx = enc.encode(example["ctx"])
     endings = [enc.encode(" " + ending) for ending in example["endings"]]
     longest = max(len(end) for end in endings)
+    if max_len is not None and longest >= max_len:
+        raise UserError(f"an ending of {longest} tokens and one token of its context do not fit "
+                        f"the model's block_size of {max_len}: HellaSwag needs a longer one")
     if max_len is not None and len(ctx) + longest > max_len:
         ctx = ctx[len(ctx) + longest - max_len:]
     tokens = torch.zeros((N_ENDINGS, len(ctx) + longest), dtype=torch.long)  # (4, L)

@@ -102,6 +102,13 @@ def test_render_example_crops_the_context_from_the_left_to_fit_max_len(val_1000)
     assert torch.equal(cropped, tokens[:, 5:]) and torch.equal(cropped_mask, mask[:, 5:])
 
 
+def test_a_model_too_short_for_an_ending_and_one_context_token_is_a_clear_error(val_1000):
+    tokens, mask, _ = hellaswag.render_example(val_1000[519], max_len=12)  # 11 + 1 fit
+    assert mask[:, 0].sum() == 0 and mask.sum(dim=1).max() == 11  # one context token is left
+    with pytest.raises(hellaswag.UserError, match="ending of 11 tokens .* block_size of 11"):
+        hellaswag.render_example(val_1000[519], max_len=11)
+
+
 def test_rows_longer_than_the_models_block_size_are_cropped_to_fit(val_1000):
     short = gpt2.GPT(gpt2.GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8))
     labels, pred, pred_norm = hellaswag.predict(short, val_1000[519:520], "cpu")  # 20 tokens
