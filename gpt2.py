@@ -1125,9 +1125,8 @@ def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | Non
     return path, state
 
 
-def resume(state: TrainState, log_dir, runtime: Runtime):
-    """Continue from the newest checkpoint in log_dir, if there is one."""
-    agreed = load_agreed_checkpoint(log_dir, runtime)
+def resume(state: TrainState, agreed: tuple[Path, dict] | None, log_dir, runtime: Runtime):
+    """Continue from the agreed checkpoint (load_agreed_checkpoint), if there is one."""
     if agreed is None:
         say(runtime, f"--resume: no checkpoint in {log_dir}, starting from step 0")
         return
@@ -1218,15 +1217,19 @@ def training_data(args, runtime: Runtime):
     return loader, read_shard(val_files[0]) if val_files else None, grad_accum
 
 
+def refuse_size_flags(args):
+    if args.model or args.n_layer or args.n_head or args.n_embd:
+        raise UserError("--init_from takes the architecture from its source: drop --model, "
+                        "--n_layer, --n_head and --n_embd")
+
+
 def pretrained_for_training(args) -> GPT:
     """--init_from: OpenAI's weights (a hub name or a save_pretrained folder) or a ckpt_*.pt of
     ours, weights only (the optimizer and the schedule start afresh). The architecture is the
     source's; its position table is cropped to --block_size if that is smaller (nanoGPT's crop:
     a shorter context uses only the first rows), the vocabulary padded as training wants
     (exports cut it back), and --dropout applies."""
-    if args.model or args.n_layer or args.n_head or args.n_embd:
-        raise UserError("--init_from takes the architecture from its source: drop --model, "
-                        "--n_layer, --n_head and --n_embd")
+    refuse_size_flags(args)
     is_checkpoint = args.init_from.endswith(".pt")
     source = (load_checkpoint_model(args.init_from) if is_checkpoint
               else load_pretrained(args.init_from))
@@ -1244,10 +1247,23 @@ def pretrained_for_training(args) -> GPT:
     return model
 
 
-def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainState:
+def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
+                    resuming: dict | None = None) -> TrainState:
+    """The state of step 0; `resuming`, the checkpoint that will replace it, if any."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = (rank0_first(runtime, lambda: pretrained_for_training(args)) if args.init_from
-             else GPT(model_config(args)))
+    if args.init_from and resuming:
+        # A fine-tune resumed: its weights come from the checkpoint, so the source (gpt2-xl is
+        # 6 GB) is neither read nor downloaded again. Its architecture is the checkpoint's; the
+        # flags that shaped it must still agree (TrainState.load_state_dict checks).
+        refuse_size_flags(args)
+        saved = GPTConfig(**resuming["config"])
+        model = GPT(GPTConfig(args.block_size or saved.block_size, saved.vocab_size,
+                              saved.n_layer, saved.n_head, saved.n_embd,
+                              args.pad_vocab_to_multiple_of, args.dropout))
+    elif args.init_from:
+        model = rank0_first(runtime, lambda: pretrained_for_training(args))
+    else:
+        model = GPT(model_config(args))
     if args.seq_len > model.config.block_size:
         raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
     model = model.to(runtime.device)
@@ -1336,11 +1352,12 @@ def print_event(event: dict, runtime: Runtime):
 def run_training(args, runtime: Runtime):
     """The whole run, in the order things happen."""
     loader, val_tokens, grad_accum = training_data(args, runtime)
-    state = new_train_state(args, runtime, loader)
+    agreed = load_agreed_checkpoint(args.log_dir, runtime) if args.resume else None
+    state = new_train_state(args, runtime, loader, agreed[1] if agreed else None)
     # Resume before compile and DDP: the checkpoint's keys are the raw model's, and DDP copies
     # rank 0's weights to every rank when it wraps the model, so they must be final by then.
     if args.resume:
-        resume(state, args.log_dir, runtime)
+        resume(state, agreed, args.log_dir, runtime)
     train_model = wrap_for_training(state.model, args, runtime)
     max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
     peak_flops = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)

@@ -974,6 +974,7 @@ def test_a_fine_tune_on_a_txt_learns_resumes_exactly_and_exports_to_transformers
     assert val[1] < val[0] - 0.5  # it learns Shakespeare
     resumed.mkdir()
     (resumed / "ckpt_00000003.pt").write_bytes((full / "ckpt_00000003.pt").read_bytes())
+    (tmp_path / "hf").rename(tmp_path / "hf_gone")  # a resumed fine-tune never reads its source
     gpt2.main([*common, "--log_dir", resumed, "--resume"])
     a = torch.load(full / "ckpt_00000006.pt", weights_only=True)["model"]
     b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)["model"]
