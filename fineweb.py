@@ -56,7 +56,7 @@ temporary name and renamed when complete.
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
 not gpt2: every tokenizer worker would pay ~220 MB of memory for `import torch`. The other way
 round, gpt2.py and hellaswag.py import from here the plumbing the three scripts share (UserError,
-atomic_write, cache_dir, download): see the section of that name below.
+atomic_write, cache_dir, download, gpt2_tokenizer): see the section of that name below.
 """
 import argparse
 import codecs
@@ -99,12 +99,13 @@ EOT = 50256  # <|endoftext|>, GPT-2's only special token; it opens every documen
 #
 # gpt2.py and hellaswag.py do `from fineweb import UserError, atomic_write, cache_dir,
 # download, gpt2_tokenizer`: one copy of the error class, the atomic write, the cache folder,
-# the downloader and the tokenizer's loader, not three that drift apart. It lives in this file because fineweb.py imports
-# no torch (so importing it costs the others nothing, and its tokenizer worker processes stay
-# small), it is the first script a user runs, and it is the one that must survive bad
-# networks: a 28 GB download over hours meets every kind of failure, so the downloader that
-# resumes, retries and checks is the one everyone should use. For the same reason this file
-# never imports gpt2 or hellaswag. Keep this section generic: nothing FineWeb-specific here.
+# the downloader and the tokenizer's loader, not three that drift apart. It lives in this file
+# because fineweb.py imports no torch (so importing it costs the others nothing, and its
+# tokenizer worker processes stay small), it is the first script a user runs, and it is the
+# one that must survive bad networks: a 28 GB download over hours meets every kind of failure,
+# so the downloader that resumes, retries and checks is the one everyone should use. For the
+# same reason this file never imports gpt2 or hellaswag. Keep this section generic: nothing
+# FineWeb-specific here.
 # ---------------------------------------------------------------------------------------
 class UserError(Exception):
     """Something the user can fix (a bad file, the network, a flag): one line, exit code 1."""

@@ -335,7 +335,7 @@ def ending_losses(model: torch.nn.Module, rendered: list[tuple[torch.Tensor, tor
                 batch = order[start:start + per_pass]
                 with autocast(device, autocast_dtype):
                     losses[batch] = score(model, [items[i] for i in batch], device).cpu()
-                bar.update(losses[batch].numel())
+                bar.update(len(batch) * endings_per_item)
     finally:
         model.train(was_training)
     return losses.view(-1, N_ENDINGS)
