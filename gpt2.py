@@ -1,39 +1,42 @@
 """GPT-2, from scratch, in one file: the model, its data, and how to train it on 1 to N GPUs.
 
-This file is meant to be read top to bottom, like a short book:
+Read it top to bottom, like a short book. Chapters 1 to 9 are the story; the appendices after
+them hold the machinery a first reader can skip.
 
-    1. GPT-2            GPTConfig and presets, attention, MLP, Block, GPT. Nothing else: a
-                        reader who stops here has understood GPT-2.
-    2. Generation       the key/value cache, the sampler, generate().
-    3. OpenAI's weights safetensors, the name mapping, load_pretrained / save_pretrained.
-    4. The data         llm.c's token shards, and a loader whose batches are drawn from all
-                        over the data, each window once per epoch, in any number of processes.
-    5. The machine      what torchrun gives us, device and precision choice, reductions, MFU.
-    6. Optimization     AdamW parameter groups, the warmup + cosine learning-rate schedule.
-    7. Evaluation       validation loss over a fixed token budget, samples, HellaSwag.
-    8. Checkpoints      the training state, written atomically, and exact resume.
-    9. Training         the loop, one function, in the order one optimizer step happens.
-    A. Appendix         a speed trick for one device: the CPU's chunked cross-entropy.
-    B. Appendix         the tools: `sample`, `hellaswag`, `export`, `bench`, `plot`.
-   10. main()           the command line: every hyperparameter, its default and why.
-
-Run it:
+    1. GPT-2             GPTConfig and presets, attention, MLP, Block, GPT. Nothing else.
+    2. Generation        the key/value cache, the sampler, generate().
+    3. OpenAI's weights  the name mapping and the Conv1D transpose; a fine-tune's start.
+    4. The data          llm.c's token shards; a loader that draws each step's sequences from
+                         all over the data, each once per epoch, for any number of processes.
+    5. The machine       what torchrun gives each process, device and precision, DDP.
+    6. Optimization      AdamW's parameter groups, the warmup + cosine learning-rate schedule.
+    7. Evaluation        validation loss over a fixed token budget, samples, HellaSwag.
+    8. Checkpoints       what the training state holds, and exact resume.
+    9. Training          the recipe (every hyperparameter, its default and why), then the loop.
+    A. Speed tricks for one device: the CPU's chunked loss, the fast sampler, a batch-1 lm_head.
+    B. Plumbing: files, downloads, checks, the agreement between processes.
+    C. The tools: `sample`, `hellaswag`, `export`, `bench`, `plot`.
+    D. The command line.
 
     python fineweb.py                                    # token shards in data/fineweb_edu
     python gpt2.py                                       # train on one GPU, or on the CPU
     torchrun --standalone --nproc_per_node=8 gpt2.py     # train on 8 GPUs of one machine
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
-        --master_addr=HOST --master_port=29500 gpt2.py   # ... and node_rank=1 on the second
-    python gpt2.py --init_from gpt2 --data_dir data/mine --max_lr 3e-5 --dropout 0.1  # fine-tune
     python gpt2.py sample --model gpt2 --prompt "Hello, I'm a language model,"
+    python gpt2.py --init_from gpt2 --data_dir data/mine --max_lr 3e-5 --dropout 0.1  # fine-tune
     python gpt2.py --help                                # every flag, with its default's reason
 
-The names of the weights (wte, wpe, h, ln_1, attn.c_attn, ...) are OpenAI's and Hugging Face's,
-so every tensor here maps one-to-one onto the paper's figures and onto `transformers`.
+The weights' names (wte, wpe, h, ln_1, attn.c_attn, ...) are OpenAI's and Hugging Face's.
 
-Imports run one way: fineweb.py (the data pipeline, and the plumbing all three scripts share:
-downloads, atomic writes, the cache folder, the error type, the tokenizer) imports no other
-script; hellaswag.py imports fineweb; gpt2.py imports both.
++- If you come from the video ("Let's reproduce GPT-2", build-nanogpt), what differs and why -+
+| The training forward returns (None, loss): logits are never kept (6.6 GB of bf16 at B=64,  |
+| T=1024), and the padded vocabulary rows are never scored or sampled. A step's sequences    |
+| come from all over the data, each once per epoch, not one contiguous run of B * T tokens   |
+| (neighbouring sequences of one text are nearly one sample), and are the same for any       |
+| number of GPUs. Accumulation skips DDP's all-reduce with no_sync(). Checkpoints hold the    |
+| optimizer, the loader's position and every random generator: --resume is bit-exact.        |
+| Generation has a key/value cache; the precision follows the GPU (bf16 from Ampere, fp16 +  |
+| loss scaling before); a CPU gets a chunked loss that saves ~1.5 GB.                        |
++--------------------------------------------------------------------------------------------+
 """
 from __future__ import annotations
 
@@ -61,7 +64,6 @@ import hellaswag
 from fineweb import UserError, atomic_write, cache_dir, download, gpt2_tokenizer
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
-# Every model here, whatever the size of its embedding table, only ever scores these.
 VOCAB_SIZE = 50257
 EOT = 50256
 
@@ -71,14 +73,14 @@ EOT = 50256
 #
 # GPT-2 (Radford et al., 2019) is a decoder-only transformer: token embeddings (wte) plus learned
 # position embeddings (wpe), n_layer identical blocks, a final LayerNorm (ln_f), and a linear
-# map back to the vocabulary (lm_head) that shares its weights with wte. Each block is
-# "pre-LN", the one change GPT-2 made to GPT-1: LayerNorm comes *before* attention and the MLP,
-# inside the residual branch, so the residual stream itself is a clean sum that gradients flow
-# through untouched:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x)).
+# map back to the vocabulary (lm_head) that shares its weights with wte. Against GPT-1 the
+# paper (section 2.3) changes three things: LayerNorm moves to the input of each sub-block
+# ("pre-LN": x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), so the residual stream is a clean sum
+# that gradients flow through untouched), a final LayerNorm follows the last block, and the
+# weights of the residual projections are scaled at initialization by 1/sqrt(N) for N of them.
 #
 # The four OpenAI sizes, and small ones that train on a laptop CPU in minutes. Parameter counts
-# are with the tied 50,257-token embedding counted once (the 124M figure is exact: a test checks
-# it; the small presets' counts are dominated by that embedding, 50257 x n_embd).
+# are with the tied 50,257-token embedding counted once (a test checks the 124M figure).
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -102,9 +104,8 @@ class GPTConfig:
     # scored, sampled or saved: `logits` are always cut back to vocab_size columns.
     pad_vocab_to_multiple_of: int = 1
     # GPT-2 trained with dropout 0.1 on the attention weights, the residual branches and the
-    # embeddings (transformers' attn_pdrop, resid_pdrop, embd_pdrop). Pretraining on billions
-    # of tokens does fine without (build-nanogpt, nanoGPT: 0); fine-tuning on a small text
-    # overfits without it. Only in training: eval() turns it off.
+    # embeddings. Pretraining on billions of tokens does fine without (build-nanogpt, nanoGPT:
+    # 0); fine-tuning on a small text overfits without it. Only in training: eval() turns it off.
     dropout: float = 0.0
 
     @property
@@ -116,46 +117,57 @@ class GPTConfig:
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
-        settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-        config = cls(**settings)
+        config = cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
         if config.n_embd % config.n_head:
             raise UserError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         return config
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head attention in which position t only sees positions <= t.
+def causal_attention(q, k, v, dropout_p: float = 0.0, written_out: bool = False):
+    """softmax(Q K^T / sqrt(d)) V, where each query sees only the keys up to its own position.
 
-    One matmul (c_attn) makes queries, keys and values for all heads at once; the attention
-    itself is F.scaled_dot_product_attention, which picks a fused kernel (FlashAttention on
-    recent GPUs) that never materializes the (T, T) attention matrix.
+    q (B, nh, Tq, hs); k, v (B, nh, Tk, hs) with Tk >= Tq: the queries are the last Tq of the Tk
+    positions (Tk > Tq when generation has cached the keys of earlier tokens, chapter 2), so
+    query i sits at position Tk - Tq + i and sees keys 0 .. Tk - Tq + i.
     """
+    Tq, Tk = q.size(-2), k.size(-2)
+    if written_out:  # the formula, step by step: what the fused kernel below computes
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        weights = F.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        return F.dropout(weights, dropout_p) @ v  # (B, nh, Tq, hs)
+    # F.scaled_dot_product_attention picks a fused kernel (FlashAttention on recent GPUs) that
+    # never materializes the (Tq, Tk) matrix. Its is_causal mask is aligned to the top-left
+    # corner, right when queries and keys start together; one new query sees every key.
+    if Tq == Tk or Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=Tq > 1, dropout_p=dropout_p)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
 
-    def __init__(self, config: GPTConfig):
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention: n_head heads of n_embd / n_head dimensions each, side by side."""
+
+    written_out = False  # True: causal_attention's step-by-step formula instead of the kernel
+
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.n_head, self.layer = config.n_head, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys, values
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.is_residual_projection = True  # see GPT._init_weights
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
+    def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            # Generation (chapter 2) keeps the keys and values of earlier positions. SDPA's
-            # causal mask is aligned to the top-left corner, right only when queries and keys
-            # start together: so a cached call is either the prompt (pos 0) or one token,
-            # which may look at every cached key and needs no mask at all.
-            assert cache.pos == 0 or T == 1, "after the prompt, the cache takes one token a step"
-            k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
-        # `mask` (B, 1, T, T), True where a query may see a key, replaces the causal mask for a
-        # caller that packs several sequences into one row (GPT.hidden).
-        y = F.scaled_dot_product_attention(  # (B, nh, T, hs)
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.attn_dropout if self.training else 0.0)
+        if cache is not None:  # generation (chapter 2): also attend to earlier tokens' keys
+            y = cache.attend(self, q, k, v)
+        else:
+            y = causal_attention(q, k, v, self.attn_dropout if self.training else 0.0,
+                                 self.written_out)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -180,15 +192,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-LN transformer block: attention mixes positions, the MLP thinks per position."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, layer, mask)
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -200,7 +212,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -229,27 +241,15 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx, cache: KVCache | None = None, pos=None, mask=None):
-        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f.
-
-        By default token t sits at position t (after the cache's tokens) and sees tokens <= t.
-        A caller may instead give each token its position, `pos` (B, T), and say whom it sees,
-        `mask` (B, 1, T, T): hellaswag.py lays a context and its 4 endings into one row, each
-        ending at the positions that follow the context and seeing only the context and itself,
-        so the context is computed once instead of 4 times, for the same results.
-        """
-        B, T = idx.size()
-        if pos is None:
-            start = cache.pos if cache is not None else 0
-            if start + T > self.config.block_size:
-                raise ValueError(f"sequence of {start + T} tokens > block_size "
-                                 f"{self.config.block_size}")
-            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+    def hidden(self, idx, cache=None):
+        """Token ids (B, T) -> final hidden states (B, T, C), after ln_f."""
+        T = idx.size(1)
+        # Token t sits at position t; after a cache's tokens, further on (chapter 2).
+        pos = (cache.positions(T, idx.device) if cache is not None
+               else torch.arange(T, device=idx.device))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer, mask)
-        if cache is not None:
-            cache.pos += T
+        for block in self.transformer.h:
+            x = block(x, cache)
         return self.transformer.ln_f(x)
 
     def logits(self, x):
@@ -267,7 +267,7 @@ class GPT(nn.Module):
         x = self.hidden(idx)  # (B, T, C)
         if targets is None:
             return self.logits(x), None
-        if loss_chunk > 0:  # the CPU's memory-saving path: appendix A
+        if loss_chunk > 0:  # the CPU's memory-saving road to the same loss: appendix A
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets,
                                                self.config.vocab_size, loss_chunk)
         logits = self.logits(x)  # (B, T, V)
@@ -280,39 +280,47 @@ class GPT(nn.Module):
 # Sampling is a loop: run the model, turn the last position's logits into a distribution, draw
 # a token, append it. Without a cache, every step re-runs the whole sequence: O(T^2) work for T
 # tokens. With the key/value cache the prompt runs once ("prefill") and then each step feeds
-# only the newest token, attending to the keys and values stored for the rest: the attention
-# of chapter 1 writes into the cache and reads back everything so far.
+# only the newest token, which attends to the keys and values stored for all the others.
+#
+# The model hands a cache two jobs (chapter 1's `cache` argument): where the new tokens sit
+# (`positions`) and the attention itself (`attend`), which stores the new keys and values and
+# attends over all of them. hellaswag.py passes the model another object with the same two
+# methods, to score a context and its four endings in one row.
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, so that generating one more
-    token costs one token's worth of compute instead of re-running the whole prefix.
+    """Keys and values of every layer for the positions seen so far, in buffers for `max_len`
+    positions; `pos` is how many are filled. The buffers are made when the first keys arrive,
+    in their dtype: under bf16 autocast, half the memory of float32 and no cast each step."""
 
-    Buffers are allocated once for `max_len` positions; `pos` is how many are filled.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
-        head_size = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int):
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len,
+                      config.n_embd // config.n_head)
+        self.k = self.v = None
         self.pos = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's (B, nh, T, hs) keys and values; return all of them so far."""
+    def positions(self, T: int, device):
+        if self.pos + T > self.shape[3]:
+            raise ValueError(f"{self.pos + T} positions > the cache's {self.shape[3]}")
+        return torch.arange(self.pos, self.pos + T, device=device)
+
+    def attend(self, attn: CausalSelfAttention, q, k, v):
+        """Store this layer's new (B, nh, T, hs) keys and values; attend over all so far."""
+        if self.k is None:
+            self.k, self.v = (torch.zeros(self.shape, dtype=k.dtype, device=k.device) for _ in "kv")
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, end, hs)
-
-
-def accumulator_dtype(device: torch.device) -> torch.dtype:
-    """float64 for sums over many terms, except on Apple's mps, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
+        self.k[attn.layer, :, :, self.pos:end] = k
+        self.v[attn.layer, :, :, self.pos:end] = v
+        if attn.layer == self.shape[0] - 1:  # the last layer has stored them: T more positions
+            self.pos = end
+        return causal_attention(q, self.k[attn.layer, :, :, :end], self.v[attn.layer, :, :, :end],
+                                written_out=attn.written_out)
 
 
 def sample_next_token(logits, temperature: float, top_k: int | None, top_p: float | None,
-                      generator: torch.Generator):
-    """Draw one token per row from logits (B, V)."""
+                      generator: torch.Generator, fast: bool = True):
+    """Draw one token per row from logits (B, V): greedy at temperature 0, else from the softmax
+    of logits / temperature, restricted to the top_k likeliest tokens and/or to the smallest
+    set whose probability reaches top_p (nucleus sampling)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -326,17 +334,10 @@ def sample_next_token(logits, temperature: float, top_k: int | None, top_p: floa
         # likeliest token always stays.
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Draw by inverting the cumulative distribution: one uniform number per row, found in the
-    # running sum with a binary search. torch.multinomial draws an exponential variable per
-    # token instead: ~1 ms for 50,257 tokens, more than the rest of the sampling together.
-    # In float64 (float32 on mps, which has none): a float32 running sum over 50,257 tokens
-    # loses the smallest probabilities to rounding.
-    cdf = F.softmax(logits, dim=-1).to(accumulator_dtype(logits.device)).cumsum(dim=-1)  # (B, V)
-    total = cdf[:, -1:]  # ~1
-    u = torch.rand(total.shape, dtype=cdf.dtype, device=logits.device, generator=generator)
-    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u < total
-    # right=True: the first token whose cdf exceeds u, so a token of probability 0 is never hit.
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if fast:  # the same distribution, drawn ~4x quicker: appendix A
+        return draw_by_inverse_cdf(probs, generator)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
 
 @torch.inference_mode()
@@ -345,16 +346,10 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
              use_cache: bool = True):
     """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + new).
 
-    temperature 0 is greedy decoding; top_k keeps the k likeliest tokens, top_p the smallest
-    set whose probability reaches p (nucleus sampling); seed makes the draws reproducible.
-
-    Past block_size: the model has no position embedding beyond block_size, so once the
-    sequence is longer, each new token is predicted from the last block_size tokens only,
-    and the cache is rebuilt from that window every step (a full forward pass, as without a
-    cache): generation past block_size runs at the no-cache speed, with identical tokens.
+    Past block_size the model has no position embedding, so each new token is predicted from
+    the last block_size tokens only, and the cache is rebuilt from that window every step (a
+    full forward pass, as without a cache): slower, with identical tokens.
     """
-    was_training = model.training
-    model.eval()
     B, T = idx.shape
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
     out[:, :T] = idx
@@ -363,31 +358,24 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
         generator.manual_seed(seed)
     else:
         generator.seed()
-    cache = None
-    block = model.config.block_size
-    # Each step multiplies the newest hidden state by the (V, C) lm_head table: at batch 1 on a
-    # CPU, reading that table is most of a step's time, and a matrix-vector product x @ W.T
-    # reads a contiguous (C, V) copy ~2.4x faster than the (V, C) original (measured, README).
-    # The copy is made once per call, from the current weights (never stale), and costs
-    # V * C * 4 bytes while generating: 51 MB for the mini preset, 155 MB for 124M. GPUs read
-    # either layout at full speed: no copy there.
-    head_t = (model.lm_head.weight.t().contiguous()
-              if B == 1 and idx.device.type == "cpu" else None)  # (C, V)
-    for n in range(T, T + max_new_tokens):  # n = tokens so far
-        if cache is not None and cache.pos == n - 1 and n <= block:
-            step_input = out[:, n - 1:n]  # (B, 1): only the newest token is new
-        else:
-            step_input = out[:, max(0, n - block):n]  # (B, <= block): prefill / no cache
-            if use_cache:
-                cache = cache or KVCache(model.config, B, block, idx.device,
-                                         model.lm_head.weight.dtype)
-                cache.pos = 0
-        x = model.hidden(step_input, cache)[:, -1]  # (B, C): only the last position matters
-        # With several rows, weight @ x.T (the table on its natural layout) is the quick form.
-        logits = x @ head_t if head_t is not None else (model.lm_head.weight @ x.t()).t()  # (B, V)
-        logits = logits[:, :model.config.vocab_size]
-        out[:, n] = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
-    model.train(was_training)
+    block, cache = model.config.block_size, None
+    logits_of = lm_head_for_generation(model, B)  # model.logits, or appendix A's faster copy
+    was_training = model.training
+    model.eval()
+    try:
+        for n in range(T, T + max_new_tokens):  # n = tokens so far
+            if cache is not None and cache.pos == n - 1 and n <= block:
+                step_input = out[:, n - 1:n]  # (B, 1): only the newest token is new
+            else:
+                step_input = out[:, max(0, n - block):n]  # (B, <= block): prefill / no cache
+                if use_cache:
+                    cache = cache or KVCache(model.config, B, block)
+                    cache.pos = 0
+            x = model.hidden(step_input, cache)[:, -1]  # (B, C): only the last position matters
+            out[:, n] = sample_next_token(logits_of(x).float(), temperature, top_k, top_p,
+                                          generator)
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -405,23 +393,753 @@ def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int,
 # -----------------------------------------------------------------------------------------------
 # 3. OpenAI's weights, in and out
 #
-# OpenAI's GPT-2 checkpoints live on the Hugging Face hub as `model.safetensors` + `config.json`.
-# safetensors is a simple format, so we read and write it ourselves instead of depending on the
-# `safetensors` or `transformers` packages:
+# OpenAI's GPT-2 checkpoints live on the Hugging Face hub as `config.json` + `model.safetensors`
+# (a simple format: a JSON header of names, shapes and offsets, then the raw bytes; we read and
+# write it ourselves, appendix B). Two details make their tensors ours. OpenAI wrote the linear
+# layers as "Conv1D" modules storing (in, out) matrices, the transpose of nn.Linear's
+# (out, in). And the hub's files name tensors without the `transformer.` prefix that
+# transformers' save_pretrained adds, and carry the causal-mask buffers `attn.bias` /
+# `attn.masked_bias`, which are not weights at all.
+#
+# The same weights start a fine-tune (`--init_from`): the architecture is the source's, the
+# optimizer and schedule start afresh. The way back out, save_pretrained, is `export`'s
+# (appendix C).
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
+
+
+def hf_state_dict_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Either key layout (hub: `h.0...`; save_pretrained: `transformer.h.0...`) -> our names."""
+    ours = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers, and the tied copy of wte
+        ours["transformer." + name] = t.t() if name.endswith(CONV1D_WEIGHTS) else t
+    return ours
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
+    """Copy tensors into the model, checking names and shapes (wte may be padded here)."""
+    own = model.state_dict()
+    del own["lm_head.weight"]  # the same tensor as wte.weight
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, t in state.items():
+            target = own[name]
+            if name == "transformer.wte.weight":
+                target = target[:t.size(0)]  # the real rows of a padded table
+            if target.shape != t.shape:
+                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model "
+                                f"expects {tuple(target.shape)}")
+            target.copy_(t)
+
+
+def load_pretrained(name_or_path: str) -> GPT:
+    """Build a GPT from OpenAI's weights: a hub name (downloaded once) or a local folder."""
+    config_path, weights_path = pretrained_files(name_or_path)  # appendix B
+    model = GPT(config_from_hf(config_path))
+    load_weights(model, hf_state_dict_to_ours(read_safetensors(weights_path)), str(weights_path))
+    return model
+
+
+def finetune_model(source: GPT, block_size: int | None, pad_vocab_to_multiple_of: int,
+                   dropout: float, name: str) -> GPT:
+    """The model a fine-tune starts from: the source's weights and architecture, its position
+    table cropped to block_size if that is smaller (nanoGPT's crop: a shorter context uses only
+    the first rows), the vocabulary padded as training wants (an export cuts it back), and
+    this run's dropout."""
+    c = source.config
+    block_size = block_size or c.block_size
+    if block_size > c.block_size:
+        raise UserError(f"--block_size {block_size} > {name}'s {c.block_size}: its position "
+                        f"table has no rows to extend it with")
+    model = GPT(GPTConfig(block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd,
+                          pad_vocab_to_multiple_of, dropout))
+    state = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}  # tied
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:c.vocab_size]
+    load_weights(model, state, name)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. The data
+#
+# Training text is tokenized once, ahead of time, by fineweb.py into "shards": files of uint16
+# token ids (the vocabulary fits in 16 bits), 100M tokens each, in llm.c's format, so shards
+# from either project serve both:
+#
+#     1024 bytes    256 little-endian int32: magic 20240520, version 1, number of tokens, zeros
+#     2 * n bytes   the tokens, little-endian uint16; each document starts with <|endoftext|>
+#
+# fineweb.py writes them (it must not import torch); we read them. The tests write with one
+# and read with the other, so the two cannot drift apart.
+
+def read_shard(path) -> np.ndarray:
+    """The tokens of a shard as a read-only uint16 memmap (nothing is read until used)."""
+    n = shard_length(path)  # from its header, checked against the file (appendix B)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(n,))
+
+
+def find_shards(data_dir, split: str) -> list[Path]:
+    """Shards of one split ("train" or "val") in data_dir, in name order."""
+    return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
+
+
+def training_data(args, runtime: Runtime):
+    """The train loader, the val tokens (None without a val shard) and the accumulation steps."""
+    train_files, val_files = find_shards(args.data_dir, "train"), find_shards(args.data_dir, "val")
+    if not train_files:
+        raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
+                        f"(or pass --data_dir)")
+    B, T, W = args.batch_size, args.seq_len, runtime.world_size
+    if args.total_batch_size % (B * T * W):
+        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
+    grad_accum = args.total_batch_size // (B * T * W)  # micro-batches per optimizer step
+    loader = ShardedDataLoader(train_files, B, T, grad_accum, runtime.rank, W, args.seed)
+    return loader, read_shard(val_files[0]) if val_files else None, grad_accum
+
+
+# The loader. A training sequence is a "window" of T + 1 tokens (the inputs, and the targets
+# shifted by one); a shard of n tokens holds (n - 1) // T of them at stride T.
+#
+# The idea: each step's sequences are drawn from all over the data, and every window is used
+# once per epoch. Not one contiguous run of B * T tokens per step (build-nanogpt's and llm.c's
+# way): eight neighbouring sequences of one text are nearly one sample, and the step's gradient
+# is then as noisy as a much smaller batch's. On Tiny Shakespeare (README) the same model
+# reaches val loss 5.334 fed contiguous runs, 5.152 fed windows from all over.
+#
+# How: each epoch shuffles the shards, and the windows inside each shard, with a permutation
+# seeded by (seed, epoch): every process computes the same order without talking. Number the
+# windows of the epochs laid end to end g = 0, 1, 2, ...; step s takes the W = B * grad_accum
+# * world_size windows from s * W, and micro-step m of rank r the B of them at (m * world_size
+# + r) * B. So the same step gets the same sequences whatever the split between processes and
+# micro-batches, and the position is one integer: exact to save and restore.
+
+class ShardedDataLoader:
+    def __init__(self, files, batch_size: int, seq_len: int, grad_accum: int = 1, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        self.files = [str(f) for f in files]
+        self.B, self.T, self.grad_accum = batch_size, seq_len, grad_accum
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.step_windows = batch_size * grad_accum * world_size  # W
+        self.windows = np.array([max(0, (shard_length(f) - 1) // seq_len) for f in files])
+        self.epoch_windows = int(self.windows.sum())
+        if self.epoch_windows < self.step_windows:
+            raise UserError(f"the train shards hold {self.epoch_windows:,} sequences of "
+                            f"{seq_len + 1} tokens, fewer than one step needs "
+                            f"({self.step_windows:,}): lower --total_batch_size")
+        self.step_start = self.micro = 0  # g of this step's first window; micro-step in it
+        self._epoch = self._shard = None  # the orders read_windows is using, kept for the next
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.epoch_windows // self.step_windows
+
+    def next_batch(self):
+        """This rank's next micro-batch: inputs and targets, (B, T) int64 each."""
+        first = self.step_start + (self.micro * self.world_size + self.rank) * self.B
+        buf = torch.from_numpy(self.read_windows(first, self.B).astype(np.int64))  # (B, T + 1)
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.micro, self.step_start = 0, self.step_start + self.step_windows
+        return buf[:, :-1], buf[:, 1:]
+
+    def read_windows(self, first: int, count: int) -> np.ndarray:
+        """Windows g = first ... first + count - 1 of the endless stream: (count, T + 1) tokens.
+
+        Window g is window k = g % epoch_windows of epoch g // epoch_windows. In that epoch's
+        shard order, shard order[p] holds the windows k from ends[p] - windows[shard] up to
+        ends[p] (cumulative counts), and k is its window number k - (ends[p] - windows[shard])
+        in that shard's own permutation. The count windows almost always lie in one epoch
+        and one shard; at most two of each.
+        """
+        epoch, k = np.divmod(np.arange(first, first + count), self.epoch_windows)  # (count,)
+        rows = np.empty((count, self.T + 1), dtype=np.uint16)
+        for e in np.unique(epoch):
+            if self._epoch is None or self._epoch[0] != e:
+                order = np.random.default_rng([self.seed, e]).permutation(len(self.files))
+                self._epoch = (e, order, np.cumsum(self.windows[order]))
+            _, order, ends = self._epoch
+            mine = np.flatnonzero(epoch == e)
+            position = np.searchsorted(ends, k[mine], side="right")  # p, for each window
+            for p in np.unique(position):
+                shard = int(order[p])
+                if self._shard is None or self._shard[:2] != (e, shard):
+                    perm = np.random.default_rng([self.seed, e, shard]).permutation(self.windows[shard])
+                    self._shard = (e, shard, perm, read_shard(self.files[shard]))
+                _, _, perm, tokens = self._shard
+                here = mine[position == p]
+                window = perm[k[here] - (ends[p] - self.windows[shard])]
+                rows[here] = tokens[window[:, None] * self.T + np.arange(self.T + 1)]
+        return rows
+
+    def state_dict(self) -> dict:
+        return dict(step_start=self.step_start, micro=self.micro, seq_len=self.T,
+                    step_windows=self.step_windows, seed=self.seed,
+                    files=[os.path.basename(f) for f in self.files])
+
+    def load_state_dict(self, state: dict):
+        for key in ("seq_len", "step_windows", "seed", "files"):
+            if state[key] != self.state_dict()[key]:
+                raise UserError(f"cannot resume: the checkpoint's loader had {key}="
+                                f"{state[key]!r}, this run has {self.state_dict()[key]!r}")
+        self.step_start, self.micro = state["step_start"], state["micro"]
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. The machine
+#
+# torchrun starts one process per GPU and tells each who it is in environment variables: RANK
+# (0 .. WORLD_SIZE-1, unique across all machines), LOCAL_RANK (which GPU of this machine) and
+# WORLD_SIZE. So the GPU is chosen by LOCAL_RANK, and "am I the one that prints and writes" by
+# RANK == 0. Plain `python gpt2.py` has none of them: one process. NCCL talks between GPUs,
+# gloo between CPU processes; gloo has no AVG reduction, so a mean is a SUM / world size.
+#
+# DDP (DistributedDataParallel) keeps a whole copy of the model on every GPU; each computes the
+# gradients of its own micro-batch, and DDP averages them across GPUs during the backward pass,
+# so every copy takes the same optimizer step and stays identical.
+#
+# The precision: bf16 autocast on GPUs whose tensor cores have it (matmuls in bf16; weights,
+# reductions and the optimizer in float32: ~2x faster than TF32), fp16 with loss scaling on
+# older GPUs (bf16 would be emulated there), float32 on the CPU and Apple's mps.
+
+@dataclass
+class Runtime:
+    """Who this process is and what it computes on: one per process, made once."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """--device auto prefers a CUDA GPU, LOCAL_RANK's, then Apple's mps, then the CPU."""
+    if name != "auto":
+        return named_device(name, local_rank)  # checked: appendix B
+    if torch.cuda.is_available():
+        # Modulo the GPUs this process sees: a launcher may show each process only its own.
+        return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 where tensor cores have it (compute capability 8.0, Ampere, and
+    newer), fp16 on older GPUs (T4, V100), float32 on CPU and mps. Not is_bf16_supported(): on
+    recent torch it says True on a T4 too, where bf16 is emulated and slower than float32."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.float32
+
+
+def autocast_context(runtime: Runtime):
+    """Mixed precision: matmuls in runtime.dtype, weights and reductions in float32. In float32
+    no context at all (hellaswag.py holds it, since it may not import us)."""
+    return hellaswag.autocast(runtime.device, runtime.dtype)
+
+
+def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runtime:
+    """Read torchrun's variables, pick this process's device and join the process group.
+    timeout_s bounds how long a collective waits for the slowest rank (--dist_timeout)."""
+    distributed = "RANK" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else None
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":  # in one process too: else a library's "cuda" means GPU 0 (~500 MB)
+        torch.cuda.set_device(dev)
+    if not distributed:
+        return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return Runtime(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), dev,
+                   pick_dtype(dtype, dev))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto the device: on CUDA from pinned memory and without waiting, so the copy
+    overlaps the GPU's work."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def say(runtime: Runtime, *message):
+    """Print, from rank 0 only: one line per event, not one per GPU."""
+    if runtime.is_main:
+        print(*message, flush=True)
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter that takes part in a
+    matmul (forward 2, backward 4), plus attention's QK^T and AV, 12 * n_layer * T * n_embd.
+    Over the device's peak FLOP/s, this gives MFU: the fraction of the hardware we use."""
+    c = config
+    matmul_params = 12 * c.n_layer * c.n_embd ** 2 + c.n_embd * c.padded_vocab_size
+    return 6 * matmul_params + 12 * c.n_layer * seq_len * c.n_embd
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Optimization
+#
+# AdamW with GPT-3's settings (Brown et al., 2020, appendix B): betas (0.9, 0.95), eps 1e-8,
+# weight decay 0.1, applied only to the 2-D tensors (the matmul weights and embeddings), never
+# to biases and LayerNorm gains, whose scale decay would only distort. The learning rate warms
+# up linearly (early gradients are large and noisy), then follows a cosine down to min_lr.
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float):
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    try:  # one kernel for all parameters: CUDA, and CPU/MPS on recent torch
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Evaluation
+#
+# Three signals during training. The validation loss, over a fixed budget of tokens from the
+# val shard: the same sequences whatever the number of processes or the micro-batch (each rank
+# takes every world_size-th sequence, and the summed losses are reduced), through the same
+# loss path and autocast as training, so curves from different setups compare. Samples from a
+# fixed prompt, to see what the loss means. And HellaSwag accuracy (hellaswag.py), the
+# benchmark small GPTs are compared on.
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
+                  runtime: Runtime, loss_chunk: int) -> float:
+    """Mean loss per token over the first val_tokens // seq_len sequences of the val shard."""
+    model.eval()
+    n_seq = min(val_tokens, len(tokens) - 1) // seq_len
+    mine = list(range(runtime.rank, n_seq, runtime.world_size))
+    total = torch.zeros(2, dtype=accumulator_dtype(runtime.device), device=runtime.device)
+    for i in range(0, len(mine), batch_size):
+        rows = [torch.from_numpy(tokens[s * seq_len:(s + 1) * seq_len + 1].astype(np.int64))
+                for s in mine[i:i + batch_size]]
+        buf = torch.stack(rows).to(runtime.device)  # (b, T + 1)
+        with autocast_context(runtime):
+            _, loss = model(buf[:, :-1], buf[:, 1:], loss_chunk=loss_chunk)
+        n = buf[:, 1:].numel()
+        total += torch.stack([loss.to(total.dtype) * n, total.new_tensor(n)])  # [loss sum, tokens]
+    all_reduce_sum(total, runtime)
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
+             last: bool) -> dict:
+    """The evaluation event of this step: val loss, HellaSwag when due, samples."""
+    event = dict(step=state.step)
+    if val_tokens is not None:
+        event["val_loss"] = evaluate_loss(state.model, val_tokens, args.seq_len, args.batch_size,
+                                          args.val_tokens, runtime, args.loss_chunk)
+    if hellaswag_examples and (state.step % args.hellaswag_every == 0 or last):
+        event["hellaswag"] = hellaswag.evaluate(  # acc_norm; each rank scores its share
+            state.model, hellaswag_examples, runtime.device, rank=runtime.rank,
+            world_size=runtime.world_size, autocast_dtype=runtime.dtype)["acc_norm"]
+    if runtime.is_main and args.num_samples:
+        event["samples"] = sample_texts(state.model, args.sample_prompt, args.num_samples,
+                                        args.sample_tokens, runtime.device, args.seed)
+    return event
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Checkpoints
+#
+# A checkpoint is everything needed to continue as if nothing had happened: the weights, the
+# optimizer's moments, the gradient scaler, the step, the loader's position and every random
+# number generator, with the config and flags it was made with. TrainState holds exactly that.
+# Rank 0 writes it (every rank's copy is the same) to a temporary file renamed into place, so a
+# crash mid-write leaves the previous checkpoint whole; the newest --keep_checkpoints stay. To
+# resume, every rank must load the same file, the one rank 0 chose: one call (appendix B).
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves and restores (with the random number generators)."""
+    model: GPT  # the raw model: its state_dict keys stay plain, whatever wraps it for training
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (and empty) otherwise
+    loader: ShardedDataLoader
+    step: int = 0  # optimizer steps taken
+
+    def state_dict(self, args) -> dict:
+        return dict(step=self.step, model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                    loader=self.loader.state_dict(), rng=rng_state(),
+                    config=asdict(self.model.config), args=vars(args))
+
+    def load_state_dict(self, saved: dict, source):
+        if GPTConfig(**saved["config"]) != self.model.config:
+            raise UserError(f"{source} is a {saved['config']} model, not this run's "
+                            f"{asdict(self.model.config)}")
+        self.model.load_state_dict(saved["model"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])  # appendix B, like the two below
+        load_scaler_state(self.scaler, saved["scaler"])
+        self.loader.load_state_dict(saved["loader"])
+        set_rng_state(saved["rng"])
+        self.step = saved["step"]
+
+
+def start_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainState:
+    """Step 0's state; with --resume, the newest checkpoint's, the same file on every rank."""
+    agreed = load_agreed_checkpoint(args.log_dir, runtime) if args.resume else None  # appendix B
+    state = new_train_state(args, runtime, loader, agreed[1] if agreed else None)
+    if agreed:
+        state.load_state_dict(agreed[1], agreed[0])
+        say(runtime, f"resumed from {agreed[0]} at step {state.step}")
+    elif args.resume:
+        say(runtime, f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
+    return state
+
+
+def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
+                    resuming: dict | None = None) -> TrainState:
+    """The state of step 0: random weights, or --init_from's; `resuming`, the checkpoint that
+    will replace them, if any (a resumed fine-tune then never reads its source again)."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    if args.init_from:
+        refuse_size_flags(args)
+        model = (GPT(finetune_config(args, resuming["config"])) if resuming
+                 else rank0_first(runtime, lambda: pretrained_for_training(args)))
+    else:
+        model = GPT(model_config(args))
+    if args.seq_len > model.config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
+    model = model.to(runtime.device)
+    optimizer = configure_optimizer(model, args.max_lr, args.weight_decay)
+    # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
+    return TrainState(model, optimizer, scaler, loader)
+
+
+def save_checkpoint(state: TrainState, args, runtime: Runtime):
+    """Rank 0 writes this step's checkpoint and drops the oldest; the other ranks go on."""
+    if runtime.is_main:
+        path = checkpoint_path(args.log_dir, state.step)
+        with atomic_write(path) as f:
+            torch.save(state.state_dict(args), f)
+        for old in list_checkpoints(path.parent)[:-args.keep_checkpoints]:
+            old.unlink()
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Training
+#
+# First the recipe: every hyperparameter of a run, as a flag, with its default and the reason
+# for it. The defaults are GPT-2 124M on FineWeb-Edu's 10B tokens, build-nanogpt's settings,
+# which are GPT-3 small's: `torchrun --standalone --nproc_per_node=8 gpt2.py` runs it as is.
+# (The flags that choose the machine rather than the run, and the other commands', are in
+# appendix D.)
+
+def add_recipe_flags(p):
+    add_model_flags(p)
+    flag = p.add_argument_group("the recipe").add_argument
+    flag("--init_from", metavar="SOURCE",
+         help="start from pretrained weights instead of random ones: gpt2, gpt2-medium, "
+              "gpt2-large, gpt2-xl, a save_pretrained folder or a ckpt_*.pt of ours (weights "
+              "only: a fresh optimizer and schedule); the architecture comes from it. To "
+              "fine-tune (README): --max_lr 3e-5 --warmup_steps 0 --dropout 0.1")
+    flag("--batch_size", type=int, default=64,
+         help="micro-batch B per process: 64 x 1024 fits the 124M model in 80 GB; lower it on "
+              "smaller GPUs, gradient accumulation keeps the step the same")
+    flag("--seq_len", type=int, default=1024, help="sequence length T (GPT-2's context)")
+    flag("--total_batch_size", type=int, default=2 ** 19,
+         help="tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch")
+    flag("--max_steps", type=int, default=0,
+         help="optimizer steps; 0 = --num_epochs over the train shards (10B tokens / 2**19 ~ "
+              "19,000 steps)")
+    flag("--num_epochs", type=int, default=1, help="passes over the data when --max_steps is 0")
+    flag("--max_lr", type=float, default=6e-4, help="peak learning rate, GPT-3 small's")
+    flag("--min_lr_ratio", type=float, default=0.1,
+         help="final learning rate as a fraction of max_lr (GPT-3: decay to 10%%)")
+    flag("--warmup_steps", type=int, default=715,
+         help="linear warmup: GPT-3 warms up over 375M tokens = 715 steps of 2**19")
+    flag("--weight_decay", type=float, default=0.1, help="AdamW decay of 2-D weights (GPT-3)")
+    flag("--grad_clip", type=float, default=1.0, help="max global gradient norm (GPT-3)")
+    flag("--seed", type=int, default=1337, help="initial weights and data order")
+    flag("--eval_every", type=int, default=250, help="steps between evaluations")
+    flag("--val_tokens", type=int, default=10_485_760,
+         help="validation budget: 10M tokens (build-nanogpt's 20 x 64 x 1024 x 8)")
+    flag("--hellaswag_every", type=int, default=250,
+         help="steps between HellaSwag evaluations (0 = never)")
+    flag("--checkpoint_every", type=int, default=1000,
+         help="steps between checkpoints (and one at the end)")
+
+
+# Then the run, top-down. One optimizer step, in order: set the learning rate; run grad_accum
+# micro-batches forward and backward; clip the gradient norm to 1.0 (GPT-3's value: one bad
+# batch cannot throw the model far); take the optimizer step. Once in a while, evaluate and
+# write a checkpoint. The step's only waits for the GPU are reading back the loss and the
+# gradient norm for the log line.
+#
+# Two models: `state.model`, the raw GPT that checkpoints save and evaluation runs, and
+# `train_model`, the same parameters wrapped for speed (torch.compile) and for several GPUs
+# (DDP). Evaluation and generation use the raw one: they need no gradient sync, and a compiled
+# model would recompile for their shapes.
+
+def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
+    """torch.compile, then DDP around the compiled model: torch's guidance, so that DDP's
+    bucketed all-reduce overlaps the backward pass (dynamo splits the graph at its buckets)."""
+    train_model = torch.compile(model) if args.compile == "on" else model
+    if runtime.ddp:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
+    return train_model
+
+
+def train(args):
+    """The whole run, in the order things happen."""
+    runtime = setup_distributed(args.device, args.dtype, args.dist_timeout)  # chapter 5
+    with distributed_cleanup(runtime):  # appendix B
+        apply_speed_settings(args, runtime.device)  # appendix A
+        run_training(args, runtime)
+
+
+def run_training(args, runtime: Runtime):
+    loader, val_tokens, grad_accum = training_data(args, runtime)  # chapter 4
+    # Resumed before compile and DDP: DDP copies rank 0's weights when it wraps the model.
+    state = start_state(args, runtime, loader)  # chapter 8
+    train_model = wrap_for_training(state.model, args, runtime)
+    max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
+    hellaswag_examples = load_hellaswag(args, runtime) if args.hellaswag_every else None
+    peak_flops = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
+    # log.jsonl and the console; a fresh run's first event is its config (appendix B)
+    log = EventLog(args, runtime, state, grad_accum, max_steps)
+    start = state.step
+    while True:
+        last = state.step == max_steps
+        # Once in a while, evaluate (not the step a resumed run starts at: it was, before).
+        if (state.step % args.eval_every == 0 or last) and not state.step == start > 0:
+            log.write(**evaluate(state, args, runtime, val_tokens, hellaswag_examples, last))
+        if last:
+            break
+
+        # One optimizer step.
+        t0 = time.perf_counter()
+        lr = get_lr(state.step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps,
+                    max_steps)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        state.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=runtime.device)
+        for micro in range(grad_accum):
+            x, y = (to_device(t, runtime.device) for t in loader.next_batch())  # (B, T) each
+            # DDP all-reduces the gradients during backward: only on the last micro-batch.
+            # no_sync() must be entered before the forward pass, which records the intent.
+            syncs = micro == grad_accum - 1 or not runtime.ddp
+            with contextlib.nullcontext() if syncs else train_model.no_sync():
+                with autocast_context(runtime):
+                    _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
+                # backward() adds each micro-batch's gradients to the last: divided by
+                # grad_accum, their sum is the gradient of the mean loss over the whole step,
+                # as if it had been one batch of total_batch_size tokens.
+                loss = loss / grad_accum
+                loss_sum += loss.detach()
+                state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before clipping
+        norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        loss = all_reduce_sum(loss_sum, runtime).item() / runtime.world_size  # waits for the GPU
+        dt = time.perf_counter() - t0
+        stop_if_not_finite(loss, state, args)  # appendix B
+        state.step += 1
+        event = dict(step=state.step - 1, loss=loss, lr=lr, norm=norm.item(), ms=1000 * dt,
+                     tokens_per_s=args.total_batch_size / dt)
+        if peak_flops:
+            event["mfu"] = (flops_per_token(state.model.config, args.seq_len) *
+                            event["tokens_per_s"] / (peak_flops * runtime.world_size))
+        log.write(**event)
+
+        # Once in a while, and at the end, a checkpoint.
+        if state.step % args.checkpoint_every == 0 or state.step == max_steps:
+            save_checkpoint(state, args, runtime)
+
+
+# ===============================================================================================
+# A. Appendix: speed tricks for one device
+#
+# The story is complete without this appendix: each trick here is the default where it pays,
+# called from the story in one line, and computes what the simple code beside that line does.
+# ===============================================================================================
+
+def enable_tf32(device: torch.device):
+    if device.type == "cuda":
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
+        torch.set_float32_matmul_precision("high")
+
+
+def apply_speed_settings(args, device: torch.device):
+    """The device-dependent defaults shared by training and `bench`."""
+    enable_tf32(device)
+    if args.loss_chunk < 0:  # auto: the chunked loss below on CPUs; GPUs do better compiled
+        args.loss_chunk = 256 if device.type == "cpu" else 0
+    if args.compile == "auto":
+        # build-nanogpt measured 300 -> 130 ms per step on an A100 from torch.compile; on a
+        # CPU it gained nothing here (README) and costs ~20 s of compilation.
+        args.compile = "on" if device.type == "cuda" else "off"
+
+
+# The CPU's chunked cross-entropy (GPT.forward with loss_chunk > 0; --loss_chunk, auto on CPUs).
+# At B=8, T=256 the float32 logits are 2048 x 50304 x 4 bytes = 412 MB, and the plain loss makes
+# several such tensors per step (logits, softmax, their gradients). On a CPU each one is a fresh
+# mmap from the C allocator, returned to the kernel when freed and faulted in again page by page
+# the next step: ~470,000 page faults and ~0.7 s of system time per step, measured. The chunked
+# loss walks over `chunk` rows at a time into one reused buffer, and computes the gradients
+# right away in the forward pass (the softmax just made *is* most of the gradient: d loss /
+# d logits = softmax - onehot), so backward only scales them. Same matmuls, same FLOPs, a few MB
+# instead of ~1.6 GB of temporaries: 1.3x the tokens/s, 2.4x less memory (README, Performance).
+# Each chunk's logits are made transposed, (V, n) = weight @ x.T: on a CPU that matmul runs
+# ~1.5x faster than x @ weight.T (its long dimension is the rows of the output), and the softmax
+# then reduces over rows, which vectorizes along the n columns.
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `x @ weight.T` against targets, without ever holding all the logits."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, needs_grad: bool):
+        # x: (N, C) final hidden states, weight: (Vp, C) the whole (maybe padded) table,
+        # targets: (N,). Rows >= vocab_size are padding: their logits are set to -inf, so they
+        # get probability 0 and gradient 0 (taking the full table spares autograd a 51 MB
+        # zero-padded copy of a sliced weight's gradient). needs_grad is passed in because
+        # inside forward grad mode is off, and needs_input_grad ignores no_grad().
+        N, V = x.size(0), weight.size(0)
+        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_w = torch.empty_like(weight) if needs_grad else None
+        scratch = x.new_empty(V * min(chunk, N))  # one chunk's logits, reused by every chunk
+        loss_sum = x.new_zeros((), dtype=accumulator_dtype(x.device))
+        for start in range(0, N, chunk):
+            xc, tc = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
+            n = len(tc)
+            logits = torch.mm(weight, xc.t(), out=scratch[:V * n].view(V, n))  # (V, n)
+            logits[vocab_size:] = float("-inf")
+            target_logits = logits.gather(0, tc[None, :])  # (1, n)
+            # log-sum-exp by hand, in place: torch.logsumexp would allocate another (V, n).
+            peak = logits.amax(dim=0, keepdim=True)  # (1, n), for a stable exp
+            probs = logits.sub_(peak).exp_()  # unnormalized softmax, in the scratch buffer
+            total = probs.sum(dim=0, keepdim=True)  # (1, n)
+            loss_sum += (total.log() + peak - target_logits).sum()
+            if needs_grad:
+                # d loss / d logits = softmax - onehot(target) = probs / total - onehot. The
+                # division by total and the onehot are applied to the small (n, C) operands
+                # of the two matmuls instead of to the big (V, n) buffer: one pass fewer.
+                gx = grad_x[start:start + chunk]
+                torch.mm(probs.t(), weight, out=gx).div_(total.t()).sub_(weight[tc])  # (n, C)
+                grad_w.addmm_(probs, xc / total.t(), beta=0 if start == 0 else 1)  # (V, C)
+                grad_w.index_add_(0, tc, xc, alpha=-1)  # beta=0 on the first: overwrite
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.n = N
+        return (loss_sum / N).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        # In place: these buffers are ours alone, and a 51 MB copy per step is not free.
+        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None
+
+
+@torch.compiler.disable  # a hand-written loop of in-place kernels: nothing for a compiler to fuse
+def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
+    """Mean cross-entropy of (B, T, C) hidden states against (B, T) targets, in float32."""
+    # Autocast off: these matmuls accumulate a loss over the whole vocabulary. (mps never
+    # autocasts here, and torch.autocast("mps", enabled=False) raises before torch 2.5.)
+    off = (contextlib.nullcontext() if x.device.type == "mps"
+           else torch.autocast(device_type=x.device.type, enabled=False))
+    with off:
+        return ChunkedCrossEntropy.apply(x.flatten(0, 1).float(), weight.float(),
+                                         targets.flatten(), vocab_size, chunk,
+                                         torch.is_grad_enabled())
+
+
+def draw_by_inverse_cdf(probs, generator: torch.Generator):
+    """One token per row of probs (B, V), as torch.multinomial(probs, 1) would draw it: one
+    uniform number per row, found in the running sum by binary search. torch.multinomial
+    draws an exponential variable per token instead: ~1 ms for 50,257 tokens, more than the
+    rest of the sampling together. In float64 (float32 on mps, which has none): a float32
+    running sum over 50,257 tokens loses the smallest probabilities to rounding."""
+    cdf = probs.to(accumulator_dtype(probs.device)).cumsum(dim=-1)  # (B, V)
+    total = cdf[:, -1:]  # ~1
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=probs.device, generator=generator)
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # u < total
+    # right=True: the first token whose cdf exceeds u, so a token of probability 0 is never hit.
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)  # (B,)
+
+
+def lm_head_for_generation(model: GPT, batch_size: int):
+    """x (B, C) -> logits (B, V) for generate(): model.logits, except at batch 1 on a CPU.
+
+    There each step multiplies one hidden state by the (V, C) lm_head table, and reading that
+    table is most of a step's time: a matrix-vector product x @ W.T reads a contiguous (C, V)
+    copy ~2.4x faster than the (V, C) original (measured, README). The copy is made once per
+    call, from the current weights (never stale), and costs V * C * 4 bytes while generating:
+    51 MB for the mini preset, 155 MB for 124M. GPUs read either layout at full speed, and with
+    several rows weight @ x.T (the table in its own layout) is the quick form.
+    """
+    weight, V = model.lm_head.weight, model.config.vocab_size
+    if batch_size == 1 and weight.device.type == "cpu":
+        head_t = weight.t().contiguous()  # (C, V)
+        return lambda x: (x @ head_t)[:, :V]
+    return lambda x: (weight @ x.t()).t()[:, :V]
+
+
+# ===============================================================================================
+# B. Appendix: plumbing
+#
+# Nothing in this appendix is about GPT-2. It is what a program needs to meet real files,
+# networks, flags and clusters: the safetensors bytes, the hub download, the shard header's
+# checks, device names, the random generators' and the optimizer's serialisation, the
+# checkpoint every process agrees on, the peak-FLOPs table, the event log, argument checks.
+# ===============================================================================================
+
+# safetensors, read and written by hand (no `safetensors` or `transformers` dependency):
 #
 #     8 bytes        little-endian uint64 N, the length of the header
 #     N bytes        JSON: {name: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]},
 #                           "__metadata__": {...}}, padded with spaces
 #     the rest       raw little-endian tensor bytes; offsets count from the end of the header
-#
-# Two more details. OpenAI wrote their linear layers as "Conv1D" modules storing (in, out)
-# matrices, the transpose of nn.Linear's (out, in). And the hub's gpt2 files name tensors
-# without the `transformer.` prefix that transformers' save_pretrained adds, and carry the
-# causal-mask buffers `attn.bias` / `attn.masked_bias`, which are not weights at all.
-
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                  "mlp.c_proj.weight")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -493,6 +1211,21 @@ def hub_file(name: str, filename: str) -> Path:
     return dest
 
 
+def pretrained_files(name_or_path: str) -> tuple[Path, Path]:
+    """config.json and model.safetensors of a hub name (downloaded once) or a local folder."""
+    if os.path.isdir(name_or_path):
+        folder = Path(name_or_path)
+        for name in ("config.json", "model.safetensors"):
+            if not (folder / name).exists():
+                raise UserError(f"{folder} has no {name}: expected a folder written by "
+                                f"save_pretrained (config.json + model.safetensors)")
+        return folder / "config.json", folder / "model.safetensors"
+    if name_or_path in HUB_MODELS:
+        return hub_file(name_or_path, "config.json"), hub_file(name_or_path, "model.safetensors")
+    raise UserError(f"unknown model {name_or_path!r}: use one of {', '.join(HUB_MODELS)} "
+                    f"or a folder with config.json and model.safetensors")
+
+
 def config_from_hf(path) -> GPTConfig:
     try:
         hf = json.loads(Path(path).read_text())
@@ -502,94 +1235,7 @@ def config_from_hf(path) -> GPTConfig:
         raise UserError(f"{path}: not a GPT-2 config.json ({e!r})") from None
 
 
-def hf_state_dict_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Either key layout (hub: `h.0...`; save_pretrained: `transformer.h.0...`) -> our names."""
-    ours = {}
-    for name, t in tensors.items():
-        name = name.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers, and the tied copy of wte
-        ours["transformer." + name] = t.t() if name.endswith(CONV1D_WEIGHTS) else t
-    return ours
-
-
-def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
-    """Copy tensors into the model, checking names and shapes (wte may be padded here)."""
-    own = model.state_dict()
-    del own["lm_head.weight"]  # the same tensor as wte.weight
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{source}: weights do not match the model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, t in state.items():
-            target = own[name]
-            if name == "transformer.wte.weight":
-                target = target[:t.size(0)]  # the real rows of a padded table
-            if target.shape != t.shape:
-                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model "
-                                f"expects {tuple(target.shape)}")
-            target.copy_(t)
-
-
-def load_pretrained(name_or_path: str) -> GPT:
-    """Build a GPT from OpenAI's weights: a hub name (downloaded once) or a local folder."""
-    if os.path.isdir(name_or_path):
-        folder = Path(name_or_path)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-        for p in (config_path, weights_path):
-            if not p.exists():
-                raise UserError(f"{folder} has no {p.name}: expected a folder written by "
-                                f"save_pretrained (config.json + model.safetensors)")
-    elif name_or_path in HUB_MODELS:
-        config_path = hub_file(name_or_path, "config.json")
-        weights_path = hub_file(name_or_path, "model.safetensors")
-    else:
-        raise UserError(f"unknown model {name_or_path!r}: use one of {', '.join(HUB_MODELS)} "
-                        f"or a folder with config.json and model.safetensors")
-    model = GPT(config_from_hf(config_path))
-    load_weights(model, hf_state_dict_to_ours(read_safetensors(weights_path)), str(weights_path))
-    return model
-
-
-def save_pretrained(model: GPT, path):
-    """Write config.json + model.safetensors as transformers' GPT2LMHeadModel expects them."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    c = model.config
-    hf_config = dict(
-        architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-        n_positions=c.block_size, n_ctx=c.block_size, vocab_size=c.vocab_size,
-        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=None,
-        layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
-        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        tie_word_embeddings=True)
-    with atomic_write(path / "config.json") as f:
-        f.write(json.dumps(hf_config, indent=2).encode())
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to wte
-        if name == "transformer.wte.weight":
-            t = t[:c.vocab_size]  # padding rows are ours alone
-        tensors[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t
-    write_safetensors(path / "model.safetensors", tensors)
-
-
-# -----------------------------------------------------------------------------------------------
-# 4. The data
-#
-# Training text is tokenized once, ahead of time, by fineweb.py into "shards": files of uint16
-# token ids (the vocabulary fits in 16 bits), 100M tokens each. The format is llm.c's, so shards
-# from either project serve both:
-#
-#     1024 bytes    256 little-endian int32: magic 20240520, version 1, number of tokens, zeros
-#     2 * n bytes   the tokens, little-endian uint16; each document starts with <|endoftext|>
-#
-# The writer lives in fineweb.py (which must not import torch); the reader is here. The tests
-# write with one and read with the other, so the two cannot drift apart.
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c's header (chapter 4)
 
 
 def shard_length(path) -> int:
@@ -608,166 +1254,10 @@ def shard_length(path) -> int:
     return n
 
 
-def read_shard(path) -> np.ndarray:
-    """The tokens of a shard as a read-only uint16 memmap, after checking its header."""
-    n = shard_length(path)
-    if n == 0:
-        return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(n,))
-
-
-def find_shards(data_dir, split: str) -> list[Path]:
-    """Shards of one split ("train" or "val") in data_dir, in name order."""
-    return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
-
-
-# The loader. A training sequence is a "window" of T + 1 tokens (inputs and, shifted by one,
-# targets); a shard of n tokens holds (n - 1) // T of them at stride T, so only a remainder of
-# fewer than T tokens per shard is never read.
-#
-# Why windows drawn from all over the data, and not one contiguous run of B * T tokens per step
-# (build-nanogpt's and llm.c's way): eight neighbouring sequences of one text are nearly one
-# sample, and a step's gradient then is as noisy as that of a much smaller batch. Measured on
-# Tiny Shakespeare (4 layers, 256 wide, B=8, T=256, 300 steps, README): the same model and
-# optimizer reach val loss 5.330 fed contiguous runs, 5.175 fed nanoGPT's random windows.
-# On FineWeb-Edu's shuffled documents the difference is smaller; on one book it is everything.
-#
-# The order. Each epoch is a fresh permutation seeded by (seed, epoch): of the shards, and of the
-# windows inside each shard (seeded by (seed, epoch, shard)). All ranks compute the same order
-# without talking. Lay the epochs end to end and number the windows of that endless stream
-# g = 0, 1, 2, ...: step s uses windows s * W ... (s + 1) * W - 1, W = B * grad_accum *
-# world_size, and micro-step m of rank r takes the B windows at (m * world_size + r) * B inside
-# them. So every window is used exactly once per epoch, a step may run across an epoch's end,
-# and the same step gets the same sequences whatever the split between processes and
-# accumulation: what lets a 2-GPU run be checked against 1 GPU, and resume on 8.
-#
-# The position is one integer (g at the current step, and the micro-step): exact to save and
-# restore. Memory per rank: the shard lengths and one epoch's shard order (8 bytes a shard), and
-# the window permutation of the shard being read, built when first needed: 100M tokens / 1024
-# = 97,657 windows = 0.8 MB, whether the data is 10B tokens or 100B. Shards are memory-mapped
-# only while read, so 1,000 shards do not hold 1,000 open files.
-
-class ShardedDataLoader:
-    def __init__(self, files, batch_size: int, seq_len: int, grad_accum: int = 1, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
-        self.files = [str(f) for f in files]
-        self.B, self.T, self.grad_accum = batch_size, seq_len, grad_accum
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.step_windows = batch_size * grad_accum * world_size  # W
-        self.windows = np.array([max(0, (shard_length(f) - 1) // seq_len) for f in files])
-        self.epoch_windows = int(self.windows.sum())
-        if self.epoch_windows < self.step_windows:
-            raise UserError(f"the train shards hold {self.epoch_windows:,} sequences of "
-                            f"{seq_len + 1} tokens, fewer than one step needs "
-                            f"({self.step_windows:,}): lower --total_batch_size")
-        self.step_start = self.micro = 0  # g of this step's first window; micro-step in it
-        self._epoch_plan = self._shard_plan = None  # the caches of _locate
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.epoch_windows // self.step_windows
-
-    def _epoch_order(self, epoch: int):
-        """This epoch's shard order, and where each shard's windows end in it (cumulative)."""
-        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
-            self._epoch_plan = (epoch, order, np.cumsum(self.windows[order]))
-        return self._epoch_plan[1:]
-
-    def _shard_order(self, epoch: int, shard: int):
-        """This epoch's order of the shard's windows, and the shard's tokens (a memmap)."""
-        if self._shard_plan is None or self._shard_plan[:2] != (epoch, shard):
-            perm = np.random.default_rng([self.seed, epoch, shard]).permutation(self.windows[shard])
-            self._shard_plan = (epoch, shard, perm, read_shard(self.files[shard]))
-        return self._shard_plan[2:]
-
-    def _read_windows(self, first: int, count: int) -> np.ndarray:
-        """Windows first ... first + count - 1 of the endless stream: (count, T + 1) tokens."""
-        epoch, k = np.divmod(np.arange(first, first + count), self.epoch_windows)  # (count,) each
-        rows = np.empty((count, self.T + 1), dtype=np.uint16)
-        for e in np.unique(epoch):  # almost always one epoch and one shard; at most two
-            order, ends = self._epoch_order(int(e))
-            mine = np.flatnonzero(epoch == e)
-            position = np.searchsorted(ends, k[mine], side="right")  # in this epoch's order
-            for p in np.unique(position):
-                shard = int(order[p])
-                perm, tokens = self._shard_order(int(e), shard)
-                rows_here = mine[position == p]
-                window = perm[k[rows_here] - (ends[p] - self.windows[shard])]
-                rows[rows_here] = tokens[window[:, None] * self.T + np.arange(self.T + 1)]
-        return rows
-
-    def next_batch(self):
-        """This rank's next micro-batch: inputs and targets, (B, T) int64 each."""
-        first = self.step_start + (self.micro * self.world_size + self.rank) * self.B
-        buf = torch.from_numpy(self._read_windows(first, self.B).astype(np.int64))  # (B, T + 1)
-        self.micro += 1
-        if self.micro == self.grad_accum:
-            self.micro, self.step_start = 0, self.step_start + self.step_windows
-        return buf[:, :-1], buf[:, 1:]
-
-    def state_dict(self) -> dict:
-        return dict(step_start=self.step_start, micro=self.micro, seq_len=self.T,
-                    step_windows=self.step_windows, seed=self.seed,
-                    files=[os.path.basename(f) for f in self.files])
-
-    def load_state_dict(self, state: dict):
-        expected = self.state_dict()
-        if "step_start" not in state:
-            raise UserError("cannot resume: the checkpoint's data position is in the format of "
-                            "an older gpt2.py (contiguous slots); start a new run")
-        for key in ("seq_len", "step_windows", "seed", "files"):
-            if state[key] != expected[key]:
-                raise UserError(f"cannot resume: the checkpoint's loader had {key}="
-                                f"{state[key]!r}, this run has {expected[key]!r}")
-        self.step_start, self.micro = state["step_start"], state["micro"]
-
-
-# -----------------------------------------------------------------------------------------------
-# 5. The machine
-#
-# torchrun starts one process per GPU and tells each who it is through environment variables:
-# RANK (0..WORLD_SIZE-1, unique across all machines), LOCAL_RANK (which GPU of this machine)
-# and WORLD_SIZE. On several machines RANK != LOCAL_RANK, so the GPU is chosen by LOCAL_RANK and
-# "am I the one that prints" by RANK == 0. Plain `python gpt2.py` has none of them: one process.
-# NCCL talks between GPUs, gloo between CPU processes. gloo has no AVG reduction, so a mean is
-# always computed as a SUM divided by the world size.
-#
-# The precision: bf16 autocast on GPUs whose tensor cores have it (matmuls in bf16, weights,
-# reductions and the optimizer in float32: ~2x faster than TF32), fp16 with loss scaling on
-# older GPUs, float32 on the CPU and Apple's mps.
-
-@dataclass
-class Runtime:
-    """Who this process is and what it computes on: one per process, made once."""
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def ddp(self) -> bool:
-        return self.world_size > 1
-
-
-def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """--device auto prefers a CUDA GPU, then Apple's mps, then the CPU.
-
-    local_rank is torchrun's LOCAL_RANK (None in a plain run). A launcher that shows each
-    process only its own GPU (SLURM's --gpus-per-task) still numbers the processes 0..7, while
-    each sees one device, cuda:0: hence LOCAL_RANK modulo the devices this process can see.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+def named_device(name: str, local_rank: int | None) -> torch.device:
+    """--device cpu, cuda, cuda:N or mps, checked. Under torchrun (local_rank given) a plain
+    `cuda` means LOCAL_RANK's GPU, modulo the GPUs this process sees (SLURM's --gpus-per-task
+    shows each process one, cuda:0, while numbering the processes 0..7)."""
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -782,70 +1272,19 @@ def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.devi
     return device
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums over many terms, except on Apple's mps, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 on GPUs that have it (Ampere and newer), fp16 on those that don't
-    (T4, V100: needs a gradient scaler), float32 on CPU and mps."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        # Not torch.cuda.is_bf16_supported(): on recent torch it answers True on a T4 or V100
-        # too, where bf16 is emulated and slower than float32. Tensor cores do bf16 from
-        # compute capability 8.0 (Ampere) on.
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return torch.float32
-
-
-def enable_tf32(device: torch.device):
-    if device.type == "cuda":
-        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8x faster on A100.
-        torch.set_float32_matmul_precision("high")
-
-
-def autocast_context(runtime: Runtime):
-    """Mixed precision: matmuls in runtime.dtype, weights and reductions kept in float32. In
-    float32 no autocast context at all: torch.autocast("mps", enabled=False) raises before 2.5.
-    (The HellaSwag scorer needs the same context without importing us: hellaswag.py has it.)"""
-    return hellaswag.autocast(runtime.device, runtime.dtype)
-
-
-def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runtime:
-    """Read torchrun's variables, pick this process's device and join the process group.
-
-    timeout_s bounds how long a collective waits for the slowest rank. Rank 0 alone writes
-    checkpoints while the others wait in the next all-reduce: gpt2-xl's 19 GB can take longer
-    than NCCL's default 10 minutes on a slow disk, hence an hour by default.
-    """
-    distributed = "RANK" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else None
-    dev = pick_device(device, local_rank)
-    if dev.type == "cuda":
-        # In a single process too: otherwise a library that says "cuda" opens a second
-        # context on GPU 0 (~500 MB there), whichever GPU we chose.
-        torch.cuda.set_device(dev)
-    if not distributed:
-        return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return Runtime(rank, local_rank, world_size, dev, pick_dtype(dtype, dev))
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a batch to the device. On CUDA from pinned memory and without waiting, so the copy
-    overlaps the GPU's work; an asynchronous copy from ordinary memory (or to mps) may read the
-    buffer after Python has reused it."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    if runtime.ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+@contextlib.contextmanager
+def distributed_cleanup(runtime: Runtime):
+    """Leave the process group on the way out, whatever happened."""
+    try:
+        yield
+    finally:
+        if runtime.ddp:
+            dist.destroy_process_group()
 
 
 def rank0_first(runtime: Runtime, fn):
@@ -867,13 +1306,7 @@ def rank0_first(runtime: Runtime, fn):
     return result if runtime.is_main else fn()
 
 
-def say(runtime: Runtime, *message):
-    """Print, from rank 0 only: one line per event, not one per GPU."""
-    if runtime.is_main:
-        print(*message, flush=True)
-
-
-PEAK_FLOPS = {  # name: (bf16/fp16, float32/TF32)
+PEAK_FLOPS = {  # datasheet FLOP/s, dense: name: (bf16/fp16, float32/TF32)
     "H200": (989e12, 495e12), "H100 NVL": (835e12, 418e12), "H100 PCIe": (756e12, 378e12),
     "H100": (989e12, 495e12), "A100": (312e12, 156e12), "A10G": (125e12, 62.5e12),
     "A10": (125e12, 62.5e12), "L40S": (362e12, 183e12), "L4": (121e12, 60e12),
@@ -895,101 +1328,6 @@ def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | No
         return None
     return peak_flops_of(torch.cuda.get_device_name(device), dtype)
 
-
-def flops_per_token(config: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter that takes part in a
-    matmul (forward 2, backward 4), plus attention's QK^T and AV, 12 * n_layer * T * n_embd."""
-    c = config
-    matmul_params = 12 * c.n_layer * c.n_embd ** 2 + c.n_embd * c.padded_vocab_size
-    return 6 * matmul_params + 12 * c.n_layer * seq_len * c.n_embd
-
-
-# -----------------------------------------------------------------------------------------------
-# 6. Optimization
-#
-# AdamW with GPT-3's settings (Brown et al., 2020, appendix B): betas (0.9, 0.95), eps 1e-8,
-# weight decay 0.1, applied only to the 2-D tensors (the matmul weights and embeddings), never
-# to biases and LayerNorm gains, whose scale decay would only distort. The learning rate warms
-# up linearly (early gradients are large and noisy), then follows a cosine down to min_lr.
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str):
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied weight once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    kwargs = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    try:  # one kernel for all parameters: CUDA, and CPU/MPS on recent torch
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **kwargs)
-
-
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-# -----------------------------------------------------------------------------------------------
-# 7. Evaluation
-#
-# Three signals during training. The validation loss, over a fixed budget of tokens from the
-# val shard: the same sequences whatever the number of processes or the micro-batch (each rank
-# takes every world_size-th sequence and the summed losses are reduced), so curves from
-# different setups can be compared; it goes through the same loss path as training, under the
-# same autocast. Samples from a fixed prompt, to see what the loss means (chapter 2). And
-# HellaSwag accuracy (hellaswag.py), the benchmark small GPTs are compared on.
-
-@torch.no_grad()
-def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
-                  runtime: Runtime, loss_chunk: int) -> float:
-    """Mean loss per token over the first val_tokens // seq_len sequences of the val shard."""
-    model.eval()
-    n_seq = min(val_tokens, len(tokens) - 1) // seq_len
-    mine = list(range(runtime.rank, n_seq, runtime.world_size))
-    total = torch.zeros(2, dtype=accumulator_dtype(runtime.device),
-                        device=runtime.device)  # [loss sum, tokens]
-    for i in range(0, len(mine), batch_size):
-        rows = [torch.from_numpy(tokens[s * seq_len:(s + 1) * seq_len + 1].astype(np.int64))
-                for s in mine[i:i + batch_size]]
-        buf = torch.stack(rows).to(runtime.device)  # (b, T + 1)
-        with autocast_context(runtime):
-            _, loss = model(buf[:, :-1], buf[:, 1:], loss_chunk=loss_chunk)
-        n = buf[:, 1:].numel()
-        total += torch.stack([loss.to(total.dtype) * n, total.new_tensor(n)])
-    all_reduce_sum(total, runtime)
-    model.train()
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
-
-
-def load_hellaswag(file, limit: int):
-    """HellaSwag's val examples for the training hook (downloaded once, then cached)."""
-    try:
-        return hellaswag.load_examples(file=file, limit=limit or None)
-    except UserError as e:
-        raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
-
-
-def hellaswag_accuracy(model: GPT, examples, runtime: Runtime) -> float:
-    """acc_norm over the examples, each rank scoring its share."""
-    result = hellaswag.evaluate(model, examples, runtime.device, rank=runtime.rank,
-                                world_size=runtime.world_size,
-                                autocast_dtype=runtime.dtype)
-    return result["acc_norm"]
-
-
-# -----------------------------------------------------------------------------------------------
-# 8. Checkpoints
-#
-# A checkpoint is everything needed to continue as if nothing happened: the weights, the
-# optimizer's moments, the gradient scaler, the step, the loader's position, every random
-# number generator, and the config and flags it was made with. TrainState holds exactly that,
-# and nothing else. It is written to a temporary file and renamed (a crash mid-write leaves the
-# previous checkpoint untouched), the newest --keep_checkpoints are kept, and it is read with
-# weights_only=True: plain tensors and numbers, never pickled code.
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -1031,33 +1369,6 @@ def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
         scaler.load_state_dict(saved)
 
 
-@dataclass
-class TrainState:
-    """What a checkpoint saves and restores (with the random number generators)."""
-    model: GPT  # the raw model: its state_dict keys stay plain, whatever wraps it for training
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (and empty) otherwise
-    loader: ShardedDataLoader
-    step: int = 0  # optimizer steps taken
-
-    def state_dict(self, args) -> dict:
-        return dict(step=self.step, model=self.model.state_dict(),
-                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                    loader=self.loader.state_dict(), rng=rng_state(),
-                    config=asdict(self.model.config), args=vars(args))
-
-    def load_state_dict(self, saved: dict, source):
-        if GPTConfig(**saved["config"]) != self.model.config:
-            raise UserError(f"{source} is a {saved['config']} model, not this run's "
-                            f"{asdict(self.model.config)}")
-        self.model.load_state_dict(saved["model"])
-        load_optimizer_state(self.optimizer, saved["optimizer"])
-        load_scaler_state(self.scaler, saved["scaler"])
-        self.loader.load_state_dict(saved["loader"])
-        set_rng_state(saved["rng"])
-        self.step = saved["step"]
-
-
 def checkpoint_path(log_dir, step: int) -> Path:
     return Path(log_dir) / f"ckpt_{step:08d}.pt"
 
@@ -1066,30 +1377,19 @@ def list_checkpoints(log_dir) -> list[Path]:
     return sorted(Path(log_dir).glob("ckpt_[0-9]*.pt"))
 
 
-def save_checkpoint(state: TrainState, args, runtime: Runtime):
-    """Rank 0 writes the checkpoint of this step; the other ranks go on (their copies of the
-    state are identical) and wait for it in the next all-reduce."""
-    if not runtime.is_main:
-        return
-    path = checkpoint_path(args.log_dir, state.step)
-    with atomic_write(path) as f:
-        torch.save(state.state_dict(args), f)
-    for old in list_checkpoints(path.parent)[:-args.keep_checkpoints]:
-        old.unlink()
-
-
 def load_checkpoint(path) -> dict:
     """A checkpoint's contents, every tensor on the CPU. Never onto the run's GPU: the RNG states
     must stay CPU tensors, and load_state_dict moves weights and moments where they belong."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(state, dict) and "model" in state and "config" in state
-        return state
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint") from None
     except Exception as e:  # torch raises several kinds for a damaged zip or pickle
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
                         f"move it away to resume from an older one") from None
+    if not (isinstance(state, dict) and "model" in state and "config" in state):
+        raise UserError(f"{path}: not a checkpoint of gpt2.py (no model and config in it)")
+    return state
 
 
 def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | None:
@@ -1098,7 +1398,7 @@ def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | Non
 
     Only rank 0 writes checkpoints. Without a filesystem shared by all machines, the other
     nodes' --log_dir may hold an older checkpoint or none: each rank resuming from its own
-    newest would diverge silently, or hang in a collective until NCCL's timeout. So rank 0
+    newest would diverge silently, or hang in a collective until the timeout. So rank 0
     decides, every rank checks that it can read that very file, and if one cannot, all stop
     with the same line.
     """
@@ -1125,16 +1425,6 @@ def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | Non
     return path, state
 
 
-def resume(state: TrainState, agreed: tuple[Path, dict] | None, log_dir, runtime: Runtime):
-    """Continue from the agreed checkpoint (load_agreed_checkpoint), if there is one."""
-    if agreed is None:
-        say(runtime, f"--resume: no checkpoint in {log_dir}, starting from step 0")
-        return
-    path, saved = agreed
-    state.load_state_dict(saved, path)
-    say(runtime, f"resumed from {path} at step {state.step}")
-
-
 def load_checkpoint_model(path) -> GPT:
     """The model of a training checkpoint (on the CPU), for sampling, evaluation, export."""
     saved = load_checkpoint(path)
@@ -1142,21 +1432,6 @@ def load_checkpoint_model(path) -> GPT:
     model.load_state_dict(saved["model"])
     return model
 
-
-# -----------------------------------------------------------------------------------------------
-# 9. Training
-#
-# One optimizer step, in order: set the learning rate; run grad_accum micro-batches forward and
-# backward, summing gradients (with DDP, the gradient all-reduce is skipped on all but the last
-# micro-batch: one sync per step, not per micro-batch); clip the global gradient norm to 1.0
-# (GPT-3's value: one bad batch cannot throw the model far); take the AdamW step. Then log, and
-# every so often evaluate and checkpoint. The loss is read back from the GPU once per step, for
-# the log line: the only host-device sync in the step.
-#
-# Two models: `state.model`, the raw GPT that checkpoints save and evaluation runs, and
-# `train_model`, the same parameters wrapped for speed (torch.compile) and for several GPUs
-# (DDP, which all-reduces gradients during backward). Evaluation and generation use the raw
-# one: they need no gradient sync, and a compiled model would recompile for their shapes.
 
 def _event_step(line: str) -> int | None:
     try:
@@ -1166,177 +1441,41 @@ def _event_step(line: str) -> int | None:
 
 
 class EventLog:
-    """<log_dir>/log.jsonl: one JSON object per event (training step, evaluation, ...)."""
+    """Each event of the run: one JSON object a line in <log_dir>/log.jsonl (rank 0 only), and
+    one line on the console. A fresh run's first event is its configuration."""
 
-    def __init__(self, log_dir: Path, enabled: bool, resume_step: int | None):
-        self.path = log_dir / "log.jsonl"
-        self.enabled = enabled
-        if enabled and resume_step is not None and self.path.exists():
-            # A resumed run forgets what the interrupted one logged after its checkpoint.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if _event_step(line) is not None and _event_step(line) <= resume_step]
-            with atomic_write(self.path) as f:
-                f.write("".join(line + "\n" for line in kept).encode())
-        elif enabled:
-            self.path.unlink(missing_ok=True)
+    def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int):
+        self.path, self.runtime = Path(args.log_dir) / "log.jsonl", runtime
+        if runtime.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if args.resume and self.path.exists():
+                # A resumed run forgets what the interrupted one logged after its checkpoint.
+                kept = [line for line in self.path.read_text().splitlines()
+                        if _event_step(line) is not None and _event_step(line) <= state.step]
+                with atomic_write(self.path) as f:
+                    f.write("".join(line + "\n" for line in kept).encode())
+            elif not args.resume:
+                self.path.unlink(missing_ok=True)
+        say(runtime, f"{state.model.num_params():,} parameters | {runtime.world_size} x "
+                     f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')} | "
+                     f"{args.total_batch_size:,} tokens/step = {args.batch_size} x "
+                     f"{args.seq_len} x {grad_accum} accum x {runtime.world_size} | "
+                     f"{max_steps} steps ({state.loader.steps_per_epoch} per epoch)")
+        if state.step == 0:
+            self.write(step=0, model=args.init_from or args.model or "gpt2",
+                       config=asdict(state.model.config), total_batch_size=args.total_batch_size,
+                       world_size=runtime.world_size)
 
     def write(self, **event):
-        if self.enabled:
+        if self.runtime.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event) + "\n")
-
-
-def read_events(log_dir) -> list[dict]:
-    path = Path(log_dir) / "log.jsonl"
-    if not path.exists():
-        raise UserError(f"no {path}: train with --log_dir {log_dir} first")
-    return [json.loads(line) for line in path.read_text().splitlines()
-            if _event_step(line) is not None]
-
-
-def model_config(args) -> GPTConfig:
-    return GPTConfig.from_preset(args.model or "gpt2", n_layer=args.n_layer, n_head=args.n_head,
-                                 n_embd=args.n_embd, block_size=args.block_size,
-                                 pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
-                                 dropout=args.dropout)
-
-
-def training_data(args, runtime: Runtime):
-    """The train loader, the val tokens (None without a val shard) and the accumulation steps."""
-    train_files = find_shards(args.data_dir, "train")
-    val_files = find_shards(args.data_dir, "val")
-    if not train_files:
-        raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
-                        f"(or pass --data_dir)")
-    B, T, W = args.batch_size, args.seq_len, runtime.world_size
-    if args.total_batch_size % (B * T * W):
-        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
-                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
-    grad_accum = args.total_batch_size // (B * T * W)
-    loader = ShardedDataLoader(train_files, B, T, grad_accum, runtime.rank, W, args.seed)
-    return loader, read_shard(val_files[0]) if val_files else None, grad_accum
-
-
-def refuse_size_flags(args):
-    if args.model or args.n_layer or args.n_head or args.n_embd:
-        raise UserError("--init_from takes the architecture from its source: drop --model, "
-                        "--n_layer, --n_head and --n_embd")
-
-
-def pretrained_for_training(args) -> GPT:
-    """--init_from: OpenAI's weights (a hub name or a save_pretrained folder) or a ckpt_*.pt of
-    ours, weights only (the optimizer and the schedule start afresh). The architecture is the
-    source's; its position table is cropped to --block_size if that is smaller (nanoGPT's crop:
-    a shorter context uses only the first rows), the vocabulary padded as training wants
-    (exports cut it back), and --dropout applies."""
-    refuse_size_flags(args)
-    is_checkpoint = args.init_from.endswith(".pt")
-    source = (load_checkpoint_model(args.init_from) if is_checkpoint
-              else load_pretrained(args.init_from))
-    c = source.config
-    block_size = args.block_size or c.block_size
-    if block_size > c.block_size:
-        raise UserError(f"--block_size {block_size} > {args.init_from}'s {c.block_size}: its "
-                        f"position table has no rows to extend it with")
-    model = GPT(GPTConfig(block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd,
-                          args.pad_vocab_to_multiple_of, args.dropout))
-    state = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}  # tied
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-    state["transformer.wte.weight"] = state["transformer.wte.weight"][:c.vocab_size]
-    load_weights(model, state, args.init_from)
-    return model
-
-
-def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
-                    resuming: dict | None = None) -> TrainState:
-    """The state of step 0; `resuming`, the checkpoint that will replace it, if any."""
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    if args.init_from and resuming:
-        # A fine-tune resumed: its weights come from the checkpoint, so the source (gpt2-xl is
-        # 6 GB) is neither read nor downloaded again. Its architecture is the checkpoint's; the
-        # flags that shaped it must still agree (TrainState.load_state_dict checks).
-        refuse_size_flags(args)
-        saved = GPTConfig(**resuming["config"])
-        model = GPT(GPTConfig(args.block_size or saved.block_size, saved.vocab_size,
-                              saved.n_layer, saved.n_head, saved.n_embd,
-                              args.pad_vocab_to_multiple_of, args.dropout))
-    elif args.init_from:
-        model = rank0_first(runtime, lambda: pretrained_for_training(args))
-    else:
-        model = GPT(model_config(args))
-    if args.seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
-    model = model.to(runtime.device)
-    optimizer = configure_optimizer(model, args.max_lr, args.weight_decay, runtime.device.type)
-    # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    return TrainState(model, optimizer, scaler, loader)
-
-
-def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
-    """torch.compile, then DDP around the compiled model. This order lets DDP's bucketed
-    all-reduce overlap the backward pass (torch's guidance: compile the inner module, wrap it
-    with DDP; dynamo then splits the graph at DDP's bucket boundaries)."""
-    train_model = torch.compile(model) if args.compile == "on" else model
-    if runtime.ddp:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
-    return train_model
-
-
-def train_step(state: TrainState, train_model: nn.Module, args, runtime: Runtime,
-               grad_accum: int, max_steps: int) -> dict:
-    """One optimizer step; returns its log event."""
-    t0 = time.perf_counter()
-    lr = get_lr(state.step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps,
-                max_steps)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    state.optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=runtime.device)
-    for micro in range(grad_accum):
-        x, y = (to_device(t, runtime.device) for t in state.loader.next_batch())  # (B, T) each
-        # DDP all-reduces gradients during backward; skip it but on the last micro-batch.
-        # no_sync() must be entered before the forward pass, which records the intent.
-        last = micro == grad_accum - 1
-        sync = contextlib.nullcontext() if last or not runtime.ddp else train_model.no_sync()
-        with sync:
-            with autocast_context(runtime):
-                _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
-            loss = loss / grad_accum  # a mean over the whole step, not a sum
-            loss_sum += loss.detach()
-            state.scaler.scale(loss).backward()
-    state.scaler.unscale_(state.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip)
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
-    loss = all_reduce_sum(loss_sum, runtime).item() / runtime.world_size  # syncs with the device
-    dt = time.perf_counter() - t0
-    if not math.isfinite(loss):
-        last = list_checkpoints(args.log_dir)
-        raise UserError(f"loss is {loss} at step {state.step}: stopping. Lower --max_lr or "
-                        f"check the data; last good checkpoint: {last[-1] if last else 'none'}")
-    state.step += 1
-    return dict(step=state.step - 1, loss=loss, lr=lr, norm=norm.item(), ms=1000 * dt,
-                tokens_per_s=args.total_batch_size / dt)
-
-
-def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
-             max_steps: int) -> dict:
-    """The evaluation event of this step: val loss, HellaSwag when due, samples."""
-    event = dict(step=state.step)
-    if val_tokens is not None:
-        event["val_loss"] = evaluate_loss(state.model, val_tokens, args.seq_len, args.batch_size,
-                                          args.val_tokens, runtime, args.loss_chunk)
-    if hellaswag_examples and (state.step % args.hellaswag_every == 0 or state.step == max_steps):
-        event["hellaswag"] = hellaswag_accuracy(state.model, hellaswag_examples, runtime)
-    if runtime.is_main and args.num_samples:
-        event["samples"] = sample_texts(state.model, args.sample_prompt, args.num_samples,
-                                        args.sample_tokens, runtime.device, args.seed)
-    return event
+        print_event(event, self.runtime)
 
 
 def print_event(event: dict, runtime: Runtime):
+    if "config" in event:
+        return
     if "loss" in event:
         say(runtime, f"step {event['step']:6d} | loss {event['loss']:.4f} | lr {event['lr']:.2e} "
                      f"| norm {event['norm']:.3f} | {event['ms']:.0f} ms | "
@@ -1349,166 +1488,69 @@ def print_event(event: dict, runtime: Runtime):
         say(runtime, "  >", text.replace("\n", " ")[:200])
 
 
-def run_training(args, runtime: Runtime):
-    """The whole run, in the order things happen."""
-    loader, val_tokens, grad_accum = training_data(args, runtime)
-    agreed = load_agreed_checkpoint(args.log_dir, runtime) if args.resume else None
-    state = new_train_state(args, runtime, loader, agreed[1] if agreed else None)
-    # Resume before compile and DDP: the checkpoint's keys are the raw model's, and DDP copies
-    # rank 0's weights to every rank when it wraps the model, so they must be final by then.
-    if args.resume:
-        resume(state, agreed, args.log_dir, runtime)
-    train_model = wrap_for_training(state.model, args, runtime)
-    max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
-    peak_flops = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
-    hellaswag_examples = (rank0_first(runtime, lambda: load_hellaswag(args.hellaswag_file,
-                                                                      args.hellaswag_limit))
-                          if args.hellaswag_every else None)
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    events = EventLog(Path(args.log_dir), runtime.is_main, state.step if args.resume else None)
-    say(runtime, f"{state.model.num_params():,} parameters | {runtime.world_size} x "
-                 f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')} | "
-                 f"{args.total_batch_size:,} tokens/step = {args.batch_size} x {args.seq_len} x "
-                 f"{grad_accum} accum x {runtime.world_size} | {max_steps} steps "
-                 f"({loader.steps_per_epoch} per epoch)")
-    start = state.step
-    if start == 0:
-        events.write(step=0, model=args.init_from or args.model or "gpt2",
-                     config=asdict(state.model.config),
-                     total_batch_size=args.total_batch_size, world_size=runtime.world_size)
-    while True:
-        due = state.step % args.eval_every == 0 or state.step == max_steps
-        if due and not (state.step == start > 0):  # a resumed step was evaluated before the stop
-            event = evaluate(state, args, runtime, val_tokens, hellaswag_examples, max_steps)
-            events.write(**event)
-            print_event(event, runtime)
-        if state.step >= max_steps:
-            break
-        event = train_step(state, train_model, args, runtime, grad_accum, max_steps)
-        if peak_flops:
-            event["mfu"] = (flops_per_token(state.model.config, args.seq_len) *
-                            event["tokens_per_s"] / (peak_flops * runtime.world_size))
-        events.write(**event)
-        print_event(event, runtime)
-        if state.step % args.checkpoint_every == 0 or state.step == max_steps:
-            save_checkpoint(state, args, runtime)
+def read_events(log_dir) -> list[dict]:
+    path = Path(log_dir) / "log.jsonl"
+    if not path.exists():
+        raise UserError(f"no {path}: train with --log_dir {log_dir} first")
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if _event_step(line) is not None]
 
 
-def apply_speed_settings(args, device: torch.device):
-    """The device-dependent defaults shared by training and `bench`."""
-    enable_tf32(device)
-    if args.loss_chunk < 0:  # auto: appendix A; GPUs do better with the plain loss, compiled
-        args.loss_chunk = 256 if device.type == "cpu" else 0
-    if args.compile == "auto":
-        # build-nanogpt measured 300 -> 130 ms per step on an A100 from torch.compile; on a
-        # CPU it gained nothing here (README) and costs ~20 s of compilation.
-        args.compile = "on" if device.type == "cuda" else "off"
+def stop_if_not_finite(loss: float, state: TrainState, args):
+    if not math.isfinite(loss):
+        last = list_checkpoints(args.log_dir)
+        raise UserError(f"loss is {loss} at step {state.step}: stopping. Lower --max_lr or "
+                        f"check the data; last good checkpoint: {last[-1] if last else 'none'}")
 
 
-def train(args):
-    runtime = setup_distributed(args.device, args.dtype, args.dist_timeout)
-    try:
-        apply_speed_settings(args, runtime.device)
-        run_training(args, runtime)
-    finally:
-        if runtime.ddp:
-            dist.destroy_process_group()
+def model_config(args) -> GPTConfig:
+    return GPTConfig.from_preset(args.model or "gpt2", n_layer=args.n_layer, n_head=args.n_head,
+                                 n_embd=args.n_embd, block_size=args.block_size,
+                                 pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
+                                 dropout=args.dropout)
 
 
-# -----------------------------------------------------------------------------------------------
-# A. Appendix: a speed trick for one device, the CPU's chunked cross-entropy
-#
-# At B=8, T=256 the float32 logits are 2048 x 50304 x 4 bytes = 412 MB, and the plain loss of
-# chapter 1 makes several such tensors per step (logits, softmax, their gradients). On a CPU
-# each one is a fresh mmap from the C allocator, returned to the kernel when freed and faulted
-# in again page by page the next step: ~470,000 page faults and ~0.7 s of system time per step,
-# measured. The chunked loss walks over `chunk` rows at a time into one reused buffer, and
-# computes the gradients right away in the forward pass (the softmax just made *is* most of the
-# gradient: d loss / d logits = softmax - onehot), so backward only scales them. Same matmuls,
-# same FLOPs, a few MB instead of ~1.6 GB of temporaries. Measured on the 2-vCPU development
-# machine (README, Performance): 1,065 -> 1,360-1,480 tokens/s, peak memory 1,910 -> 805 MiB.
-# GPUs do better with the plain loss under torch.compile, so there it is off (--loss_chunk -1).
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `x @ weight.T` against targets, without ever holding all the logits.
-
-    The lesson of this class: at B=8, T=256 the float32 logits are 2048 x 50304 x 4 bytes =
-    412 MB, and the plain path makes several such tensors per step (logits, softmax, their
-    gradients). On a CPU each one is a fresh mmap from the C allocator, returned to the kernel
-    when freed and faulted in again page by page the next step: ~470,000 page faults and ~0.7 s
-    of system time per step, measured. Here we walk over `chunk` rows at a time into one reused
-    buffer, and compute the gradients right away in the forward pass (the softmax we just made
-    *is* most of the gradient: d loss / d logits = softmax - onehot), so backward only scales
-    them. Same matmuls, same FLOPs, a few MB instead of ~1.6 GB of temporaries.
-
-    Each chunk's logits are made transposed, (V, n) = weight @ x.T: on a CPU that matmul runs
-    ~1.5x faster than x @ weight.T (its long dimension is the rows of the output), and the
-    softmax then reduces over rows, which vectorizes along the n columns (measured: README).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int, needs_grad: bool):
-        # x: (N, C) final hidden states, weight: (Vp, C) the whole (maybe padded) table,
-        # targets: (N,). Rows >= vocab_size are padding: their logits are set to -inf, so they
-        # get probability 0 and gradient 0 (taking the full table spares autograd a 51 MB
-        # zero-padded copy of a sliced weight's gradient). needs_grad is passed in because
-        # inside forward grad mode is off, and needs_input_grad ignores no_grad().
-        N, V = x.size(0), weight.size(0)
-        grad_x = torch.empty_like(x) if needs_grad else None
-        grad_w = torch.empty_like(weight) if needs_grad else None
-        scratch = x.new_empty(V * min(chunk, N))  # one chunk's logits, reused by every chunk
-        loss_sum = x.new_zeros((), dtype=accumulator_dtype(x.device))
-        for start in range(0, N, chunk):
-            xc, tc = x[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
-            n = len(tc)
-            logits = torch.mm(weight, xc.t(), out=scratch[:V * n].view(V, n))  # (V, n)
-            logits[vocab_size:] = float("-inf")
-            target_logits = logits.gather(0, tc[None, :])  # (1, n)
-            # log-sum-exp by hand, in place: torch.logsumexp would allocate another (V, n).
-            peak = logits.amax(dim=0, keepdim=True)  # (1, n), for a stable exp
-            probs = logits.sub_(peak).exp_()  # unnormalized softmax, in the scratch buffer
-            total = probs.sum(dim=0, keepdim=True)  # (1, n)
-            loss_sum += (total.log() + peak - target_logits).sum()
-            if needs_grad:
-                # d loss / d logits = softmax - onehot(target) = probs / total - onehot. The
-                # division by total and the onehot are applied to the small (n, C) operands
-                # of the two matmuls instead of to the big (V, n) buffer: one pass fewer.
-                gx = grad_x[start:start + chunk]
-                torch.mm(probs.t(), weight, out=gx).div_(total.t()).sub_(weight[tc])  # (n, C)
-                grad_w.addmm_(probs, xc / total.t(), beta=0 if start == 0 else 1)  # (V, C)
-                grad_w.index_add_(0, tc, xc, alpha=-1)  # beta=0 on the first: overwrite
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.n = N
-        return (loss_sum / N).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        # In place: these buffers are ours alone, and a 51 MB copy per step is not free.
-        return grad_x.mul_(scale), grad_w.mul_(scale), None, None, None, None
+def refuse_size_flags(args):
+    if args.model or args.n_layer or args.n_head or args.n_embd:
+        raise UserError("--init_from takes the architecture from its source: drop --model, "
+                        "--n_layer, --n_head and --n_embd")
 
 
-@torch.compiler.disable  # a hand-written loop of in-place kernels: nothing for a compiler to fuse
-def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
-    """Mean cross-entropy of (B, T, C) hidden states against (B, T) targets, in float32."""
-    # Autocast off: these matmuls accumulate a loss over the whole vocabulary. (mps never
-    # autocasts here, and torch.autocast("mps", enabled=False) raises before torch 2.5.)
-    off = (contextlib.nullcontext() if x.device.type == "mps"
-           else torch.autocast(device_type=x.device.type, enabled=False))
-    with off:
-        return ChunkedCrossEntropy.apply(x.flatten(0, 1).float(), weight.float(),
-                                         targets.flatten(), vocab_size, chunk,
-                                         torch.is_grad_enabled())
+def pretrained_for_training(args) -> GPT:
+    """--init_from's model: OpenAI's weights (a hub name or a save_pretrained folder) or a
+    ckpt_*.pt of ours, weights only, shaped by chapter 3's finetune_model."""
+    source = (load_checkpoint_model(args.init_from) if args.init_from.endswith(".pt")
+              else load_pretrained(args.init_from))
+    return finetune_model(source, args.block_size, args.pad_vocab_to_multiple_of, args.dropout,
+                          args.init_from)
 
 
-# -----------------------------------------------------------------------------------------------
-# B. Appendix: the tools
+def finetune_config(args, saved: dict) -> GPTConfig:
+    """A resumed fine-tune's architecture: its checkpoint's (the flags that shaped it must still
+    agree: TrainState.load_state_dict checks)."""
+    saved = GPTConfig(**saved)
+    return GPTConfig(args.block_size or saved.block_size, saved.vocab_size, saved.n_layer,
+                     saved.n_head, saved.n_embd, args.pad_vocab_to_multiple_of, args.dropout)
+
+
+def load_hellaswag(args, runtime: Runtime):
+    """HellaSwag's val examples for the training hook: downloaded once (by rank 0 first)."""
+    def load():
+        try:
+            return hellaswag.load_examples(file=args.hellaswag_file, limit=args.hellaswag_limit or None)
+        except UserError as e:
+            raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
+    return rank0_first(runtime, load)
+
+
+# ===============================================================================================
+# C. Appendix: the tools
 #
 # Five commands share the story's code: `sample` continues a prompt with OpenAI's weights or a
 # checkpoint of ours (chapter 2's generator), `hellaswag` scores a model on HellaSwag (also
 # `python hellaswag.py`), `export` hands a checkpoint to transformers, `bench` measures how fast
 # all of this runs on your machine, and `plot` turns a run's log.jsonl into a picture.
+# ===============================================================================================
 
 def load_model(args, device) -> GPT:
     """--checkpoint PATH (trained here) or --model NAME_OR_FOLDER (OpenAI's weights)."""
@@ -1558,6 +1600,30 @@ def hellaswag_command(args):
     print(f"acc_norm {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")
     print(f"n        {result['n']}")
     print(f"elapsed  {elapsed:.1f} s  ({result['n'] / elapsed:.1f} examples/s on {device})")
+
+
+def save_pretrained(model: GPT, path):
+    """Write config.json + model.safetensors as transformers' GPT2LMHeadModel expects them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    hf_config = dict(
+        architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
+        n_positions=c.block_size, n_ctx=c.block_size, vocab_size=c.vocab_size,
+        n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=None,
+        layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        tie_word_embeddings=True)
+    with atomic_write(path / "config.json") as f:
+        f.write(json.dumps(hf_config, indent=2).encode())
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to wte
+        if name == "transformer.wte.weight":
+            t = t[:c.vocab_size]  # padding rows are ours alone
+        tensors[name] = t.t().contiguous() if name.endswith(CONV1D_WEIGHTS) else t
+    write_safetensors(path / "model.safetensors", tensors)
 
 
 def export(args):
@@ -1714,7 +1780,7 @@ def spread(values: list[float]) -> str:
 
 def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
     """The training step's figures: (results, table rows)."""
-    optimizer = configure_optimizer(model, 1e-4, 0.1, runtime.device.type)
+    optimizer = configure_optimizer(model, 1e-4, 0.1)
     train_model = torch.compile(model) if args.compile == "on" else model
     peak = matmul_peak_flops(runtime.device, runtime.dtype, args.reps)
     parts = bench_train_step(model, train_model, optimizer, args, runtime)
@@ -1746,7 +1812,7 @@ def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     hella = hellaswag_speed(model, runtime, args.hellaswag_examples, min(args.reps, 3))
     result = {k: float(np.median(v)) for k, v in speeds.items()}
-    result.update(gen_tok_s_cache=result["gen_b1_topk"],  # the names of earlier versions
+    result.update(gen_tok_s_cache=result["gen_b1_topk"],  # short names: batch-1 top-k
                   gen_tok_s_nocache=result["gen_b1_topk_nocache"],
                   read_bandwidth=bandwidth, gen_b1_limit=bandwidth / weight_bytes,
                   hellaswag_examples_s=float(np.median(hella)))
@@ -1834,12 +1900,12 @@ def plot(args):
     print(f"wrote {out}")
 
 
-# -----------------------------------------------------------------------------------------------
-# 10. main(): the command line
+# ===============================================================================================
+# D. Appendix: the command line
 #
-# Every hyperparameter is a flag, in one place, with the reason for its default. The defaults
-# are the GPT-2 124M recipe on FineWeb-Edu 10B tokens (build-nanogpt's, itself GPT-3 small's
-# settings): `torchrun --standalone --nproc_per_node=8 gpt2.py` runs it as is.
+# `python gpt2.py [COMMAND] [FLAGS]`: train (the default), sample, hellaswag, export, bench,
+# plot. The training run's hyperparameters are chapter 9's recipe; here are the rest.
+# ===============================================================================================
 
 def add_model_flags(p):
     g = p.add_argument_group("model")
@@ -1874,49 +1940,13 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpt2.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train GPT-2 (the default command). Other commands: "
-                    "`gpt2.py sample --help`, `gpt2.py bench --help`, `gpt2.py plot --help`.")
-    add_model_flags(p)
-    p.add_argument("--init_from", metavar="SOURCE",
-                   help="start from pretrained weights instead of random ones: gpt2, "
-                        "gpt2-medium, gpt2-large, gpt2-xl, a save_pretrained folder or a "
-                        "ckpt_*.pt of ours (weights only: a fresh optimizer and schedule); the "
-                        "architecture comes from it. To fine-tune (README): --max_lr 3e-5 "
-                        "--warmup_steps 0 --dropout 0.1, small --total_batch_size")
-    g = p.add_argument_group("data")
+                    "`gpt2.py sample --help`, `gpt2.py hellaswag --help`, `gpt2.py export "
+                    "--help`, `gpt2.py bench --help`, `gpt2.py plot --help`.")
+    add_recipe_flags(p)  # chapter 9
+    g = p.add_argument_group("data, evaluation, logs and checkpoints")
     g.add_argument("--data_dir", default="data/fineweb_edu",
                    help="folder of token shards written by fineweb.py")
-    g.add_argument("--batch_size", type=int, default=64,
-                   help="micro-batch B per process: 64 x 1024 fits the 124M model in 80 GB; "
-                        "lower it on smaller GPUs, gradient accumulation keeps the step the same")
-    g.add_argument("--seq_len", type=int, default=1024, help="sequence length T (GPT-2's context)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--total_batch_size", type=int, default=2 ** 19,
-                   help="tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch")
-    g.add_argument("--max_steps", type=int, default=0,
-                   help="optimizer steps; 0 = derive from --num_epochs and the train shards "
-                        "(10B tokens / 2**19 ~ 19,000 steps)")
-    g.add_argument("--num_epochs", type=int, default=1,
-                   help="passes over the train shards when --max_steps is 0")
-    g.add_argument("--max_lr", type=float, default=6e-4, help="peak learning rate, GPT-3 small's")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1,
-                   help="final learning rate as a fraction of max_lr (GPT-3: decay to 10%%)")
-    g.add_argument("--warmup_steps", type=int, default=715,
-                   help="linear warmup: GPT-3 warms up over 375M tokens = 715 steps of 2**19")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of 2-D weights")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
-    g.add_argument("--loss_chunk", type=int, default=-1,
-                   help="rows per chunk of the fused loss (0 = plain cross-entropy over full "
-                        "logits; -1 = auto: 256 on CPU, where it is faster and saves ~1.5 GB, "
-                        "0 on GPUs)")
-    g.add_argument("--seed", type=int, default=1337, help="weights init and data order")
-    g = p.add_argument_group("evaluation and logs")
     g.add_argument("--log_dir", default="log", help="log.jsonl and checkpoints go here")
-    g.add_argument("--eval_every", type=int, default=250,
-                   help="steps between evaluations (val loss, samples)")
-    g.add_argument("--val_tokens", type=int, default=10_485_760,
-                   help="validation budget: 10M tokens (build-nanogpt's 20 x 64 x 1024 x 8)")
-    g.add_argument("--hellaswag_every", type=int, default=250,
-                   help="steps between HellaSwag evaluations (0 = never)")
     g.add_argument("--hellaswag_file", help="local HellaSwag jsonl (default: download val)")
     g.add_argument("--hellaswag_limit", type=int, default=0,
                    help="score only the first N examples (0 = all 10,042)")
@@ -1924,18 +1954,20 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_tokens", type=int, default=32, help="tokens per sample")
     g.add_argument("--sample_prompt", default="Hello, I'm a language model,",
                    help="prompt of the samples (build-nanogpt's)")
-    g.add_argument("--checkpoint_every", type=int, default=1000,
-                   help="steps between checkpoints (and one at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2,
                    help="newest checkpoints kept (a 124M one is 1.5 GB with the optimizer)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --log_dir")
-    g = p.add_argument_group("speed")
+    g = p.add_argument_group("the machine")
     add_device_flags(g)
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 autocast on GPUs that have it, float16 + loss scaling "
                         "on older GPUs, float32 on CPU and mps")
     add_compile_flag(g)
+    g.add_argument("--loss_chunk", type=int, default=-1,
+                   help="rows per chunk of the fused loss (0 = plain cross-entropy over full "
+                        "logits; -1 = auto: 256 on CPU, where it is faster and saves ~1.5 GB, "
+                        "0 on GPUs)")
     g.add_argument("--dist_timeout", type=float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
                         "gpt2-xl checkpoint (19 GB) can outlast NCCL's default 10 minutes")

@@ -202,8 +202,8 @@ def pad_cat(rows: list[torch.Tensor], value: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def fast_path(model: torch.nn.Module) -> bool:
-    """Whether `model` is one of gpt2.py's (or quacks like one): `hidden(idx, pos=, mask=)` for
-    the final hidden states and an `lm_head` module for the logits. Any other model only needs
+    """Whether `model` is one of gpt2.py's (or quacks like one): `hidden(idx, cache)` for the
+    final hidden states, and an `lm_head` module for the logits. Any other model only needs
     to map tokens to logits (or to a tuple whose first item is the logits) at every position.
     """
     return callable(getattr(model, "hidden", None)) and isinstance(
@@ -237,6 +237,22 @@ def pack_example(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(row), torch.cat(pos), torch.cat(part), torch.cat(src)
 
 
+class PackedRows:
+    """What gpt2.py's model calls a cache (its chapter 2): the object that tells the model
+    where its tokens sit (`positions`) and runs each layer's attention (`attend`). Here the
+    positions are the packed rows' own, and a token attends to the tokens before it that are
+    context or of its own ending: `sees` (B, L, L)."""
+
+    def __init__(self, pos: torch.Tensor, sees: torch.Tensor):
+        self.pos, self.mask = pos, sees[:, None]  # (B, L); (B, 1, L, L), one for all heads
+
+    def positions(self, T: int, device) -> torch.Tensor:
+        return self.pos
+
+    def attend(self, attn, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
 def packed_losses(model: torch.nn.Module, packed: list[tuple[torch.Tensor, ...]],
                   device: str | torch.device) -> torch.Tensor:
     """Summed loss of each ending of a batch of packed examples (the fast path): (B, 4)."""
@@ -248,7 +264,7 @@ def packed_losses(model: torch.nn.Module, packed: list[tuple[torch.Tensor, ...]]
     # -1, sees only itself and the context, and no real token sees it.
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
     sees = causal & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None]))  # (B, L, L)
-    x = model.hidden(tokens, pos=pos, mask=sees[:, None])  # (B, L, C)
+    x = model.hidden(tokens, PackedRows(pos, sees))  # (B, L, C)
     ending = part > 0  # (B, L), True at the tokens we score
     rows = torch.arange(B, device=device)[:, None].expand(B, L)[ending]  # (E,), row-major
     src = torch.cat([src for _, _, _, src in packed]).to(device)  # (E,), in the same order

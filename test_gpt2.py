@@ -142,6 +142,7 @@ def test_padded_vocabulary_rows_are_never_scored():
 
 
 def test_given_positions_and_a_mask_two_endings_packed_after_one_context_compute_as_if_alone():
+    import hellaswag
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
     ctx, end1, end2 = (torch.randint(0, 50257, (n,)) for n in (6, 3, 5))
@@ -152,11 +153,48 @@ def test_given_positions_and_a_mask_two_endings_packed_after_one_context_compute
     sees = torch.ones(14, 14, dtype=torch.bool).tril() & ((part[None, :] == 0)
                                                           | (part[None, :] == part[:, None]))
     with torch.no_grad():
-        packed = model.hidden(row, pos=pos, mask=sees[None, None])[0]  # (14, C)
+        packed = model.hidden(row, hellaswag.PackedRows(pos, sees[None]))[0]  # (14, C)
         alone1 = model.hidden(torch.cat([ctx, end1])[None])[0]  # (9, C)
         alone2 = model.hidden(torch.cat([ctx, end2])[None])[0]  # (11, C)
     assert torch.allclose(packed[:9], alone1, atol=1e-5)
     assert torch.allclose(packed[9:], alone2[6:], atol=1e-5)
+
+
+def written_out(model, on=True):
+    """The model with chapter 1's step-by-step attention instead of the fused kernel."""
+    for module in model.modules():
+        if isinstance(module, gpt2.CausalSelfAttention):
+            module.written_out = on
+    return model
+
+
+def test_the_written_out_attention_equals_the_fused_kernel_with_and_without_the_cache():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=500, n_layer=2, n_head=4, n_embd=32)).eval()
+    idx = random_tokens(500, (2, 20))
+    fused = model(idx)[0]
+    fused_tokens = gpt2.generate(model, idx[:, :5], 12, temperature=0)
+    with torch.no_grad():
+        fused_cached = fused_steps(model, idx)
+    written_out(model)
+    torch.testing.assert_close(model(idx)[0], fused, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_steps(model, idx), fused_cached, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused_steps(model, idx), fused[:, 8:], atol=1e-5, rtol=0)
+    assert torch.equal(gpt2.generate(model, idx[:, :5], 12, temperature=0), fused_tokens)
+    # several new tokens after a cached prefix: the mask aligned to the bottom-right corner
+    q, k, v = (torch.randn(2, 4, n, 8, generator=torch.Generator().manual_seed(n))
+               for n in (3, 7, 7))
+    torch.testing.assert_close(gpt2.causal_attention(q, k, v, written_out=True),
+                               gpt2.causal_attention(q, k, v), atol=1e-6, rtol=0)
+
+
+def fused_steps(model, idx):
+    """The logits of positions 8.. of idx, fed through the KV cache: 8 tokens, then one a step."""
+    cache = gpt2.KVCache(model.config, idx.size(0), model.config.block_size)
+    model.hidden(idx[:, :8], cache)
+    return torch.stack([model.logits(model.hidden(idx[:, t:t + 1], cache))[:, 0]
+                        for t in range(8, idx.size(1))], dim=1)
 
 
 # -- 1b. Generation with the KV cache -----------------------------------------------------------
@@ -204,10 +242,12 @@ def test_top_k_and_top_p_never_emit_a_token_outside_their_set():
     assert set(drawn.tolist()) <= nucleus and len(set(drawn.tolist())) > 1
 
 
-def test_sampled_tokens_follow_the_softmax_distribution():
+@pytest.mark.parametrize("fast", [True, False])  # the inverse-CDF draw, and torch.multinomial
+def test_sampled_tokens_follow_the_softmax_distribution(fast):
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
     logits = probs.log().repeat(40_000, 1)  # 40,000 independent draws
-    drawn = gpt2.sample_next_token(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    drawn = gpt2.sample_next_token(logits, 1.0, None, None, torch.Generator().manual_seed(0),
+                                   fast=fast)
     frequencies = torch.bincount(drawn, minlength=5) / len(drawn)
     torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # ~4 standard errors
     assert frequencies[4] == 0
@@ -459,7 +499,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 def test_weight_decay_applies_to_matrices_only():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
-    decay, no_decay = gpt2.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
+    decay, no_decay = gpt2.configure_optimizer(model, 1e-3, 0.1).param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
