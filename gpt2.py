@@ -18,11 +18,9 @@ them hold the machinery a first reader can skip.
     C. The tools: `sample`, `hellaswag`, `export`, `bench`, `plot`.
     D. The command line.
 
-    python fineweb.py                                    # token shards in data/fineweb_edu
-    python gpt2.py                                       # train on one GPU, or on the CPU
+    python fineweb.py && python gpt2.py                  # data, then train (a GPU, or the CPU)
     torchrun --standalone --nproc_per_node=8 gpt2.py     # train on 8 GPUs of one machine
-    python gpt2.py sample --model gpt2 --prompt "Hello, I'm a language model,"
-    python gpt2.py --init_from gpt2 --data_dir data/mine --max_lr 3e-5 --dropout 0.1  # fine-tune
+    python gpt2.py sample --model gpt2                   # OpenAI's GPT-2 speaks
     python gpt2.py --help                                # every flag, with its default's reason
 
 The weights' names (wte, wpe, h, ln_1, attn.c_attn, ...) are OpenAI's and Hugging Face's.
@@ -42,15 +40,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import signal
 import struct
 import sys
+import threading
 import time
+import traceback
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -260,10 +264,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, loss_chunk: int = 0):
         """idx, targets: (B, T) token ids. Without targets: (logits (B, T, vocab_size), None).
-        With targets: (None, mean cross-entropy). Training never reads the logits, and
-        returning them would keep them alive until the next step: 6.6 GB of bf16 at B=64,
-        T=1024.
-        """
+        With targets: (None, mean cross-entropy): training never reads the logits, and keeping
+        them alive until the next step would cost 6.6 GB of bf16 at B=64, T=1024."""
         x = self.hidden(idx)  # (B, T, C)
         if targets is None:
             return self.logits(x), None
@@ -401,9 +403,9 @@ def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int,
 # transformers' save_pretrained adds, and carry the causal-mask buffers `attn.bias` /
 # `attn.masked_bias`, which are not weights at all.
 #
-# The same weights start a fine-tune (`--init_from`): the architecture is the source's, the
-# optimizer and schedule start afresh. The way back out, save_pretrained, is `export`'s
-# (appendix C).
+# The same weights start a fine-tune (`--init_from`, chapter 8): the architecture is the
+# source's, the optimizer and schedule start afresh. The way back out, save_pretrained, is
+# `export`'s (appendix C).
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
@@ -448,26 +450,6 @@ def load_pretrained(name_or_path: str) -> GPT:
     return model
 
 
-def finetune_model(source: GPT, block_size: int | None, pad_vocab_to_multiple_of: int,
-                   dropout: float, name: str) -> GPT:
-    """The model a fine-tune starts from: the source's weights and architecture, its position
-    table cropped to block_size if that is smaller (nanoGPT's crop: a shorter context uses only
-    the first rows), the vocabulary padded as training wants (an export cuts it back), and
-    this run's dropout."""
-    c = source.config
-    block_size = block_size or c.block_size
-    if block_size > c.block_size:
-        raise UserError(f"--block_size {block_size} > {name}'s {c.block_size}: its position "
-                        f"table has no rows to extend it with")
-    model = GPT(GPTConfig(block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd,
-                          pad_vocab_to_multiple_of, dropout))
-    state = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}  # tied
-    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-    state["transformer.wte.weight"] = state["transformer.wte.weight"][:c.vocab_size]
-    load_weights(model, state, name)
-    return model
-
-
 # -----------------------------------------------------------------------------------------------
 # 4. The data
 #
@@ -500,13 +482,11 @@ def training_data(args, runtime: Runtime):
     if not train_files:
         raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
                         f"(or pass --data_dir)")
-    B, T, W = args.batch_size, args.seq_len, runtime.world_size
-    if args.total_batch_size % (B * T * W):
-        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
-                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
-    grad_accum = args.total_batch_size // (B * T * W)  # micro-batches per optimizer step
-    loader = ShardedDataLoader(train_files, B, T, grad_accum, runtime.rank, W, args.seed)
-    return loader, read_shard(val_files[0]) if val_files else None, grad_accum
+    grad_accum = accumulation_steps(args, runtime.world_size)  # total / (B * T * processes)
+    loader = ShardedDataLoader(train_files, args.batch_size, args.seq_len, grad_accum,
+                               runtime.rank, runtime.world_size, args.seed, vocab_size=VOCAB_SIZE)
+    agree_on_data(loader, args.data_dir, runtime)  # appendix B: every machine, the same shards
+    return loader, val_split(val_files, args) if val_files else None, grad_accum
 
 
 # The loader. A training sequence is a "window" of T + 1 tokens (the inputs, and the targets
@@ -527,10 +507,11 @@ def training_data(args, runtime: Runtime):
 
 class ShardedDataLoader:
     def __init__(self, files, batch_size: int, seq_len: int, grad_accum: int = 1, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, vocab_size: int | None = None):
         self.files = [str(f) for f in files]
         self.B, self.T, self.grad_accum = batch_size, seq_len, grad_accum
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.vocab_size = vocab_size  # if given, each shard's ids are checked when it is opened
         self.step_windows = batch_size * grad_accum * world_size  # W
         self.windows = np.array([max(0, (shard_length(f) - 1) // seq_len) for f in files])
         self.epoch_windows = int(self.windows.sum())
@@ -538,6 +519,7 @@ class ShardedDataLoader:
             raise UserError(f"the train shards hold {self.epoch_windows:,} sequences of "
                             f"{seq_len + 1} tokens, fewer than one step needs "
                             f"({self.step_windows:,}): lower --total_batch_size")
+        self.fingerprint = data_fingerprint(self.files)  # appendix B: is it the same data?
         self.step_start = self.micro = 0  # g of this step's first window; micro-step in it
         self._epoch = self._shard = None  # the orders read_windows is using, kept for the next
 
@@ -576,7 +558,9 @@ class ShardedDataLoader:
                 shard = int(order[p])
                 if self._shard is None or self._shard[:2] != (e, shard):
                     perm = np.random.default_rng([self.seed, e, shard]).permutation(self.windows[shard])
-                    self._shard = (e, shard, perm, read_shard(self.files[shard]))
+                    tokens = read_shard(self.files[shard])
+                    check_token_ids(tokens, self.files[shard], self.vocab_size)  # appendix B
+                    self._shard = (e, shard, perm, tokens)
                 _, _, perm, tokens = self._shard
                 here = mine[position == p]
                 window = perm[k[here] - (ends[p] - self.windows[shard])]
@@ -586,13 +570,14 @@ class ShardedDataLoader:
     def state_dict(self) -> dict:
         return dict(step_start=self.step_start, micro=self.micro, seq_len=self.T,
                     step_windows=self.step_windows, seed=self.seed,
-                    files=[os.path.basename(f) for f in self.files])
+                    files=[os.path.basename(f) for f in self.files], data=self.fingerprint)
 
     def load_state_dict(self, state: dict):
-        for key in ("seq_len", "step_windows", "seed", "files"):
-            if state[key] != self.state_dict()[key]:
+        for key in ("seq_len", "step_windows", "seed", "files", "data"):
+            if state.get(key) != self.state_dict()[key]:
                 raise UserError(f"cannot resume: the checkpoint's loader had {key}="
-                                f"{state[key]!r}, this run has {self.state_dict()[key]!r}")
+                                f"{state.get(key)!r}, this run has {self.state_dict()[key]!r}"
+                                + (" (other shards under the same names)" if key == "data" else ""))
         self.step_start, self.micro = state["step_start"], state["micro"]
 
 
@@ -679,14 +664,6 @@ def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runti
                    pick_dtype(dtype, dev))
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch onto the device: on CUDA from pinned memory and without waiting, so the copy
-    overlaps the GPU's work."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.ddp:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -697,15 +674,6 @@ def say(runtime: Runtime, *message):
     """Print, from rank 0 only: one line per event, not one per GPU."""
     if runtime.is_main:
         print(*message, flush=True)
-
-
-def flops_per_token(config: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter that takes part in a
-    matmul (forward 2, backward 4), plus attention's QK^T and AV, 12 * n_layer * T * n_embd.
-    Over the device's peak FLOP/s, this gives MFU: the fraction of the hardware we use."""
-    c = config
-    matmul_params = 12 * c.n_layer * c.n_embd ** 2 + c.n_embd * c.padded_vocab_size
-    return 6 * matmul_params + 12 * c.n_layer * seq_len * c.n_embd
 
 
 # -----------------------------------------------------------------------------------------------
@@ -804,13 +772,13 @@ class TrainState:
     loader: ShardedDataLoader
     step: int = 0  # optimizer steps taken
 
-    def state_dict(self, args) -> dict:
+    def state_dict(self, args, rng: list[dict]) -> dict:  # rng: every rank's generators
         return dict(step=self.step, model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                    loader=self.loader.state_dict(), rng=rng_state(),
+                    loader=self.loader.state_dict(), rng=rng,
                     config=asdict(self.model.config), args=vars(args))
 
-    def load_state_dict(self, saved: dict, source):
+    def load_state_dict(self, saved: dict, source, runtime: Runtime):
         if GPTConfig(**saved["config"]) != self.model.config:
             raise UserError(f"{source} is a {saved['config']} model, not this run's "
                             f"{asdict(self.model.config)}")
@@ -818,7 +786,7 @@ class TrainState:
         load_optimizer_state(self.optimizer, saved["optimizer"])  # appendix B, like the two below
         load_scaler_state(self.scaler, saved["scaler"])
         self.loader.load_state_dict(saved["loader"])
-        set_rng_state(saved["rng"])
+        restore_rng_states(saved["rng"], runtime, self.model.config.dropout)
         self.step = saved["step"]
 
 
@@ -827,7 +795,7 @@ def start_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainState
     agreed = load_agreed_checkpoint(args.log_dir, runtime) if args.resume else None  # appendix B
     state = new_train_state(args, runtime, loader, agreed[1] if agreed else None)
     if agreed:
-        state.load_state_dict(agreed[1], agreed[0])
+        state.load_state_dict(agreed[1], agreed[0], runtime)
         say(runtime, f"resumed from {agreed[0]} at step {state.step}")
     elif args.resume:
         say(runtime, f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
@@ -842,9 +810,12 @@ def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
     if args.init_from:
         refuse_size_flags(args)
         model = (GPT(finetune_config(args, resuming["config"])) if resuming
-                 else rank0_first(runtime, lambda: pretrained_for_training(args)))
+                 else local_rank0_first(runtime, lambda: pretrained_for_training(args)))
     else:
         model = GPT(model_config(args))
+    # From here on each rank draws its own random numbers (dropout): the same masks on every
+    # GPU would make a batch of n GPUs' micro-batches less random than one GPU's.
+    torch.manual_seed(args.seed + 1 + runtime.rank)
     if args.seq_len > model.config.block_size:
         raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
     model = model.to(runtime.device)
@@ -855,13 +826,13 @@ def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
 
 
 def save_checkpoint(state: TrainState, args, runtime: Runtime):
-    """Rank 0 writes this step's checkpoint and drops the oldest; the other ranks go on."""
+    """Rank 0 writes this step's checkpoint (with every rank's random generators) and drops
+    this run's oldest; the other ranks go on."""
+    rng = gather_rng_states(runtime)  # appendix B, like the write and the rotation
     if runtime.is_main:
         path = checkpoint_path(args.log_dir, state.step)
-        with atomic_write(path) as f:
-            torch.save(state.state_dict(args), f)
-        for old in list_checkpoints(path.parent)[:-args.keep_checkpoints]:
-            old.unlink()
+        write_checkpoint(path, state.state_dict(args, rng))
+        rotate_checkpoints(path, args.keep_checkpoints)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -877,35 +848,31 @@ def add_recipe_flags(p):
     add_model_flags(p)
     flag = p.add_argument_group("the recipe").add_argument
     flag("--init_from", metavar="SOURCE",
-         help="start from pretrained weights instead of random ones: gpt2, gpt2-medium, "
-              "gpt2-large, gpt2-xl, a save_pretrained folder or a ckpt_*.pt of ours (weights "
-              "only: a fresh optimizer and schedule); the architecture comes from it. To "
-              "fine-tune (README): --max_lr 3e-5 --warmup_steps 0 --dropout 0.1")
-    flag("--batch_size", type=int, default=64,
-         help="micro-batch B per process: 64 x 1024 fits the 124M model in 80 GB; lower it on "
-              "smaller GPUs, gradient accumulation keeps the step the same")
-    flag("--seq_len", type=int, default=1024, help="sequence length T (GPT-2's context)")
-    flag("--total_batch_size", type=int, default=2 ** 19,
+         help="start from pretrained weights: gpt2 ... gpt2-xl, a save_pretrained folder or a "
+              "ckpt_*.pt of ours, with their architecture and a fresh optimizer and schedule; "
+              "to fine-tune (README): --max_lr 3e-5 --warmup_steps 0 --dropout 0.1")
+    flag("--batch_size", type=int_at_least(1), default=64,
+         help="micro-batch B per process (64 x 1024 fits 124M in 80 GB): lower it on smaller "
+              "GPUs, gradient accumulation keeps the step the same")
+    flag("--seq_len", type=int_at_least(1), default=1024, help="sequence length T, GPT-2's")
+    flag("--total_batch_size", type=int_at_least(1), default=2 ** 19,
          help="tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch")
-    flag("--max_steps", type=int, default=0,
-         help="optimizer steps; 0 = --num_epochs over the train shards (10B tokens / 2**19 ~ "
-              "19,000 steps)")
-    flag("--num_epochs", type=int, default=1, help="passes over the data when --max_steps is 0")
-    flag("--max_lr", type=float, default=6e-4, help="peak learning rate, GPT-3 small's")
-    flag("--min_lr_ratio", type=float, default=0.1,
-         help="final learning rate as a fraction of max_lr (GPT-3: decay to 10%%)")
-    flag("--warmup_steps", type=int, default=715,
+    flag("--max_steps", type=int_at_least(0), default=0,
+         help="optimizer steps; 0: --num_epochs of the data (10B tokens: ~19,000 steps)")
+    flag("--num_epochs", type=int_at_least(1), default=1, help="passes over the data if no --max_steps")
+    flag("--max_lr", type=positive_float, default=6e-4, help="peak learning rate, GPT-3 small's")
+    flag("--min_lr_ratio", type=fraction, default=0.1, help="final lr / max_lr (GPT-3: 10%%)")
+    flag("--warmup_steps", type=int_at_least(0), default=715,
          help="linear warmup: GPT-3 warms up over 375M tokens = 715 steps of 2**19")
-    flag("--weight_decay", type=float, default=0.1, help="AdamW decay of 2-D weights (GPT-3)")
-    flag("--grad_clip", type=float, default=1.0, help="max global gradient norm (GPT-3)")
-    flag("--seed", type=int, default=1337, help="initial weights and data order")
-    flag("--eval_every", type=int, default=250, help="steps between evaluations")
-    flag("--val_tokens", type=int, default=10_485_760,
-         help="validation budget: 10M tokens (build-nanogpt's 20 x 64 x 1024 x 8)")
-    flag("--hellaswag_every", type=int, default=250,
-         help="steps between HellaSwag evaluations (0 = never)")
-    flag("--checkpoint_every", type=int, default=1000,
-         help="steps between checkpoints (and one at the end)")
+    flag("--weight_decay", type=float_at_least_0, default=0.1, help="AdamW's, on 2-D weights (GPT-3)")
+    flag("--grad_clip", type=positive_float, default=1.0, help="max gradient norm (GPT-3)")
+    flag("--seed", type=int_at_least(0), default=1337, help="initial weights and data order")
+    flag("--eval_every", type=int_at_least(1), default=250, help="steps between evaluations")
+    flag("--val_tokens", type=int_at_least(1), default=10_485_760,
+         help="validation budget: 10M tokens, build-nanogpt's 20 x 64 x 1024 x 8")
+    flag("--hellaswag_every", type=int_at_least(0), default=250, help="steps between HellaSwag "
+         "evaluations (0: never)")
+    flag("--checkpoint_every", type=int_at_least(1), default=1000, help="steps between checkpoints")
 
 
 # Then the run, top-down. One optimizer step, in order: set the learning rate; run grad_accum
@@ -932,20 +899,22 @@ def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
 def train(args):
     """The whole run, in the order things happen."""
     runtime = setup_distributed(args.device, args.dtype, args.dist_timeout)  # chapter 5
-    with distributed_cleanup(runtime):  # appendix B
+    # Plumbing (appendix B): a rank that fails stops the others at once, with its message; the
+    # run holds its --log_dir alone; SIGTERM (a cluster's notice), SIGUSR1 and Ctrl-C ask it
+    # to stop after the current step, with a checkpoint.
+    with fail_together(runtime), own_log_dir(args, runtime), StopSignals() as stop:
         apply_speed_settings(args, runtime.device)  # appendix A
-        run_training(args, runtime)
+        run_training(args, runtime, stop)
 
 
-def run_training(args, runtime: Runtime):
+def run_training(args, runtime: Runtime, stop: StopSignals):
     loader, val_tokens, grad_accum = training_data(args, runtime)  # chapter 4
     # Resumed before compile and DDP: DDP copies rank 0's weights when it wraps the model.
     state = start_state(args, runtime, loader)  # chapter 8
     train_model = wrap_for_training(state.model, args, runtime)
     max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
     hellaswag_examples = load_hellaswag(args, runtime) if args.hellaswag_every else None
-    peak_flops = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
-    # log.jsonl and the console; a fresh run's first event is its config (appendix B)
+    # log.jsonl and the console, with MFU; a fresh run's first event is its config (appendix B)
     log = EventLog(args, runtime, state, grad_accum, max_steps)
     start = state.step
     while True:
@@ -965,7 +934,8 @@ def run_training(args, runtime: Runtime):
         state.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=runtime.device)
         for micro in range(grad_accum):
-            x, y = (to_device(t, runtime.device) for t in loader.next_batch())  # (B, T) each
+            # (B, T) each, copied to the GPU while it works: appendix A
+            x, y = (to_device(t, runtime.device) for t in loader.next_batch())
             # DDP all-reduces the gradients during backward: only on the last micro-batch.
             # no_sync() must be entered before the forward pass, which records the intent.
             syncs = micro == grad_accum - 1 or not runtime.ddp
@@ -980,22 +950,22 @@ def run_training(args, runtime: Runtime):
                 state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before clipping
         norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip)
+        # One read-back from the GPU: the mean loss, the norm, and whether a rank must stop.
+        loss, norm, stopping = (all_reduce_sum(torch.stack([loss_sum, norm, stop.flag(norm)]),
+                                               runtime) / runtime.world_size).tolist()
+        check_finite(loss, norm, state, args)  # appendix B: a bad step is neither taken nor saved
         state.scaler.step(state.optimizer)
         state.scaler.update()
-        loss = all_reduce_sum(loss_sum, runtime).item() / runtime.world_size  # waits for the GPU
         dt = time.perf_counter() - t0
-        stop_if_not_finite(loss, state, args)  # appendix B
         state.step += 1
-        event = dict(step=state.step - 1, loss=loss, lr=lr, norm=norm.item(), ms=1000 * dt,
-                     tokens_per_s=args.total_batch_size / dt)
-        if peak_flops:
-            event["mfu"] = (flops_per_token(state.model.config, args.seq_len) *
-                            event["tokens_per_s"] / (peak_flops * runtime.world_size))
-        log.write(**event)
+        log.write(step=state.step - 1, loss=loss, lr=lr, norm=norm, ms=1000 * dt,
+                  tokens_per_s=args.total_batch_size / dt)
 
-        # Once in a while, and at the end, a checkpoint.
-        if state.step % args.checkpoint_every == 0 or state.step == max_steps:
+        # Once in a while, at the end, and when asked to stop, a checkpoint.
+        if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
             save_checkpoint(state, args, runtime)
+        if stopping:
+            raise Stopped(stop.name, state.step, checkpoint_path(args.log_dir, state.step), runtime)
 
 
 # ===============================================================================================
@@ -1092,6 +1062,14 @@ def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
         return ChunkedCrossEntropy.apply(x.flatten(0, 1).float(), weight.float(),
                                          targets.flatten(), vocab_size, chunk,
                                          torch.is_grad_enabled())
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto the device: on CUDA from pinned memory and without waiting, so the copy
+    overlaps the GPU's work."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def draw_by_inverse_cdf(probs, generator: torch.Generator):
@@ -1238,6 +1216,59 @@ def config_from_hf(path) -> GPTConfig:
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c's header (chapter 4)
 
 
+def check_token_ids(tokens: np.ndarray, path, vocab_size: int | None):
+    """Every id must be one of the vocabulary's: a larger one would index the padding rows of
+    the embedding (garbage) or past its end (an IndexError, a device-side assert on a GPU)."""
+    top = int(tokens.max()) if vocab_size and len(tokens) else 0
+    if top >= (vocab_size or 1):
+        raise UserError(f"{path}: token id {top} is not one of GPT-2's {vocab_size} tokens: the "
+                        f"shard was not written with GPT-2's tokenizer; rewrite it with fineweb.py")
+
+
+def data_fingerprint(files) -> str:
+    """A cheap digest of the training shards: names, sizes, and the first and last 64 KiB of
+    each, enough to tell another fineweb.py output (the same names) from this one."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f"{os.path.basename(path)} {size}".encode() + f.read(1 << 16))
+            f.seek(max(0, size - (1 << 16)))
+            digest.update(f.read())
+    return digest.hexdigest()[:32]
+
+
+def agree_on_data(loader: ShardedDataLoader, data_dir, runtime: Runtime):
+    """Every rank must train on the same shards: a machine with others would draw other
+    windows (and another max_steps) without a word. Rank 0's fingerprint is the reference."""
+    if not runtime.ddp:
+        return
+    mine = torch.tensor(list(bytes.fromhex(loader.fingerprint)), dtype=torch.uint8,
+                        device=runtime.device)
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    differs = torch.zeros(runtime.world_size, device=runtime.device)
+    differs[runtime.rank] = float(not torch.equal(mine, reference))
+    all_reduce_sum(differs, runtime)
+    if differs.any():
+        raise UserError(f"rank(s) {differs.nonzero().flatten().tolist()} see other training "
+                        f"shards in {data_dir} than rank 0: every machine needs the same data")
+
+
+def val_split(val_files, args) -> np.ndarray:
+    """The val shard's tokens, checked to hold the sequences --val_tokens asks for."""
+    tokens = read_shard(val_files[0])
+    check_token_ids(tokens, val_files[0], VOCAB_SIZE)
+    if args.val_tokens < args.seq_len:
+        raise UserError(f"--val_tokens {args.val_tokens} < --seq_len {args.seq_len}: not one "
+                        f"validation sequence")
+    if len(tokens) < args.seq_len + 1:
+        raise UserError(f"{val_files[0]}: {len(tokens)} tokens, fewer than one sequence of "
+                        f"--seq_len {args.seq_len} + 1: write a larger validation split "
+                        f"(fineweb.py --val_size) or lower --seq_len")
+    return tokens
+
+
 def shard_length(path) -> int:
     """The number of tokens in a shard, after checking its header against the file's size."""
     path = Path(path)
@@ -1278,32 +1309,154 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def distributed_cleanup(runtime: Runtime):
-    """Leave the process group on the way out, whatever happened."""
+def exclusive_lock(path: Path, busy: str):
+    """Hold an exclusive lock on `path` (made if missing) until the block ends, or raise
+    UserError(busy) at once if another process holds it. The OS drops the lock of a process
+    that dies, so a killed run never leaves its folder locked."""
+    f = open(path, "a+b")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(busy) from None
     try:
         yield
     finally:
-        if runtime.ddp:
-            dist.destroy_process_group()
+        f.close()  # and the lock with it
 
 
-def rank0_first(runtime: Runtime, fn):
-    """fn() on rank 0, then on the other ranks: what fn downloads is fetched once, not by every
-    process into the same file. If rank 0 fails, every rank stops (rather than wait forever)."""
+@contextlib.contextmanager
+def own_log_dir(args, runtime: Runtime):
+    """--log_dir, held by this run alone for its life (rank 0 writes everything in it).
+
+    A fresh run (no --resume) in a folder that holds a run is refused, unless --overwrite says
+    to delete that run's log and checkpoints: otherwise the new run would interleave its log
+    with the old one and overwrite its checkpoints. A dead run's half-written temporary files
+    (19 GB for gpt2-xl) are removed: holding the lock, we know no live run is writing them.
+    """
+    if not runtime.is_main:
+        yield
+        return
+    log_dir = Path(args.log_dir)
+    if log_dir.exists() and not log_dir.is_dir():
+        raise UserError(f"--log_dir {log_dir} is a file, not a folder")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--log_dir {log_dir}: cannot create it ({e.strerror})") from None
+    with exclusive_lock(log_dir / ".lock", f"another run is using {log_dir}: wait for it to "
+                                           f"finish, or give this one another --log_dir"):
+        for leftover in [*log_dir.glob("ckpt_*.pt.*tmp"), *log_dir.glob("log.jsonl.*tmp")]:
+            leftover.unlink(missing_ok=True)
+        held = [p for p in [log_dir / "log.jsonl", *list_checkpoints(log_dir)] if p.exists()]
+        if held and not args.resume:
+            if not args.overwrite:
+                raise UserError(f"{log_dir} holds a run ({', '.join(p.name for p in held[:3])}"
+                                f"{', ...' if len(held) > 3 else ''}): continue it with "
+                                f"--resume, or start over with --overwrite (deletes them)")
+            for path in held:
+                path.unlink()
+        yield
+
+
+FAILURE_KEY = "gpt2/failed"  # in the process group's store: which rank failed, and why
+
+
+@contextlib.contextmanager
+def fail_together(runtime: Runtime):
+    """A rank that fails stops every rank at once, each with the failing rank's message.
+
+    Without this, the others wait in their next collective for the failed one until
+    --dist_timeout (an hour): NCCL cannot tell a dead peer from a slow one, and leaving the
+    process group politely (destroy_process_group) can itself wait on them. So the failing
+    rank writes its message into the store all ranks share (torchrun's rendezvous) and exits
+    without leaving; every rank watches that store from a thread, and exits with the message.
+    """
+    if not runtime.ddp:
+        yield
+        return
+    store = dist.distributed_c10d._get_default_store()
+    watching = threading.Event()
+    watching.set()
+    threading.Thread(target=watch_for_failure, args=(store, watching), daemon=True).start()
+    try:
+        yield
+    except Stopped:
+        watching.clear()
+        dist.destroy_process_group()  # every rank stopped together: leave politely
+        raise
+    except BaseException as e:
+        watching.clear()
+        first = not store_has(store, FAILURE_KEY)
+        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        if first:
+            with contextlib.suppress(Exception):
+                store.set(FAILURE_KEY, f"rank {runtime.rank}: {message}")
+        if isinstance(e, UserError) or first:
+            if not isinstance(e, UserError):
+                traceback.print_exc()  # a bug, not the user's: its traceback, where it hit
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        else:  # a consequence (a peer gone mid-collective): the cause is the first failure
+            print(f"error: stopping: {store.get(FAILURE_KEY).decode()}", file=sys.stderr, flush=True)
+        os._exit(1)
+    watching.clear()
+    dist.destroy_process_group()
+
+
+def store_has(store, key: str) -> bool:
+    with contextlib.suppress(Exception):
+        return store.check([key])
+    return False
+
+
+def watch_for_failure(store, watching: threading.Event):
+    """fail_together's watcher. After seeing a failure it waits a little, so that a rank whose
+    own error comes at the same time (every rank refusing the same flag) says its own."""
+    while watching.is_set():
+        if store_has(store, FAILURE_KEY):
+            time.sleep(2)
+            if watching.is_set():
+                print(f"error: stopping: {store.get(FAILURE_KEY).decode()}", file=sys.stderr,
+                      flush=True)
+                os._exit(1)
+        time.sleep(0.5)
+
+
+def local_rank0_first(runtime: Runtime, fn):
+    """fn() on each machine's first process (LOCAL_RANK 0), then on the others: what fn
+    downloads into the machine's cache is fetched once per machine, not by 8 processes into
+    the same file (the download also holds a lock on its file, for caches that machines
+    share). If a first process fails, every rank stops, with its message."""
+    first = runtime.local_rank == 0
     result = error = None
-    if runtime.is_main:
+    if first:
         try:
             result = fn()
         except UserError as e:
             error = e
     if runtime.ddp:
         failed = torch.tensor([error is not None], device=runtime.device)
-        dist.broadcast(failed, src=0)  # also the barrier: the others wait for rank 0 here
-        if failed.item() and not runtime.is_main:
-            raise UserError("rank 0 failed to prepare the data or weights (its error above)")
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier: the others wait here
+        if failed.item() and not error:
+            raise UserError("another machine's first process failed to prepare the data or "
+                            "weights (its error is in its output)")
     if error:
         raise error
-    return result if runtime.is_main else fn()
+    return result if first else fn()
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM paper, appendix B): 6 per parameter that takes part in a
+    matmul (forward 2, backward 4), plus attention's QK^T and AV, 12 * n_layer * T * n_embd.
+    Over the device's peak FLOP/s, this gives MFU: the fraction of the hardware we use."""
+    c = config
+    matmul_params = 12 * c.n_layer * c.n_embd ** 2 + c.n_embd * c.padded_vocab_size
+    return 6 * matmul_params + 12 * c.n_layer * seq_len * c.n_embd
 
 
 PEAK_FLOPS = {  # datasheet FLOP/s, dense: name: (bf16/fp16, float32/TF32)
@@ -1330,10 +1483,11 @@ def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> float | No
 
 
 def rng_state() -> dict:
+    """This process's random generators: Python's, numpy's, torch's CPU one and its GPU's."""
     np_state = np.random.get_state()
     return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
 
 
 def set_rng_state(state: dict):
@@ -1343,9 +1497,28 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     name, key, *rest = state["numpy"]
     np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
-    if state["cuda"] and torch.cuda.is_available():  # the GPUs both machines have
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # this process's GPU (set_device)
+
+
+def gather_rng_states(runtime: Runtime) -> list[dict]:
+    """Every rank's generators, in rank order (on rank 0; the others get theirs too)."""
+    if not runtime.ddp:
+        return [rng_state()]
+    states = [None] * runtime.world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_states(saved: list[dict], runtime: Runtime, dropout: float):
+    """Each rank takes back its own generators. A checkpoint of another number of processes
+    has no state for some ranks: they all keep the fresh per-rank seeds (chapter 8), which
+    only dropout draws from; exact resume needs the same number of processes then."""
+    if len(saved) == runtime.world_size:
+        set_rng_state(saved[runtime.rank])
+    elif dropout > 0:
+        say(runtime, f"the checkpoint holds the random generators of {len(saved)} processes, "
+                     f"this run has {runtime.world_size}: dropout's masks start afresh")
 
 
 # OPTIMIZER_FLAGS describe how this machine runs AdamW, not the training state:
@@ -1374,21 +1547,70 @@ def checkpoint_path(log_dir, step: int) -> Path:
 
 
 def list_checkpoints(log_dir) -> list[Path]:
+    """The checkpoints in log_dir, oldest step first."""
     return sorted(Path(log_dir).glob("ckpt_[0-9]*.pt"))
 
 
-def load_checkpoint(path) -> dict:
-    """A checkpoint's contents, every tensor on the CPU. Never onto the run's GPU: the RNG states
-    must stay CPU tensors, and load_state_dict moves weights and moments where they belong."""
+def checkpoint_step(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def write_checkpoint(path: Path, contents: dict):
+    """torch.save, atomically; a write that fails (a full disk) is one line, and the previous
+    checkpoint is untouched."""
     try:
+        with atomic_write(path) as f:
+            torch.save(contents, f)
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on ENOSPC
+        older = [p for p in list_checkpoints(path.parent) if p != path]
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); the previous "
+                        f"checkpoint, {older[-1] if older else 'none'}, is intact") from None
+
+
+def rotate_checkpoints(path: Path, keep: int):
+    """Keep the newest `keep` checkpoints up to this one; never one of a later step."""
+    older = [p for p in list_checkpoints(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        old.unlink(missing_ok=True)
+
+
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "loader", "rng", "config", "args")
+
+
+def load_checkpoint(path, for_training: bool = True) -> dict:
+    """A checkpoint's contents, verified, every tensor on the CPU. Never onto the run's GPU: the
+    RNG states must stay CPU tensors, and load_state_dict moves weights where they belong.
+
+    torch.load does not check the zip archive's CRCs, so a flipped byte would load as a wrong
+    weight: they are checked first (reading the file once more: about a second per GB). Then
+    the contents must be ours, and every tensor of the model and the optimizer finite.
+    `for_training=False` (sampling, export, --init_from) needs only the model and its config.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged:
+            raise UserError(f"{path}: corrupt checkpoint (the CRC of {damaged} does not match); "
+                            f"move it away to resume from an older one")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # torch raises several kinds for a damaged zip or pickle
+    except UserError:
+        raise
+    except Exception as e:  # zipfile and torch raise several kinds for a damaged file
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
                         f"move it away to resume from an older one") from None
-    if not (isinstance(state, dict) and "model" in state and "config" in state):
-        raise UserError(f"{path}: not a checkpoint of gpt2.py (no model and config in it)")
+    needed = CHECKPOINT_KEYS if for_training else ("model", "config")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    if (not isinstance(state, dict) or any(k not in state for k in needed)
+            or not isinstance(state["config"], dict) or set(state["config"]) != fields):
+        raise UserError(f"{path}: not a checkpoint of gpt2.py (another program's, or "
+                        f"damaged): expected {', '.join(needed)} and a GPT-2 config in it")
+    tensors = [*state["model"].values(), *(
+        t for s in (state.get("optimizer") or {}).get("state", {}).values() for t in s.values())]
+    if not all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
+        raise UserError(f"{path}: holds NaN or infinite weights; move it away to resume from "
+                        f"an older one")
     return state
 
 
@@ -1403,7 +1625,7 @@ def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | Non
     with the same line.
     """
     newest = list_checkpoints(log_dir)
-    step = torch.tensor([int(newest[-1].stem.split("_")[1]) if newest else -1], device=runtime.device)
+    step = torch.tensor([checkpoint_step(newest[-1]) if newest else -1], device=runtime.device)
     if runtime.ddp:
         dist.broadcast(step, src=0)
     if step.item() < 0:
@@ -1427,7 +1649,7 @@ def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | Non
 
 def load_checkpoint_model(path) -> GPT:
     """The model of a training checkpoint (on the CPU), for sampling, evaluation, export."""
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, for_training=False)
     model = GPT(GPTConfig(**saved["config"]))
     model.load_state_dict(saved["model"])
     return model
@@ -1440,22 +1662,34 @@ def _event_step(line: str) -> int | None:
         return None  # a line cut short by a kill
 
 
+def kept_on_resume(line: str, step: int) -> bool:
+    event_step = _event_step(line)
+    return event_step is not None and (event_step < step or (
+        event_step == step and "loss" not in json.loads(line)))
+
+
 class EventLog:
     """Each event of the run: one JSON object a line in <log_dir>/log.jsonl (rank 0 only), and
     one line on the console. A fresh run's first event is its configuration."""
 
     def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int):
         self.path, self.runtime = Path(args.log_dir) / "log.jsonl", runtime
+        # MFU: the model's FLOPs per second over the hardware's peak, of every GPU together
+        peak = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
+        self.mfu_per_token_s = (flops_per_token(state.model.config, args.seq_len) /
+                                (peak * runtime.world_size)) if peak else 0
         if runtime.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if args.resume and self.path.exists():
-                # A resumed run forgets what the interrupted one logged after its checkpoint.
+            if state.step > 0 and self.path.exists():
+                # A resumed run forgets what the interrupted one logged after its checkpoint:
+                # it keeps the steps before it and the evaluation at it (its training step, the
+                # checkpoint's step, is logged again).
                 kept = [line for line in self.path.read_text().splitlines()
-                        if _event_step(line) is not None and _event_step(line) <= state.step]
+                        if kept_on_resume(line, state.step)]
                 with atomic_write(self.path) as f:
                     f.write("".join(line + "\n" for line in kept).encode())
-            elif not args.resume:
-                self.path.unlink(missing_ok=True)
+            else:
+                self.path.unlink(missing_ok=True)  # a fresh run (own_log_dir allowed it)
         say(runtime, f"{state.model.num_params():,} parameters | {runtime.world_size} x "
                      f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')} | "
                      f"{args.total_batch_size:,} tokens/step = {args.batch_size} x "
@@ -1467,6 +1701,8 @@ class EventLog:
                        world_size=runtime.world_size)
 
     def write(self, **event):
+        if "tokens_per_s" in event and self.mfu_per_token_s:
+            event["mfu"] = self.mfu_per_token_s * event["tokens_per_s"]
         if self.runtime.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event) + "\n")
@@ -1496,11 +1732,65 @@ def read_events(log_dir) -> list[dict]:
             if _event_step(line) is not None]
 
 
-def stop_if_not_finite(loss: float, state: TrainState, args):
-    if not math.isfinite(loss):
-        last = list_checkpoints(args.log_dir)
-        raise UserError(f"loss is {loss} at step {state.step}: stopping. Lower --max_lr or "
-                        f"check the data; last good checkpoint: {last[-1] if last else 'none'}")
+def check_finite(loss: float, norm: float, state: TrainState, args):
+    """Stop before the optimizer applies a non-finite loss or gradient, so that no NaN weight
+    is ever stepped, saved, or rotated in place of a good checkpoint. (fp16's gradient scaler
+    skips a step with an inf gradient itself and lowers its scale: that is its job.)"""
+    bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+    if math.isfinite(bad[1]) or bad[0] == "gradient norm" and state.scaler.is_enabled():
+        return
+    last = list_checkpoints(args.log_dir)
+    raise UserError(f"{bad[0]} is {bad[1]} at step {state.step}: stopping before the optimizer "
+                    f"step. Lower --max_lr or check the data; last good checkpoint: "
+                    f"{last[-1] if last else 'none'}")
+
+
+class Stopped(Exception):
+    """A signal asked the run to stop; it did, after a step and its checkpoint."""
+
+    def __init__(self, signal_name: str, step: int, path: Path, runtime: Runtime):
+        super().__init__(f"{signal_name} after step {step}: saved {path}; continue with --resume")
+        self.code = 128 + getattr(signal, signal_name)  # the shell's convention for a signal
+        self.quiet = not runtime.is_main  # one line for the run, not one per process
+
+
+class StopSignals:
+    """SIGTERM (what SLURM, Kubernetes and spot instances send before they kill), SIGUSR1 (a
+    SLURM --signal) and Ctrl-C set a flag, read at the end of each step; the run then writes a
+    checkpoint and exits. A second Ctrl-C stops at once. Handlers can only be installed from
+    the main thread: elsewhere (a test's thread) the run simply has none."""
+
+    NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __enter__(self):
+        self.name, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):  # Windows has no SIGUSR1
+                    number = getattr(signal, name)
+                    self.previous[number] = signal.signal(number, self.received)
+        return self
+
+    def received(self, number, frame):
+        if self.name == "SIGINT" and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(number).name
+
+    def flag(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(like, float(self.name is not None))
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def accumulation_steps(args, world_size: int) -> int:
+    """Micro-batches per optimizer step, for --total_batch_size tokens a step."""
+    B, T, W = args.batch_size, args.seq_len, world_size
+    if args.total_batch_size % (B * T * W):
+        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
+    return args.total_batch_size // (B * T * W)
 
 
 def model_config(args) -> GPTConfig:
@@ -1516,9 +1806,29 @@ def refuse_size_flags(args):
                         "--n_layer, --n_head and --n_embd")
 
 
+def finetune_model(source: GPT, block_size: int | None, pad_vocab_to_multiple_of: int,
+                   dropout: float, name: str) -> GPT:
+    """The model a fine-tune starts from: the source's weights and architecture, its position
+    table cropped to block_size if that is smaller (nanoGPT's crop: a shorter context uses only
+    the first rows), the vocabulary padded as training wants (an export cuts it back), and
+    this run's dropout."""
+    c = source.config
+    block_size = block_size or c.block_size
+    if block_size > c.block_size:
+        raise UserError(f"--block_size {block_size} > {name}'s {c.block_size}: its position "
+                        f"table has no rows to extend it with")
+    model = GPT(GPTConfig(block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd,
+                          pad_vocab_to_multiple_of, dropout))
+    state = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}  # tied
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][:c.vocab_size]
+    load_weights(model, state, name)
+    return model
+
+
 def pretrained_for_training(args) -> GPT:
     """--init_from's model: OpenAI's weights (a hub name or a save_pretrained folder) or a
-    ckpt_*.pt of ours, weights only, shaped by chapter 3's finetune_model."""
+    ckpt_*.pt of ours, weights only, shaped by finetune_model."""
     source = (load_checkpoint_model(args.init_from) if args.init_from.endswith(".pt")
               else load_pretrained(args.init_from))
     return finetune_model(source, args.block_size, args.pad_vocab_to_multiple_of, args.dropout,
@@ -1534,13 +1844,13 @@ def finetune_config(args, saved: dict) -> GPTConfig:
 
 
 def load_hellaswag(args, runtime: Runtime):
-    """HellaSwag's val examples for the training hook: downloaded once (by rank 0 first)."""
+    """HellaSwag's val examples for the training hook: downloaded once per machine."""
     def load():
         try:
             return hellaswag.load_examples(file=args.hellaswag_file, limit=args.hellaswag_limit or None)
         except UserError as e:
             raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
-    return rank0_first(runtime, load)
+    return local_rank0_first(runtime, load)
 
 
 # ===============================================================================================
@@ -1907,18 +2217,54 @@ def plot(args):
 # plot. The training run's hyperparameters are chapter 9's recipe; here are the rest.
 # ===============================================================================================
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one error line (exit code 1) like every other user error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def int_at_least(low: int):
+    """An argparse type: a whole number >= low."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError here is argparse's "invalid int value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def float_where(test, requirement: str):
+    """An argparse type: a number that passes test(value), else `requirement` is said."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+positive_float = float_where(lambda v: v > 0, "above 0")
+float_at_least_0 = float_where(lambda v: v >= 0, "at least 0")
+fraction = float_where(lambda v: 0 <= v <= 1, "between 0 and 1")
+open_fraction = float_where(lambda v: 0 < v <= 1, "above 0 and at most 1")
+probability = float_where(lambda v: 0 <= v < 1, "at least 0 and below 1")
+
+
 def add_model_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"preset: {', '.join(PRESETS)} (none = gpt2, the 124M "
                    "model)")
-    g.add_argument("--n_layer", type=int, help="override the preset's number of blocks")
-    g.add_argument("--n_head", type=int, help="override the preset's attention heads")
-    g.add_argument("--n_embd", type=int, help="override the preset's width")
-    g.add_argument("--block_size", type=int, help="longest context (default 1024, GPT-2's)")
-    g.add_argument("--pad_vocab_to_multiple_of", type=int, default=64,
+    g.add_argument("--n_layer", type=int_at_least(1), help="override the preset's number of blocks")
+    g.add_argument("--n_head", type=int_at_least(1), help="override the preset's attention heads")
+    g.add_argument("--n_embd", type=int_at_least(1), help="override the preset's width")
+    g.add_argument("--block_size", type=int_at_least(1), help="longest context (default 1024, GPT-2's)")
+    g.add_argument("--pad_vocab_to_multiple_of", type=int_at_least(1), default=64,
                    help="embedding rows rounded up to a multiple of this: 64 gives 50304, which "
                         "tiles evenly on GPUs (default 64; 1 = no padding)")
-    g.add_argument("--dropout", type=float, default=0.0,
+    g.add_argument("--dropout", type=probability, default=0.0,
                    help="dropout on attention weights, residual branches and embeddings, in "
                         "training only: 0 for pretraining (build-nanogpt, nanoGPT), ~0.1 to "
                         "fine-tune on a small text (GPT-2's own value)")
@@ -1937,7 +2283,7 @@ def add_compile_flag(p):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train GPT-2 (the default command). Other commands: "
                     "`gpt2.py sample --help`, `gpt2.py hellaswag --help`, `gpt2.py export "
@@ -1948,30 +2294,33 @@ def train_parser() -> argparse.ArgumentParser:
                    help="folder of token shards written by fineweb.py")
     g.add_argument("--log_dir", default="log", help="log.jsonl and checkpoints go here")
     g.add_argument("--hellaswag_file", help="local HellaSwag jsonl (default: download val)")
-    g.add_argument("--hellaswag_limit", type=int, default=0,
+    g.add_argument("--hellaswag_limit", type=int_at_least(0), default=0,
                    help="score only the first N examples (0 = all 10,042)")
-    g.add_argument("--num_samples", type=int, default=4, help="samples printed at each eval")
-    g.add_argument("--sample_tokens", type=int, default=32, help="tokens per sample")
+    g.add_argument("--num_samples", type=int_at_least(0), default=4, help="samples printed at each eval")
+    g.add_argument("--sample_tokens", type=int_at_least(1), default=32, help="tokens per sample")
     g.add_argument("--sample_prompt", default="Hello, I'm a language model,",
                    help="prompt of the samples (build-nanogpt's)")
-    g.add_argument("--keep_checkpoints", type=int, default=2,
+    g.add_argument("--keep_checkpoints", type=int_at_least(1), default=2,
                    help="newest checkpoints kept (a 124M one is 1.5 GB with the optimizer)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --log_dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --log_dir that holds a run: deletes its log.jsonl "
+                        "and checkpoints (without it, such a folder is refused)")
     g = p.add_argument_group("the machine")
     add_device_flags(g)
     g.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 autocast on GPUs that have it, float16 + loss scaling "
                         "on older GPUs, float32 on CPU and mps")
     add_compile_flag(g)
-    g.add_argument("--loss_chunk", type=int, default=-1,
+    g.add_argument("--loss_chunk", type=int_at_least(-1), default=-1,
                    help="rows per chunk of the fused loss (0 = plain cross-entropy over full "
                         "logits; -1 = auto: 256 on CPU, where it is faster and saves ~1.5 GB, "
                         "0 on GPUs)")
-    g.add_argument("--dist_timeout", type=float, default=3600,
+    g.add_argument("--dist_timeout", type=positive_float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
                         "gpt2-xl checkpoint (19 GB) can outlast NCCL's default 10 minutes")
-    g.add_argument("--peak_flops", type=float,
+    g.add_argument("--peak_flops", type=positive_float,
                    help="peak FLOP/s for MFU (default: the datasheet of known GPUs)")
     return p
 
@@ -1984,24 +2333,24 @@ def add_model_source_flags(p):
 
 
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2.py sample",
+    p = Parser(prog="gpt2.py sample",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Sample text from OpenAI's GPT-2 or a checkpoint.")
     add_model_source_flags(p)
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
-    p.add_argument("--num_samples", type=int, default=4, help="continuations, batched")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to add to each")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest tokens")
-    p.add_argument("--top_p", type=float, help="nucleus sampling threshold (default off)")
-    p.add_argument("--seed", type=int, help="makes the samples reproducible (default random)")
+    p.add_argument("--num_samples", type=int_at_least(1), default=4, help="continuations, batched")
+    p.add_argument("--max_new_tokens", type=int_at_least(1), default=64, help="tokens to add to each")
+    p.add_argument("--temperature", type=float_at_least_0, default=1.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int_at_least(1), default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--top_p", type=open_fraction, help="nucleus sampling threshold (default off)")
+    p.add_argument("--seed", type=int_at_least(0), help="makes the samples reproducible (default random)")
     p.add_argument("--no_cache", action="store_true", help="recompute the prefix every token")
     add_device_flags(p)
     return p
 
 
 def hellaswag_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2.py hellaswag", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Score a GPT-2 model on HellaSwag (completion style, as build-nanogpt and "
                     "llm.c do). Prints acc, acc_norm, n, elapsed time and examples/s. "
@@ -2013,7 +2362,7 @@ def hellaswag_parser() -> argparse.ArgumentParser:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2.py export",
+    p = Parser(prog="gpt2.py export",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Write a checkpoint as a transformers save_pretrained "
                                             "folder (config.json + model.safetensors, the "
@@ -2024,24 +2373,24 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2.py bench",
+    p = Parser(prog="gpt2.py bench",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Measure training and generation speed; the last "
                                             "line printed is a JSON object of the results.")
     add_model_flags(p)
-    p.add_argument("--batch_size", type=int, default=8, help="micro-batch B")
-    p.add_argument("--seq_len", type=int, default=256, help="sequence length T")
-    p.add_argument("--loss_chunk", type=int, default=-1, help="as in training (-1 = auto)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
-    p.add_argument("--gen_tokens", type=int, default=128, help="tokens generated after a "
+    p.add_argument("--batch_size", type=int_at_least(1), default=8, help="micro-batch B")
+    p.add_argument("--seq_len", type=int_at_least(1), default=256, help="sequence length T")
+    p.add_argument("--loss_chunk", type=int_at_least(-1), default=-1, help="as in training (-1 = auto)")
+    p.add_argument("--reps", type=int_at_least(1), default=5, help="timed repetitions of each measurement")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed repetitions first")
+    p.add_argument("--gen_tokens", type=int_at_least(1), default=128, help="tokens generated after a "
                    "16-token prompt, at batch 1 and 8")
     p.add_argument("--train_only", action="store_true",
                    help="only the training step and peak memory (e.g. to size a fine-tune)")
     add_device_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="as in training")
     add_compile_flag(p)
-    p.add_argument("--hellaswag_examples", type=int, default=40,
+    p.add_argument("--hellaswag_examples", type=int_at_least(1), default=40,
                    help="HellaSwag val rows scored for its examples/s (from samples/)")
     p.add_argument("--vs_transformers", action="store_true",
                    help="also time transformers' cached generate on the same weights "
@@ -2050,7 +2399,7 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpt2.py plot",
+    p = Parser(prog="gpt2.py plot",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Plot a run's log.jsonl as a PNG.")
     p.add_argument("--log_dir", default="log", help="the run's --log_dir")
@@ -2068,13 +2417,17 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     make_parser, run = COMMANDS[command]
-    args = make_parser().parse_args(argv)
-    args.command = command
     try:
+        args = make_parser().parse_args(argv)
+        args.command = command
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as e:
+        if not e.quiet:
+            print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,19 @@ weights (nothing is downloaded): if our model computes what GPT-2 computes, the 
 """
 import argparse
 import contextlib
+import errno
+import gc
+import io
 import json
 import math
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -734,11 +741,11 @@ def test_compile_defaults_to_on_for_cuda_and_off_elsewhere(monkeypatch):
 def test_checkpoints_load_onto_the_cpu_and_restore_the_rng_states(shakespeare, tmp_path):
     gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "1"])
     state = gpt2.load_checkpoint(tmp_path / "ckpt_00000001.pt")
-    tensors = [state["rng"]["torch"], *state["model"].values()]
+    tensors = [state["rng"][0]["torch"], *state["model"].values()]
     assert all(t.device.type == "cpu" for t in tensors)
-    gpt2.set_rng_state(state["rng"])
+    gpt2.set_rng_state(state["rng"][0])
     first = torch.rand(3)
-    gpt2.set_rng_state(state["rng"])
+    gpt2.set_rng_state(state["rng"][0])
     assert torch.equal(torch.rand(3), first)
 
 
@@ -1046,3 +1053,350 @@ def test_dropout_changes_training_but_not_evaluation_or_greedy_generation(shakes
                    "--max_steps", "2", "--dropout", p])
         runs[p] = train_losses(tmp_path / p)
     assert runs["0"][0] != runs["0.1"][0]
+
+
+# -- Nothing lost, nothing silently wrong: preemption, reruns, bad flags, bad files, faults -------
+
+def run_in_background(*args, env=None):
+    """`python gpt2.py ARGS` started in the background, as a user (or a cluster) runs it."""
+    return subprocess.Popen([sys.executable, str(HERE / "gpt2.py"), *map(str, args)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for_step(log_dir, step, process, timeout=300):
+    """Wait until the run in `process` has logged training step `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if (log_dir / "log.jsonl").exists() and any(
+                e.get("step", -1) >= step and "loss" in e for e in gpt2.read_events(log_dir)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} in {log_dir}")
+
+
+def final_weights(log_dir, step):
+    return torch.load(gpt2.checkpoint_path(log_dir, step), weights_only=True)["model"]
+
+
+LONG_RUN = [*TINY_RUN, "--max_steps", "8", "--checkpoint_every", "100", "--eval_every", "100",
+            "--dropout", "0.1", "--device", "cpu"]
+
+
+def run_to_the_end(*args):
+    run = run_in_background(*args)  # one thread, as the interrupted runs: the same arithmetic
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shakespeare, tmp_path_factory):
+    """LONG_RUN's final weights, uninterrupted (with dropout: the random generators count)."""
+    log_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_to_the_end("--data_dir", shakespeare, "--log_dir", log_dir, *LONG_RUN)
+    return final_weights(log_dir, 8)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_signal_mid_run_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
+        shakespeare, tmp_path, uninterrupted, signal_name):
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN]
+    run = run_in_background(*common)
+    wait_for_step(tmp_path, 2, run)
+    run.send_signal(getattr(signal, signal_name))
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 128 + getattr(signal, signal_name), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stopped: {signal_name} after step "), err
+    stopped_at = gpt2.checkpoint_step(gpt2.list_checkpoints(tmp_path)[-1])
+    assert 3 <= stopped_at < 8 and f"saved {gpt2.checkpoint_path(tmp_path, stopped_at)}" in lines[0]
+    run_to_the_end(*common, "--resume")
+    resumed = final_weights(tmp_path, 8)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    steps = [e["step"] for e in gpt2.read_events(tmp_path) if "loss" in e]
+    assert steps == list(range(8))  # each step logged once, across the stop
+
+
+def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_deletes_nothing(
+        shakespeare, tmp_path, cli):
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
+    gpt2.main(common)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert_one_error_line(cli(gpt2.main, *common), f"{tmp_path} holds a run", "--resume",
+                          "--overwrite")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    gpt2.main([*common, "--overwrite", "--max_steps", "1"])  # on purpose: the old run is gone
+    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000001.pt"]
+    assert [e["step"] for e in gpt2.read_events(tmp_path) if "loss" in e] == [0]
+
+
+def test_rotation_keeps_the_newest_and_never_a_checkpoint_of_a_later_step(tmp_path):
+    for step in (2, 4, 6, 10):
+        gpt2.checkpoint_path(tmp_path, step).write_bytes(b"x")
+    gpt2.rotate_checkpoints(gpt2.checkpoint_path(tmp_path, 6), keep=2)
+    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == [
+        "ckpt_00000004.pt", "ckpt_00000006.pt", "ckpt_00000010.pt"]
+
+
+def test_a_second_run_on_the_same_log_dir_is_refused_while_the_first_runs(shakespeare, tmp_path, cli):
+    first = run_in_background("--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN,
+                              "--max_steps", "1000")
+    try:
+        wait_for_step(tmp_path, 0, first)
+        assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+                                  *TINY_RUN, "--resume"), f"another run is using {tmp_path}")
+    finally:
+        first.kill()
+        first.communicate()
+    (tmp_path / "ckpt_00000005.pt.4242.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "1",
+               "--resume"])  # the killed run left its lock behind? no: the OS dropped it
+    assert not list(tmp_path.glob("*.tmp"))  # and the dead run's half-written file is gone
+
+
+def test_an_inf_gradient_stops_before_the_optimizer_step_and_writes_no_checkpoint(
+        shakespeare, tmp_path, cli, monkeypatch):
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_with_an_inf_gradient_at_step_3(parameters, max_norm):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 4:  # step 3, counting from 0; in float32 no scaler skips it
+            parameters[0].grad[0, 0] = float("inf")
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_an_inf_gradient_at_step_3)
+    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+                                    *TINY_RUN, "--max_steps", "6", "--checkpoint_every", "1",
+                                    "--keep_checkpoints", "10"))
+    assert "gradient norm is inf at step 3: stopping before the optimizer step" in err
+    assert err.endswith(f"last good checkpoint: {gpt2.checkpoint_path(tmp_path, 3)}")
+    assert [gpt2.checkpoint_step(p) for p in gpt2.list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path, 3).values())
+
+
+def test_a_checkpoint_with_a_flipped_byte_or_nan_weights_is_refused_with_one_line(
+        shakespeare, tmp_path, cli):
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
+    gpt2.main(common)
+    path = gpt2.checkpoint_path(tmp_path, 2)
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 1  # torch.load alone would load this, a wrong weight and all
+    path.write_bytes(bytes(flipped))
+    assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"), str(path),
+                          "corrupt checkpoint (the CRC of")
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    state["model"]["transformer.wpe.weight"][0, 0] = float("nan")
+    torch.save(state, path)
+    assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"), str(path),
+                          "NaN or infinite weights")
+    assert_one_error_line(cli(gpt2.main, "sample", "--checkpoint", path), "NaN or infinite")
+
+
+def test_a_foreign_checkpoint_or_a_log_dir_that_is_a_file_is_one_line(shakespeare, tmp_path, cli):
+    nanogpt = {"model": {}, "optimizer": {}, "model_args": {"n_layer": 2}, "iter_num": 5,
+               "best_val_loss": 3.0, "config": {"out_dir": "out", "eval_interval": 2000}}
+    (tmp_path / "run").mkdir()
+    torch.save(nanogpt, tmp_path / "run/ckpt_00000005.pt")
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "6"]
+    for result in (cli(gpt2.main, *common, "--log_dir", tmp_path / "run", "--resume"),
+                   cli(gpt2.main, "sample", "--checkpoint", tmp_path / "run/ckpt_00000005.pt")):
+        assert_one_error_line(result, "not a checkpoint of gpt2.py")
+    (tmp_path / "file").write_text("not a folder")
+    assert_one_error_line(cli(gpt2.main, *common, "--log_dir", tmp_path / "file"),
+                          f"--log_dir {tmp_path / 'file'} is a file")
+
+
+def test_a_full_disk_during_a_checkpoint_write_names_the_file_and_the_intact_one(
+        shakespeare, tmp_path, cli, monkeypatch):
+    fsync, writes = os.fsync, []
+
+    def fsync_on_a_disk_that_fills_up(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".pt." in name:
+            writes.append(name)
+            if len(writes) == 2:  # the second checkpoint finds the disk full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_on_a_disk_that_fills_up)
+    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+                                    *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2"))
+    assert f"cannot write {gpt2.checkpoint_path(tmp_path, 4)} (No space left on device)" in err
+    assert f"the previous checkpoint, {gpt2.checkpoint_path(tmp_path, 2)}, is intact" in err
+    assert [p.name for p in tmp_path.iterdir() if ".pt" in p.name] == ["ckpt_00000002.pt"]
+    gpt2.load_checkpoint(gpt2.checkpoint_path(tmp_path, 2))
+
+
+def test_resuming_on_other_data_under_the_same_shard_names_is_refused(shakespeare, tmp_path, cli):
+    data = tmp_path / "data"
+    shutil.copytree(shakespeare, data)
+    common = ["--data_dir", data, "--log_dir", tmp_path / "log", *TINY_RUN, "--max_steps", "2"]
+    gpt2.main(common)
+    train = data / "shakespeare_train_000001.bin"
+    write_shard(train, gpt2.read_shard(train)[::-1].copy())  # same name, same size, other text
+    assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"),
+                          "cannot resume", "other shards under the same names")
+
+
+@pytest.mark.parametrize("val_tokens, flags, message", [
+    (10, [], "10 tokens, fewer than one sequence of --seq_len 64 + 1"),
+    (0, [], "0 tokens, fewer than one sequence"),
+    (5000, ["--val_tokens", "32"], "--val_tokens 32 < --seq_len 64"),
+])
+def test_a_val_split_too_short_for_one_sequence_is_one_line_at_start(
+        shakespeare, tmp_path, cli, val_tokens, flags, message):
+    data = tmp_path / "data"
+    shutil.copytree(shakespeare, data)
+    write_shard(data / "shakespeare_val_000000.bin", gpt2.read_shard(
+        shakespeare / "shakespeare_val_000000.bin")[:val_tokens].copy())
+    assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
+                              *TINY_RUN, "--max_steps", "1", *flags), message)
+    assert not (tmp_path / "log/log.jsonl").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_token_id_outside_the_vocabulary_is_named_with_its_shard(shakespeare, tmp_path, cli, split):
+    data = tmp_path / "data"
+    shutil.copytree(shakespeare, data)
+    shard = next(data.glob(f"*_{split}_*.bin"))
+    tokens = gpt2.read_shard(shard).copy()
+    tokens[100] = 50300  # a padding row of the 50,304-row table
+    write_shard(shard, tokens)
+    assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
+                              *TINY_RUN, "--max_steps", "1"),
+                          f"{shard}: token id 50300 is not one of GPT-2's 50257 tokens")
+
+
+ZERO_IS_WRONG = ["--batch_size", "--seq_len", "--total_batch_size", "--eval_every",
+                 "--checkpoint_every", "--n_head", "--n_layer", "--n_embd", "--block_size",
+                 "--num_epochs", "--keep_checkpoints", "--val_tokens", "--sample_tokens",
+                 "--pad_vocab_to_multiple_of"]
+ZERO_IS_FINE = ["--max_steps", "--warmup_steps", "--hellaswag_every", "--hellaswag_limit",
+                "--num_samples", "--seed"]
+
+
+@pytest.mark.parametrize("argv", [
+    *[[flag, "0"] for flag in ZERO_IS_WRONG], *[[flag, "-1"] for flag in ZERO_IS_WRONG + ZERO_IS_FINE],
+    ["--loss_chunk", "-2"], ["--dropout", "1"], ["--dropout", "-0.1"], ["--max_lr", "0"],
+    ["--min_lr_ratio", "1.5"], ["--grad_clip", "0"], ["--dist_timeout", "0"],
+    *[["sample", flag, "0"] for flag in ("--max_new_tokens", "--num_samples", "--top_k")],
+    ["sample", "--top_p", "0"], ["sample", "--top_p", "1.5"], ["sample", "--temperature", "-1"],
+    ["sample", "--seed", "-1"], ["bench", "--reps", "0"], ["bench", "--batch_size", "-1"],
+    ["--batch_size", "many"],
+])
+def test_a_flag_out_of_its_range_is_one_line(cli, argv):
+    flag = next(a for a in argv if a.startswith("--"))
+    assert_one_error_line(cli(gpt2.main, *argv), f"argument {flag}")
+
+
+def test_after_a_resume_the_log_holds_each_step_and_evaluation_once(shakespeare, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "8", "--checkpoint_every", "4",
+              "--keep_checkpoints", "5"]
+    gpt2.main([*common, "--log_dir", full])
+    shutil.copytree(full, resumed)
+    gpt2.checkpoint_path(resumed, 8).unlink()  # as if killed after step 8's log line
+    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+    strip = lambda events: [{k: v for k, v in e.items() if k not in ("ms", "tokens_per_s")}
+                            for e in events]
+    assert strip(gpt2.read_events(resumed)) == strip(gpt2.read_events(full))
+
+
+def failing_rank_script(tmp_path, exception="RuntimeError"):
+    """A launcher that runs gpt2.py with rank 1 raising at the start of step 2 (its get_lr)."""
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(HERE)!r})
+import gpt2
+real_get_lr = gpt2.get_lr
+def get_lr(step, *args):
+    if step == 2 and os.environ["RANK"] == "1":
+        raise {exception}("injected failure on rank 1")
+    return real_get_lr(step, *args)
+gpt2.get_lr = get_lr
+gpt2.main(sys.argv[1:])
+""")
+    return script
+
+
+def two_nodes(script, node_args, timeout=300):
+    """torchrun, one process on each of two "nodes" on 127.0.0.1; node_args[r] are node r's
+    flags. Returns [(exit code, output, seconds)] of both."""
+    rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    start = time.monotonic()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous,
+                               f"--node_rank={rank}", "--nproc_per_node=1", str(script),
+                               *map(str, node_args[rank])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for rank in (0, 1)]
+    results = []
+    for node in nodes:
+        out, _ = node.communicate(timeout=timeout)
+        results.append((node.returncode, out, time.monotonic() - start))
+    return results
+
+
+def test_a_rank_that_raises_ends_every_node_promptly_with_its_message(shakespeare, tmp_path):
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "6", "--device", "cpu",
+              "--dist_timeout", "3600"]  # an hour: it must not be what ends the run
+    script = failing_rank_script(tmp_path)
+    results = two_nodes(script, [[*common, "--log_dir", tmp_path / f"node{r}"] for r in (0, 1)])
+    for code, out, _ in results:
+        assert code != 0, out
+        assert "rank 1: RuntimeError: injected failure on rank 1" in out, out
+    assert "Traceback" in results[1][1]  # a bug's traceback, on the rank it hit
+    assert max(seconds for _, _, seconds in results) < 180  # start-up included; not an hour
+
+
+def test_nodes_with_other_data_stop_with_one_line(shakespeare, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(shakespeare, other)
+    train = other / "shakespeare_train_000001.bin"
+    write_shard(train, gpt2.read_shard(train)[::-1].copy())
+    common = [*TINY_RUN, "--max_steps", "2", "--device", "cpu"]
+    results = two_nodes(HERE / "gpt2.py", [[*common, "--data_dir", data, "--log_dir", tmp_path / f"n{r}"]
+                                           for r, data in enumerate((shakespeare, other))])
+    for code, out, _ in results:
+        assert code == 1 and "rank(s) [1] see other training shards" in out, out
+
+
+def test_with_dropout_each_rank_draws_its_own_masks_and_a_2_process_resume_is_exact(
+        shakespeare, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2",
+              "--keep_checkpoints", "5", "--dropout", "0.1", "--device", "cpu"]
+    finish(torchrun(*common, "--log_dir", full, extra=["--standalone"]))
+    rng = torch.load(gpt2.checkpoint_path(full, 2), weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    resumed.mkdir()
+    shutil.copy(gpt2.checkpoint_path(full, 2), resumed)
+    finish(torchrun(*common, "--log_dir", resumed, "--resume", extra=["--standalone"]))
+    a, b = final_weights(full, 4), final_weights(resumed, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, tmp_path, monkeypatch):
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
+    gpt2.main(common)
+    load, loaded, alive_at_step = gpt2.load_checkpoint, [], []
+
+    def load_and_watch(path, *args, **kwargs):
+        state = load(path, *args, **kwargs)
+        loaded.append(weakref.ref(state["model"]["transformer.wpe.weight"]))
+        return state
+
+    write = gpt2.EventLog.write
+
+    def write_and_look(self, **event):
+        if "loss" in event:
+            gc.collect()
+            alive_at_step.append(loaded[0]() is not None)
+        return write(self, **event)
+
+    monkeypatch.setattr(gpt2, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(gpt2.EventLog, "write", write_and_look)
+    gpt2.main([*common, "--max_steps", "3", "--resume"])
+    assert alive_at_step == [False]
