@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -476,8 +477,9 @@ def find_shards(data_dir, split: str) -> list[Path]:
     return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
 
 
-def training_data(args, runtime: Runtime):
-    """The train loader, the val tokens (None without a val shard) and the accumulation steps."""
+def training_data(args, runtime: Runtime, position: dict | None = None):
+    """The train loader (at a checkpoint's `position`, if given), the val tokens (None without
+    a val shard) and the accumulation steps."""
     train_files, val_files = find_shards(args.data_dir, "train"), find_shards(args.data_dir, "val")
     if not train_files:
         raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
@@ -486,6 +488,8 @@ def training_data(args, runtime: Runtime):
     loader = ShardedDataLoader(train_files, args.batch_size, args.seq_len, grad_accum,
                                runtime.rank, runtime.world_size, args.seed, vocab_size=VOCAB_SIZE)
     agree_on_data(loader, args.data_dir, runtime)  # appendix B: every machine, the same shards
+    if position is not None:
+        loader.load_state_dict(position)
     return loader, val_split(val_files, args) if val_files else None, grad_accum
 
 
@@ -527,13 +531,17 @@ class ShardedDataLoader:
     def steps_per_epoch(self) -> int:
         return self.epoch_windows // self.step_windows
 
-    def next_batch(self):
-        """This rank's next micro-batch: inputs and targets, (B, T) int64 each."""
+    def next_windows(self) -> torch.Tensor:
+        """This rank's next micro-batch, (B, T + 1) int64: inputs [:, :-1], targets [:, 1:]."""
         first = self.step_start + (self.micro * self.world_size + self.rank) * self.B
-        buf = torch.from_numpy(self.read_windows(first, self.B).astype(np.int64))  # (B, T + 1)
         self.micro += 1
         if self.micro == self.grad_accum:
             self.micro, self.step_start = 0, self.step_start + self.step_windows
+        return torch.from_numpy(self.read_windows(first, self.B).astype(np.int64))
+
+    def next_batch(self):
+        """The same, as inputs and targets, (B, T) each."""
+        buf = self.next_windows()
         return buf[:, :-1], buf[:, 1:]
 
     def read_windows(self, first: int, count: int) -> np.ndarray:
@@ -636,6 +644,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     newer), fp16 on older GPUs (T4, V100), float32 on CPU and mps. Not is_bf16_supported(): on
     recent torch it says True on a T4 too, where bf16 is emulated and slower than float32."""
     if name != "auto":
+        warn_if_emulated(DTYPES[name], device)  # appendix B
         return DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
@@ -648,7 +657,8 @@ def autocast_context(runtime: Runtime):
     return hellaswag.autocast(runtime.device, runtime.dtype)
 
 
-def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runtime:
+def setup_distributed(device: str, dtype: str, timeout_s: float = 3600,
+                      backend: str = "auto") -> Runtime:
     """Read torchrun's variables, pick this process's device and join the process group.
     timeout_s bounds how long a collective waits for the slowest rank (--dist_timeout)."""
     distributed = "RANK" in os.environ
@@ -658,7 +668,9 @@ def setup_distributed(device: str, dtype: str, timeout_s: float = 3600) -> Runti
         torch.cuda.set_device(dev)
     if not distributed:
         return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return Runtime(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), dev,
                    pick_dtype(dtype, dev))
@@ -741,8 +753,10 @@ def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_ex
     """The evaluation event of this step: val loss, HellaSwag when due, samples."""
     event = dict(step=state.step)
     if val_tokens is not None:
+        # The chunked loss (appendix A) on GPUs too: without a backward pass to fuse it into,
+        # the plain one would hold (B * T, V) float32 logits, 13 GB at B=64: more than training.
         event["val_loss"] = evaluate_loss(state.model, val_tokens, args.seq_len, args.batch_size,
-                                          args.val_tokens, runtime, args.loss_chunk)
+                                          args.val_tokens, runtime, args.loss_chunk or 4096)
     if hellaswag_examples and (state.step % args.hellaswag_every == 0 or last):
         event["hellaswag"] = hellaswag.evaluate(  # acc_norm; each rank scores its share
             state.model, hellaswag_examples, runtime.device, rank=runtime.rank,
@@ -769,7 +783,7 @@ class TrainState:
     model: GPT  # the raw model: its state_dict keys stay plain, whatever wraps it for training
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (and empty) otherwise
-    loader: ShardedDataLoader
+    loader: ShardedDataLoader | None = None  # made once the micro-batch is known (chapter 9)
     step: int = 0  # optimizer steps taken
 
     def state_dict(self, args, rng: list[dict]) -> dict:  # rng: every rank's generators
@@ -785,25 +799,25 @@ class TrainState:
         self.model.load_state_dict(saved["model"])
         load_optimizer_state(self.optimizer, saved["optimizer"])  # appendix B, like the two below
         load_scaler_state(self.scaler, saved["scaler"])
-        self.loader.load_state_dict(saved["loader"])
         restore_rng_states(saved["rng"], runtime, self.model.config.dropout)
         self.step = saved["step"]
 
 
-def start_state(args, runtime: Runtime, loader: ShardedDataLoader) -> TrainState:
-    """Step 0's state; with --resume, the newest checkpoint's, the same file on every rank."""
+def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None]:
+    """Step 0's state; with --resume, the newest checkpoint's, the same file on every rank.
+    Also the checkpoint's loader position (None for a fresh run), for the loader to come."""
     agreed = load_agreed_checkpoint(args.log_dir, runtime) if args.resume else None  # appendix B
-    state = new_train_state(args, runtime, loader, agreed[1] if agreed else None)
-    if agreed:
-        state.load_state_dict(agreed[1], agreed[0], runtime)
-        say(runtime, f"resumed from {agreed[0]} at step {state.step}")
-    elif args.resume:
-        say(runtime, f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
-    return state
+    state = new_train_state(args, runtime, agreed[1] if agreed else None)
+    if not agreed:
+        if args.resume:
+            say(runtime, f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
+        return state, None
+    state.load_state_dict(agreed[1], agreed[0], runtime)
+    say(runtime, f"resumed from {agreed[0]} at step {state.step}")
+    return state, agreed[1]["loader"]
 
 
-def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
-                    resuming: dict | None = None) -> TrainState:
+def new_train_state(args, runtime: Runtime, resuming: dict | None = None) -> TrainState:
     """The state of step 0: random weights, or --init_from's; `resuming`, the checkpoint that
     will replace them, if any (a resumed fine-tune then never reads its source again)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -822,7 +836,7 @@ def new_train_state(args, runtime: Runtime, loader: ShardedDataLoader,
     optimizer = configure_optimizer(model, args.max_lr, args.weight_decay)
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    return TrainState(model, optimizer, scaler, loader)
+    return TrainState(model, optimizer, scaler)
 
 
 def save_checkpoint(state: TrainState, args, runtime: Runtime):
@@ -851,9 +865,9 @@ def add_recipe_flags(p):
          help="start from pretrained weights: gpt2 ... gpt2-xl, a save_pretrained folder or a "
               "ckpt_*.pt of ours, with their architecture and a fresh optimizer and schedule; "
               "to fine-tune (README): --max_lr 3e-5 --warmup_steps 0 --dropout 0.1")
-    flag("--batch_size", type=int_at_least(1), default=64,
-         help="micro-batch B per process (64 x 1024 fits 124M in 80 GB): lower it on smaller "
-              "GPUs, gradient accumulation keeps the step the same")
+    flag("--batch_size", type=batch_size_or_auto, default="auto",
+         help="micro-batch B per process; auto: the largest that fits this GPU (8 on a CPU). "
+              "Gradient accumulation keeps --total_batch_size, so the run is the same")
     flag("--seq_len", type=int_at_least(1), default=1024, help="sequence length T, GPT-2's")
     flag("--total_batch_size", type=int_at_least(1), default=2 ** 19,
          help="tokens per optimizer step: 2**19 ~ 0.5M, GPT-3 small's batch")
@@ -888,8 +902,13 @@ def add_recipe_flags(p):
 
 def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
     """torch.compile, then DDP around the compiled model: torch's guidance, so that DDP's
-    bucketed all-reduce overlaps the backward pass (dynamo splits the graph at its buckets)."""
-    train_model = torch.compile(model) if args.compile == "on" else model
+    bucketed all-reduce overlaps the backward pass (dynamo splits the graph at its buckets).
+    In between, --batch_size auto tries micro-batches on the compiled model (appendix B)."""
+    # dynamic=False: one graph per shape, so the sizes tried never make it compile a slower,
+    # shape-generic one.
+    train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
+    if args.batch_size == "auto":
+        args.batch_size = fitting_batch_size(train_model, args, runtime)
     if runtime.ddp:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
@@ -898,7 +917,7 @@ def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
 
 def train(args):
     """The whole run, in the order things happen."""
-    runtime = setup_distributed(args.device, args.dtype, args.dist_timeout)  # chapter 5
+    runtime = setup_distributed(args.device, args.dtype, args.dist_timeout, args.dist_backend)
     # Plumbing (appendix B): a rank that fails stops the others at once, with its message; the
     # run holds its --log_dir alone; SIGTERM (a cluster's notice), SIGUSR1 and Ctrl-C ask it
     # to stop after the current step, with a checkpoint.
@@ -908,10 +927,11 @@ def train(args):
 
 
 def run_training(args, runtime: Runtime, stop: StopSignals):
-    loader, val_tokens, grad_accum = training_data(args, runtime)  # chapter 4
     # Resumed before compile and DDP: DDP copies rank 0's weights when it wraps the model.
-    state = start_state(args, runtime, loader)  # chapter 8
+    state, position = start_state(args, runtime)  # chapter 8
     train_model = wrap_for_training(state.model, args, runtime)
+    loader, val_tokens, grad_accum = training_data(args, runtime, position)  # chapter 4
+    state.loader = loader
     max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
     hellaswag_examples = load_hellaswag(args, runtime) if args.hellaswag_every else None
     # log.jsonl and the console, with MFU; a fresh run's first event is its config (appendix B)
@@ -934,8 +954,8 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
         state.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=runtime.device)
         for micro in range(grad_accum):
-            # (B, T) each, copied to the GPU while it works: appendix A
-            x, y = (to_device(t, runtime.device) for t in loader.next_batch())
+            windows = to_device(loader.next_windows(), runtime.device)  # (B, T + 1): appendix A
+            x, y = windows[:, :-1], windows[:, 1:]  # the targets: the inputs, one token later
             # DDP all-reduces the gradients during backward: only on the last micro-batch.
             # no_sync() must be entered before the forward pass, which records the intent.
             syncs = micro == grad_accum - 1 or not runtime.ddp
@@ -989,7 +1009,23 @@ def apply_speed_settings(args, device: torch.device):
     if args.compile == "auto":
         # build-nanogpt measured 300 -> 130 ms per step on an A100 from torch.compile; on a
         # CPU it gained nothing here (README) and costs ~20 s of compilation.
-        args.compile = "on" if device.type == "cuda" else "off"
+        reason = why_not_compile(device)
+        args.compile = "off" if reason else "on"
+        if reason and device.type == "cuda" and os.environ.get("RANK", "0") == "0":
+            print(f"--compile auto: off, {reason}", file=sys.stderr, flush=True)
+
+
+def why_not_compile(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on this device, or None if it can: on GPUs it needs Triton
+    (which Windows lacks) and compute capability 7.0 (Triton refuses older GPUs)."""
+    if device.type != "cuda":
+        return "it gains nothing on this device"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (there is none for Windows)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 0):
+        return f"Triton needs compute capability 7.0, this GPU has {capability[0]}.{capability[1]}"
+    return None
 
 
 # The CPU's chunked cross-entropy (GPT.forward with loss_chunk > 0; --loss_chunk, auto on CPUs).
@@ -1066,7 +1102,9 @@ def chunked_cross_entropy(x, weight, targets, vocab_size: int, chunk: int):
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch onto the device: on CUDA from pinned memory and without waiting, so the copy
-    overlaps the GPU's work."""
+    overlaps the GPU's work. `t` must be contiguous (the loader's whole (B, T + 1) windows, not
+    the inputs and targets, two strided views of them): pin_memory() of a strided view makes a
+    pageable temporary, and the copy would wait after all."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -1303,6 +1341,15 @@ def named_device(name: str, local_rank: int | None) -> torch.device:
     return device
 
 
+def warn_if_emulated(dtype: torch.dtype, device: torch.device):
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 0):
+            print(f"warning: --dtype bfloat16 on a GPU of compute capability "
+                  f"{capability[0]}.{capability[1]}: emulated, slower than float32; --dtype auto "
+                  f"picks float16 with loss scaling", file=sys.stderr, flush=True)
+
+
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums over many terms, except on Apple's mps, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -1364,6 +1411,17 @@ def own_log_dir(args, runtime: Runtime):
         yield
 
 
+@contextlib.contextmanager
+def out_of_memory_as_one_line():
+    """A GPU out of memory is a flag to change, not a bug: one line that names it."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError("out of GPU memory: lower --batch_size (or use --batch_size auto); "
+                        "gradient accumulation keeps --total_batch_size, so the run optimizes "
+                        "the same") from None
+
+
 FAILURE_KEY = "gpt2/failed"  # in the process group's store: which rank failed, and why
 
 
@@ -1378,14 +1436,16 @@ def fail_together(runtime: Runtime):
     without leaving; every rank watches that store from a thread, and exits with the message.
     """
     if not runtime.ddp:
-        yield
+        with out_of_memory_as_one_line():
+            yield
         return
     store = dist.distributed_c10d._get_default_store()
     watching = threading.Event()
     watching.set()
     threading.Thread(target=watch_for_failure, args=(store, watching), daemon=True).start()
     try:
-        yield
+        with out_of_memory_as_one_line():
+            yield
     except Stopped:
         watching.clear()
         dist.destroy_process_group()  # every rank stopped together: leave politely
@@ -1459,19 +1519,26 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     return 6 * matmul_params + 12 * c.n_layer * seq_len * c.n_embd
 
 
-PEAK_FLOPS = {  # datasheet FLOP/s, dense: name: (bf16/fp16, float32/TF32)
-    "H200": (989e12, 495e12), "H100 NVL": (835e12, 418e12), "H100 PCIe": (756e12, 378e12),
-    "H100": (989e12, 495e12), "A100": (312e12, 156e12), "A10G": (125e12, 62.5e12),
-    "A10": (125e12, 62.5e12), "L40S": (362e12, 183e12), "L4": (121e12, 60e12),
-    "RTX 4090": (165e12, 82.6e12), "RTX 3090": (71e12, 35.6e12), "V100": (125e12, 15.7e12),
-    "T4": (65e12, 8.1e12)}
+# Datasheet FLOP/s, dense (no sparsity), of the GPUs MFU knows: (bf16/fp16, float32 as TF32;
+# V100 and T4 have no TF32: their float32). Names as torch.cuda.get_device_name() gives them,
+# matched as whole words and case-blind, the more specific first ("H100 NVL" before "H100").
+PEAK_FLOPS = [
+    ("B200", 2250e12, 1100e12), ("GH200", 989e12, 495e12), ("H200 NVL", 835e12, 418e12),
+    ("H200", 989e12, 495e12), ("H100 NVL", 835e12, 418e12), ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 495e12), ("H800 PCIe", 756e12, 378e12), ("H800", 989e12, 495e12),
+    ("A100", 312e12, 156e12), ("A10G", 125e12, 62.5e12), ("A10", 125e12, 62.5e12),
+    ("L40S", 362e12, 183e12), ("L40", 181e12, 90.5e12), ("L4", 121e12, 60e12),
+    ("RTX 6000 Ada", 364e12, 182e12), ("RTX A6000", 155e12, 77.4e12),
+    ("RTX 4090", 165e12, 82.6e12), ("RTX 3090", 71e12, 35.6e12), ("V100S", 130e12, 16.4e12),
+    ("V100-PCIE", 112e12, 14e12), ("V100 PCIe", 112e12, 14e12), ("V100", 125e12, 15.7e12),
+    ("T4", 65e12, 8.1e12)]
 
 
 def peak_flops_of(gpu_name: str, dtype: torch.dtype) -> float | None:
-    """The datasheet peak of a GPU named like "NVIDIA L4", for dtype; None if unknown. Names are
-    matched as whole words, so that "L4" is not found inside "L40S" nor "A10" inside "A100"."""
-    for name, (half, single) in PEAK_FLOPS.items():
-        if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", gpu_name):
+    """The datasheet peak of a GPU named like "NVIDIA L4", for dtype; None if unknown (then the
+    log has no MFU). Whole words: "L4" is not found in "L40S", nor "A10" in "A100"."""
+    for name, half, single in PEAK_FLOPS:
+        if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", gpu_name, re.IGNORECASE):
             return single if dtype == torch.float32 else half
     return None
 
@@ -1788,9 +1855,79 @@ def accumulation_steps(args, world_size: int) -> int:
     """Micro-batches per optimizer step, for --total_batch_size tokens a step."""
     B, T, W = args.batch_size, args.seq_len, world_size
     if args.total_batch_size % (B * T * W):
+        fits = micro_batches_that_divide(args.total_batch_size, T, W)
+        hint = (f"--batch_size {max(b for b in fits if b <= B) if min(fits) <= B else min(fits)} "
+                f"divides it (or --batch_size auto)" if fits else
+                f"--total_batch_size must be a multiple of seq_len * world_size = {T * W}")
         raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
-                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}")
+                        f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}: "
+                        f"{hint}")
     return args.total_batch_size // (B * T * W)
+
+
+def micro_batches_that_divide(total_batch_size: int, seq_len: int, world_size: int) -> list[int]:
+    """The micro-batches B for which B * seq_len * world_size divides the step, largest first."""
+    sequences, left = divmod(total_batch_size, seq_len * world_size)  # per process, per step
+    return [] if left else [b for b in range(sequences, 0, -1) if sequences % b == 0]
+
+
+def batch_size_or_auto(text: str):
+    return "auto" if text == "auto" else int_at_least(1)(text)
+
+
+def fitting_batch_size(train_model: nn.Module, args, runtime: Runtime) -> int:
+    """--batch_size auto: the largest micro-batch that divides the step and fits this device
+    (tried for real: a forward and backward pass), the smallest over all ranks, so that every
+    rank runs the same split. --total_batch_size is kept by accumulation: the same run."""
+    candidates = [b for b in micro_batches_that_divide(args.total_batch_size, args.seq_len,
+                                                       runtime.world_size)
+                  if b * args.seq_len <= 2 ** 16]  # 64 x 1024 tokens: more gains little
+    if not candidates:
+        accumulation_steps(argparse.Namespace(**{**vars(args), "batch_size": 1}), runtime.world_size)
+    chosen = next((b for b in candidates if micro_batch_fits(train_model, b, args, runtime)), 0)
+    chosen = smallest_over_ranks(chosen, runtime)
+    if chosen == 0:
+        raise UserError(f"the model does not fit this {runtime.device.type} even at "
+                        f"--batch_size 1 with --seq_len {args.seq_len}: use a smaller model, a "
+                        f"shorter --seq_len, or a GPU with more memory")
+    say(runtime, f"--batch_size auto: {chosen} sequences per micro-batch")
+    return chosen
+
+
+def smallest_over_ranks(value: int, runtime: Runtime) -> int:
+    if not runtime.ddp:
+        return value
+    t = torch.tensor([value], device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def micro_batch_fits(train_model: nn.Module, batch_size: int, args, runtime: Runtime) -> bool:
+    """Whether training at this micro-batch fits the GPU: one forward and backward pass on
+    random tokens, its peak memory plus AdamW's moments (made at the first step: 8 bytes per
+    parameter) within 90% of the GPU. The random generators and the gradients are left as
+    they were. On a CPU or a Mac, where memory is the system's: at most 8 sequences."""
+    if runtime.device.type != "cuda":
+        return batch_size <= 8
+    parameters = [p for p in train_model.parameters() if p.requires_grad]
+    moments = 8 * sum(p.numel() for p in parameters)
+    idx = torch.randint(0, VOCAB_SIZE, (batch_size, args.seq_len), device=runtime.device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(runtime.device)
+    try:
+        with torch.random.fork_rng(devices=[runtime.device]):
+            with autocast_context(runtime):
+                _, loss = train_model(idx, idx, loss_chunk=args.loss_chunk)
+            loss.backward()
+        peak = torch.cuda.max_memory_allocated(runtime.device)
+    except torch.cuda.OutOfMemoryError:
+        peak = math.inf
+    finally:
+        loss = None
+        for p in parameters:
+            p.grad = None
+        torch.cuda.empty_cache()
+    return peak + moments <= 0.9 * torch.cuda.get_device_properties(runtime.device).total_memory
 
 
 def model_config(args) -> GPTConfig:
@@ -1862,6 +1999,17 @@ def load_hellaswag(args, runtime: Runtime):
 # all of this runs on your machine, and `plot` turns a run's log.jsonl into a picture.
 # ===============================================================================================
 
+def tool_runtime(device_flag: str, dtype_flag: str = "auto") -> Runtime:
+    """One process's device and precision for the tools: bf16 autocast and TF32 where they
+    pay, as in training; --device cuda:N made the current GPU (else a library's plain "cuda"
+    would open a second context on GPU 0)."""
+    device = pick_device(device_flag)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    enable_tf32(device)
+    return Runtime(device=device, dtype=pick_dtype(dtype_flag, device))
+
+
 def load_model(args, device) -> GPT:
     """--checkpoint PATH (trained here) or --model NAME_OR_FOLDER (OpenAI's weights)."""
     model = load_checkpoint_model(args.checkpoint) if args.checkpoint else load_pretrained(args.model)
@@ -1870,9 +2018,8 @@ def load_model(args, device) -> GPT:
 
 def sample(args):
     """python gpt2.py sample: continue a prompt with OpenAI's GPT-2 or a checkpoint."""
-    device = pick_device(args.device)
-    runtime = Runtime(device=device, dtype=pick_dtype("auto", device))  # bf16 where it pays
-    enable_tf32(device)
+    runtime = tool_runtime(args.device)
+    device = runtime.device
     model = load_model(args, device)
     enc = gpt2_tokenizer()
     prompt = enc.encode(args.prompt) or [EOT]  # an empty prompt starts a fresh document
@@ -1895,12 +2042,11 @@ def hellaswag_command(args):
     """python gpt2.py hellaswag (or python hellaswag.py): score a model on HellaSwag."""
     # The data first: a bad file should fail before minutes of downloading weights.
     examples = hellaswag.load_examples(args.split, args.file, args.limit, base_url=args.base_url)
-    device = pick_device(args.device)
     # Training's precision: bf16 autocast on GPUs that have it, fp16 on older ones, float32
     # elsewhere. Half precision rounds the losses, so an ending that ties another to three
     # digits may flip: expect a score within a few examples of the float32 one.
-    runtime = Runtime(device=device, dtype=pick_dtype("auto", device))
-    enable_tf32(device)
+    runtime = tool_runtime(args.device)
+    device = runtime.device
     model = load_model(args, device)
     start = time.perf_counter()
     result = hellaswag.evaluate(model, examples, device, batch_size=args.batch_size,
@@ -2139,8 +2285,8 @@ def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
 
 
 def bench(args):
-    device = pick_device(args.device)
-    runtime = Runtime(device=device, dtype=pick_dtype(args.dtype, device))
+    runtime = tool_runtime(args.device, args.dtype)
+    device = runtime.device
     apply_speed_settings(args, device)
     torch.manual_seed(0)
     model = GPT(model_config(args)).to(device)
@@ -2320,6 +2466,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_timeout", type=positive_float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
                         "gpt2-xl checkpoint (19 GB) can outlast NCCL's default 10 minutes")
+    g.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="auto: nccl between GPUs, gloo between CPU processes; gloo also lets "
+                        "several processes share one GPU (as the GPU tests do)")
     g.add_argument("--peak_flops", type=positive_float,
                    help="peak FLOP/s for MFU (default: the datasheet of known GPUs)")
     return p
