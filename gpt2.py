@@ -382,17 +382,6 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0,
     return out
 
 
-def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
-                 seed: int, top_k: int | None = 50) -> list[str]:
-    """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
-    enc = gpt2_tokenizer()
-    idx = torch.tensor([enc.encode(prompt) or [EOT]] * num_samples, dtype=torch.long,
-                       device=device)  # an empty prompt starts a fresh document
-    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
-    out = generate(model, idx, max_new_tokens, top_k=top_k, seed=seed)
-    return [enc.decode([t for t in row.tolist() if t != EOT]) for row in out]
-
-
 # -----------------------------------------------------------------------------------------------
 # 3. OpenAI's weights, in and out
 #
@@ -424,29 +413,11 @@ def hf_state_dict_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return ours
 
 
-def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
-    """Copy tensors into the model, checking names and shapes (wte may be padded here)."""
-    own = model.state_dict()
-    del own["lm_head.weight"]  # the same tensor as wte.weight
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{source}: weights do not match the model: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, t in state.items():
-            target = own[name]
-            if name == "transformer.wte.weight":
-                target = target[:t.size(0)]  # the real rows of a padded table
-            if target.shape != t.shape:
-                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model "
-                                f"expects {tuple(target.shape)}")
-            target.copy_(t)
-
-
 def load_pretrained(name_or_path: str) -> GPT:
     """Build a GPT from OpenAI's weights: a hub name (downloaded once) or a local folder."""
-    config_path, weights_path = pretrained_files(name_or_path)  # appendix B
+    config_path, weights_path = pretrained_files(name_or_path)  # appendix B, like the rest
     model = GPT(config_from_hf(config_path))
+    # copied in with every name and shape checked (wte may be padded here)
     load_weights(model, hf_state_dict_to_ours(read_safetensors(weights_path)), str(weights_path))
     return model
 
@@ -472,14 +443,10 @@ def read_shard(path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(n,))
 
 
-def find_shards(data_dir, split: str) -> list[Path]:
-    """Shards of one split ("train" or "val") in data_dir, in name order."""
-    return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
-
-
 def training_data(args, runtime: Runtime, position: dict | None = None):
     """The train loader (at a checkpoint's `position`, if given), the val tokens (None without
     a val shard) and the accumulation steps."""
+    # shards named *train* and *val* (fineweb.py's), in name order: appendix B
     train_files, val_files = find_shards(args.data_dir, "train"), find_shards(args.data_dir, "val")
     if not train_files:
         raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
@@ -762,8 +729,9 @@ def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_ex
             state.model, hellaswag_examples, runtime.device, rank=runtime.rank,
             world_size=runtime.world_size, autocast_dtype=runtime.dtype)["acc_norm"]
     if runtime.is_main and args.num_samples:
-        event["samples"] = sample_texts(state.model, args.sample_prompt, args.num_samples,
-                                        args.sample_tokens, runtime.device, args.seed)
+        event["samples"] = sample_texts(  # chapter 2's generate, from text to text: appendix C
+            state.model, args.sample_prompt, args.num_samples, args.sample_tokens,
+            runtime.device, args.seed)
     return event
 
 
@@ -892,8 +860,7 @@ def add_recipe_flags(p):
 # Then the run, top-down. One optimizer step, in order: set the learning rate; run grad_accum
 # micro-batches forward and backward; clip the gradient norm to 1.0 (GPT-3's value: one bad
 # batch cannot throw the model far); take the optimizer step. Once in a while, evaluate and
-# write a checkpoint. The step's only waits for the GPU are reading back the loss and the
-# gradient norm for the log line.
+# write a checkpoint. The step waits for the GPU once, to read back the loss for the log.
 #
 # Two models: `state.model`, the raw GPT that checkpoints save and evaluation runs, and
 # `train_model`, the same parameters wrapped for speed (torch.compile) and for several GPUs
@@ -1242,6 +1209,25 @@ def pretrained_files(name_or_path: str) -> tuple[Path, Path]:
                     f"or a folder with config.json and model.safetensors")
 
 
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
+    """Copy tensors into the model, checking names and shapes (wte may be padded here)."""
+    own = model.state_dict()
+    del own["lm_head.weight"]  # the same tensor as wte.weight
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not match the model: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, t in state.items():
+            target = own[name]
+            if name == "transformer.wte.weight":
+                target = target[:t.size(0)]  # the real rows of a padded table
+            if target.shape != t.shape:
+                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model "
+                                f"expects {tuple(target.shape)}")
+            target.copy_(t)
+
+
 def config_from_hf(path) -> GPTConfig:
     try:
         hf = json.loads(Path(path).read_text())
@@ -1252,6 +1238,11 @@ def config_from_hf(path) -> GPTConfig:
 
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c's header (chapter 4)
+
+
+def find_shards(data_dir, split: str) -> list[Path]:
+    """Shards of one split ("train" or "val") in data_dir, in name order."""
+    return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
 
 
 def check_token_ids(tokens: np.ndarray, path, vocab_size: int | None):
@@ -2008,6 +1999,17 @@ def tool_runtime(device_flag: str, dtype_flag: str = "auto") -> Runtime:
         torch.cuda.set_device(device)
     enable_tf32(device)
     return Runtime(device=device, dtype=pick_dtype(dtype_flag, device))
+
+
+def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
+                 seed: int, top_k: int | None = 50) -> list[str]:
+    """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
+    enc = gpt2_tokenizer()
+    idx = torch.tensor([enc.encode(prompt) or [EOT]] * num_samples, dtype=torch.long,
+                       device=device)  # an empty prompt starts a fresh document
+    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    out = generate(model, idx, max_new_tokens, top_k=top_k, seed=seed)
+    return [enc.decode([t for t in row.tolist() if t != EOT]) for row in out]
 
 
 def load_model(args, device) -> GPT:
