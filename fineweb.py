@@ -71,6 +71,7 @@ import math
 import os
 import pathlib
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -126,23 +127,44 @@ def naming(path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """`with atomic_write(path) as f: f.write(...)`: `f` is a real file opened on `path.tmp`
-    (binary; mode="w" for UTF-8 text), so torch.save and savefig can write into it too. On a
-    normal exit it is flushed, fsynced and renamed onto `path`: a reader sees the old file or
-    the complete new one, never a half-written one, even after kill -9. On any exception the
-    .tmp is deleted (on a full disk, the space goes back) and the exception goes on, an
-    OSError naming the file."""
-    tmp = f"{os.fspath(path)}.tmp"
+    """`with atomic_write(path) as f: f.write(...)`: `f` is a real file (binary; mode="w" for
+    UTF-8 text), so torch.save and savefig can write into it too, opened on a new temporary
+    file beside `path`, `<path>.<pid>.<8 random hex digits>.tmp`. On a normal exit it is
+    flushed, fsynced and renamed onto `path`: a reader sees the old file or the complete new
+    one, never a half-written one, even after kill -9. On any exception the temporary file is
+    deleted (on a full disk, the space goes back) and the exception goes on, an OSError naming
+    `path`."""
+    tmp = None
     try:
-        with naming(tmp), open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming(path):
+            tmp, fd = create_tmp(path)
+            with open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         raise
+
+
+# O_EXCL: the name is made here, so it is never another writer's file, nor a link someone
+# planted to make us write elsewhere (O_NOFOLLOW says so again where the OS has it).
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def create_tmp(path):
+    """(name, fd) of a new file beside `path`, of a name no other process or call draws: two
+    processes saving the same file at once each write their own. The pid in the name tells a
+    dead run's leftovers (gpt2.py deletes those of its checkpoints) from a live writer's."""
+    while True:
+        tmp = f"{os.fspath(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return tmp, os.open(tmp, NEW_FILE, 0o666)
+        except FileExistsError:
+            continue  # taken (by a link, say): draw another name
 
 
 def cache_dir(*parts):

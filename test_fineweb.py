@@ -312,6 +312,36 @@ def test_atomic_write_keeps_the_old_file_and_no_tmp_when_the_writer_fails(tmp_pa
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.bin"]
 
 
+def test_atomic_write_goes_through_a_new_tmp_file_of_its_own_process_beside_the_target(tmp_path):
+    path = tmp_path / "state.json"
+    with fineweb.atomic_write(path) as first, fineweb.atomic_write(path, "w") as second:
+        tmps = os.listdir(tmp_path)
+        first.write(b"the first writer's")
+        second.write("the second writer's")
+    pattern = re.compile(rf"state\.json\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp")
+    assert len(set(tmps)) == 2 and all(map(pattern.fullmatch, tmps)), tmps  # two writers, two files
+    assert path.read_bytes() == b"the first writer's"  # the last one to finish, whole and alone
+    assert os.listdir(tmp_path) == ["state.json"]
+    with fineweb.atomic_write(path, "w") as f:
+        f.write("caf\u00e9")
+    assert path.read_bytes() == b"caf\xc3\xa9"  # text mode writes UTF-8
+
+
+def test_atomic_write_never_writes_through_a_link_planted_at_a_tmp_name(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    draws = iter(["deadbeef", "0badcafe"])
+    monkeypatch.setattr("secrets.token_hex", lambda nbytes: next(draws))
+    planted = ["state.bin.tmp", f"state.bin.{os.getpid()}.deadbeef.tmp"]  # the old fixed name, and the first draw
+    for name in planted:
+        (tmp_path / name).symlink_to(victim)
+    with fineweb.atomic_write(tmp_path / "state.bin") as f:
+        f.write(b"new state")
+    assert victim.read_bytes() == b"precious"
+    assert (tmp_path / "state.bin").read_bytes() == b"new state" and not (tmp_path / "state.bin").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == sorted(["state.bin", "victim.txt", *planted])  # not ours to delete
+
+
 def test_cache_dir_is_gpt2_under_xdg_cache_home_else_home_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert fineweb.cache_dir("hub", "x") == tmp_path / "gpt2" / "hub" / "x"
@@ -417,7 +447,7 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_on_a_disk_that_fills_up)
-    assert_one_error_line(convert(*args), "fineweb_edu_train_000001.bin.tmp", "No space left on device")
+    assert_one_error_line(convert(*args), "fineweb_edu_train_000001.bin:", "No space left on device")
     assert sorted(os.listdir(tmp_path / "shards")) == ["fineweb_edu_val_000000.bin", "manifest.json"]
     assert shards_in(tmp_path / "shards")["fineweb_edu_val_000000.bin"] == clean_run["shards"]["fineweb_edu_val_000000.bin"]
 
