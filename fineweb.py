@@ -238,43 +238,152 @@ def download(url, dest, *, size=None, sha256=None, desc=None):
     """Download `url` to `dest` (a str or Path, its folders made) and return `dest`; if `dest`
     exists it is returned as it is, without asking the network.
 
+    One process at a time downloads a file: each holds an OS lock on `dest.lock` for the whole
+    download, and one that gets the lock after another finished finds `dest` and returns it.
     The bytes go to `dest.part`, continued with an HTTP Range request after a dropped
     connection or by a rerun, with a progress bar. Transient failures (5xx, 429, a dropped
     connection, a timeout) are retried with backoff, giving up after MAX_TRIES tries without
     progress; others (401, 403, 404, ...) raise UserError at once. The finished .part is
-    checked, its size against `size` (or, when None, the size the server announced) and its
-    sha256 when given, deleted with a UserError if it differs, and only then renamed: a file
-    at `dest` is always complete and checked."""
+    checked against `size` and `sha256`, or where the caller gives none, against what the
+    server says: the hub's X-Linked-Size and X-Linked-Etag (an LFS file's size and sha256),
+    else its Content-Length. It is deleted with a UserError if it differs, and only then
+    renamed: a file at `dest` is always complete and checked."""
     if os.path.exists(dest):
         return dest
-    part = f"{os.fspath(dest)}.part"
-    os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     desc = desc or os.path.basename(os.fspath(dest))
-    expected = {"size": size}  # filled in from the server's answer when the caller does not know it
-    with requests.Session() as session, tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+    with exclusive_lock(f"{os.fspath(dest)}.lock", f"{desc}: another process is downloading it; waiting"):
+        if not os.path.exists(dest):  # else the process we waited for has just finished it
+            fetch(url, dest, Expected(size, sha256), desc)
+    return dest
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, waiting):
+    """Hold an exclusive OS lock on the file `path` for the block, waiting (after saying
+    `waiting`) while another process holds it. The file is deleted on the way out; on POSIX
+    while still held, and a process that locked the file just before it went tries again on
+    the new one: so two processes never hold two files of one name at once."""
+    fd = locked_file(path, waiting)
+    try:
+        yield
+    finally:
+        if os.name != "nt":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        unlock(fd)
+        os.close(fd)
+        if os.name == "nt":  # Windows deletes no file another process holds open: then it stays
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def locked_file(path, waiting):
+    """An fd of `path` (made if need be) that this process holds the lock of."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if not try_lock(fd):
+                tqdm.write(waiting, file=sys.stderr)
+                wait_for_lock(fd)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass  # its holder deleted it as it let go: lock the one the next process makes
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def try_lock(fd):
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # the file's first byte: where the fd points
+            return True
+        except OSError:
+            return False
+
+    def wait_for_lock(fd):
+        while not try_lock(fd):  # LK_LOCK itself gives up after 10 s; a download takes longer
+            time.sleep(1)
+
+    def unlock(fd):
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def try_lock(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def wait_for_lock(fd):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def unlock(fd):
+        # Unlocked by name, not by closing: a worker process forked meanwhile holds a copy of fd.
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def fetch(url, dest, expected, desc):
+    """Download `url` to `dest` through `dest.part`, then check it: download() under its lock."""
+    part = f"{os.fspath(dest)}.part"  # one name, so that a rerun continues it: the lock keeps it to one writer
+    with requests.Session() as session, tqdm(total=expected.size, unit="B", unit_scale=True, desc=desc,
+                                              disable=None) as bar:
         with_retries(url, lambda: fetch_rest(session, url, part, expected, bar), progress=lambda: size_of(part))
-    check_download(url, part, expected["size"], sha256)
+    check_download(url, part, expected)
     os.replace(part, dest)
     tqdm.write(f"downloaded {desc} ({size_of(dest):,} bytes)", file=sys.stderr)
-    return dest
 
 
 def size_of(path):
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
+class Expected:
+    """What a download must turn out to be: its size and sha256 (None: not known yet), and who
+    said so, for the error line. The caller's word comes first; what the server says fills in
+    what is not known, and must agree with what is."""
+
+    def __init__(self, size, sha256):
+        self.size, self.sha256 = size, sha256.lower() if sha256 else None
+        self.origin = {"size": "expected", "sha256": "expected"}
+
+    def learn(self, url, part, key, value, said, origin):
+        """Take `value` for `key` if it is not known (from then on, `origin` said it); if it
+        is and differs, the server's file is not the one meant, and the .part is junk. `said`:
+        how the error line puts the server's word."""
+        known = getattr(self, key)
+        if value is None or value == known:
+            return
+        if known is None:
+            setattr(self, key, value)
+            self.origin[key] = origin
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)
+        raise UserError(f"{url}: {said}, not the {f'{known:,}' if key == 'size' else known} {self.origin[key]}")
+
+
 def fetch_rest(session, url, part, expected, bar):
     """Append to `part` the bytes it is missing, asking only for those (HTTP Range), and learn
-    the file's size from the answer if `expected` lacks it."""
+    the file's size and sha256 from the answer if `expected` lacks them."""
     have = size_of(part)
-    if expected["size"] is not None and have >= expected["size"]:
-        if have == expected["size"]:
+    if expected.size is not None and have >= expected.size:
+        if have == expected.size:
             return  # complete: check_download says whether it is right
         os.remove(part)  # longer than the file, so not a beginning of it
         have = 0
     # identity: a compressed answer's bytes and Content-Length are not the file's, nor resumable
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with open_url(session, url, headers, passing={416} if have else ()) as r:
+        learn_linked(url, part, expected, r)
         if r.status_code == 416:
             return part_past_the_end(url, part, have, expected, r)
         start, total = body_range(url, r)
@@ -284,15 +393,33 @@ def fetch_rest(session, url, part, expected, bar):
                 raise TransientError(f"asked for bytes {have:,}- and got {start:,}-; starting again")
             have = 0  # the server ignored Range and sent the whole file: start the .part again
         learn_size(url, part, expected, total)
-        bar.reset(total=expected["size"])
+        bar.reset(total=expected.size)
         bar.update(have)
         with naming(part), open(part, "ab" if have else "wb") as f:
             # Small chunks: urllib3 drops the chunk in hand when the connection breaks.
             for chunk in r.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
-    if expected["size"] is not None and size_of(part) < expected["size"]:
-        raise TransientError(f"the connection closed after {size_of(part):,} of {expected['size']:,} bytes")
+    # An answer without a Content-Length ends where the connection closes, cut short or not:
+    # only a size known from elsewhere tells.
+    if expected.size is not None and size_of(part) < expected.size:
+        raise TransientError(f"the connection closed after {size_of(part):,} of {expected.size:,} bytes")
+
+
+def learn_linked(url, part, expected, r):
+    """Learn what the Hugging Face hub says of an LFS file where huggingface_hub reads it: on
+    its answer to /resolve/, the redirect to the CDN (so in r.history), X-Linked-Size (the
+    size) and X-Linked-Etag (the sha256, quoted as an ETag is). The hub's plain ETag is not
+    used: for a file outside LFS it is a git hash, not a sha256."""
+    for answer in [*r.history, r]:
+        size = answer.headers.get("X-Linked-Size", "").strip()
+        sha256 = answer.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9]+", size):
+            expected.learn(url, part, "size", int(size), f"the hub announces {int(size):,} bytes (X-Linked-Size)",
+                           "the hub announced (X-Linked-Size)")
+        if re.fullmatch(r"[0-9a-f]{64}", sha256):
+            expected.learn(url, part, "sha256", sha256, f"the hub announces sha256 {sha256} (X-Linked-Etag)",
+                           "the hub announced (X-Linked-Etag)")
 
 
 def body_range(url, r):
@@ -308,16 +435,11 @@ def body_range(url, r):
 
 
 def learn_size(url, part, expected, total):
-    """Take the size the server announced as the one to check, unless the caller gave one: then
-    they must agree, else the file is not the one the caller means (and the .part is junk)."""
-    if total is None:
-        return
-    if expected["size"] is None:
-        expected["size"] = total
-    elif total != expected["size"]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(part)
-        raise UserError(f"{url}: the server's file has {total:,} bytes, not the {expected['size']:,} expected")
+    """Take the size the server's answer gives (None: it gives none) as the one to check,
+    unless one is known: then they must agree."""
+    if total is not None:
+        expected.learn(url, part, "size", total, f"the server's file has {total:,} bytes",
+                       "the server announced")
 
 
 def part_past_the_end(url, part, have, expected, r):
@@ -332,18 +454,18 @@ def part_past_the_end(url, part, have, expected, r):
     raise TransientError(f"the server has no bytes from {have:,} on (HTTP 416); starting again")
 
 
-def check_download(url, part, size, sha256):
+def check_download(url, part, expected):
     """Compare a finished .part with the size and sha256 it must have; delete it if it differs."""
     problem = None
-    if size is not None and size_of(part) != size:
-        problem = f"got {size_of(part):,} bytes, expected {size:,}"
-    elif sha256:
+    if expected.size is not None and size_of(part) != expected.size:
+        problem = f"got {size_of(part):,} bytes, not the {expected.size:,} {expected.origin['size']}"
+    elif expected.sha256:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
-        if digest.hexdigest() != sha256.lower():
-            problem = f"sha256 {digest.hexdigest()} differs from the expected {sha256}"
+        if digest.hexdigest() != expected.sha256:
+            problem = f"sha256 {digest.hexdigest()} differs from the {expected.sha256} {expected.origin['sha256']}"
     if problem:
         os.remove(part)
         raise UserError(f"{url}: {problem}; deleted the download, rerun to fetch it again")

@@ -342,6 +342,69 @@ def test_atomic_write_never_writes_through_a_link_planted_at_a_tmp_name(tmp_path
     assert sorted(os.listdir(tmp_path)) == sorted(["state.bin", "victim.txt", *planted])  # not ours to delete
 
 
+def test_two_processes_downloading_one_file_at_once_fetch_it_once_and_both_get_it(tmp_path, local_hub):
+    data = np.random.default_rng(0).bytes(300_000)
+    hub = local_hub({"big.bin": data})
+    hub.faults["big.bin"] = ["slow", "slow"]  # 4 KB per 50 ms: ~4 s, while the other process starts
+    dest = tmp_path / "cache" / "big.bin"
+    script = ("import hashlib, sys, fineweb; "
+              "print(hashlib.sha256(open(fineweb.download(sys.argv[1], sys.argv[2]), 'rb').read()).hexdigest())")
+    runs = [subprocess.Popen([sys.executable, "-c", script, f"{hub.url}/big.bin", str(dest)], cwd=FINEWEB.parent,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], results
+    assert [out.strip() for out, _ in results] == [hashlib.sha256(data).hexdigest()] * 2
+    assert hub.downloads("big.bin") == [None]  # one download, whole
+    assert sum("another process is downloading" in err for _, err in results) == 1, results  # the other waited
+    assert os.listdir(dest.parent) == ["big.bin"]  # no .part, no lock file
+
+
+GPT2_WEIGHTS = (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707")  # the hub's
+# openai-community/gpt2 model.safetensors: its size and sha256, as the hub announces them
+
+
+def test_a_mirror_serving_a_2_layer_model_as_gpt2_is_refused_by_the_hubs_size_header(tmp_path, local_hub):
+    gpt2.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16)),
+                         tmp_path / "small")
+    hub = local_hub({"model.safetensors": (tmp_path / "small" / "model.safetensors").read_bytes()},
+                    root="/cdn/", linked={"model.safetensors": GPT2_WEIGHTS})
+    dest = tmp_path / "cache" / "model.safetensors"
+    with pytest.raises(fineweb.UserError, match="548,105,171") as error:
+        fineweb.download(f"{hub.url}/moved/model.safetensors", dest)  # no size, no sha256: as gpt2.py asks
+    assert "X-Linked-Size" in str(error.value)
+    assert os.listdir(dest.parent) == []
+
+
+def test_a_download_that_differs_from_the_hubs_x_linked_etag_is_refused_and_not_kept(tmp_path, hub, no_backoff):
+    data = hub.files[SECOND]
+    hub.linked[SECOND] = (len(data), hashlib.sha256(data).hexdigest())
+    hub.faults[SECOND] = ["corrupt"]
+    dest = tmp_path / "file.parquet"
+    with pytest.raises(fineweb.UserError, match="sha256") as error:
+        fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+    assert "X-Linked-Etag" in str(error.value)
+    assert os.listdir(tmp_path) == []
+    fineweb.download(f"{hub.url}/moved/{SECOND}", dest)  # the right bytes pass: the quoted header is read right
+    assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("cuts", [1, 100])
+def test_a_body_cut_short_without_content_length_is_not_taken_whole_when_the_hub_gave_its_size(
+        tmp_path, hub, no_backoff, cuts):
+    data = hub.files[SECOND]
+    hub.linked[SECOND] = (len(data), hashlib.sha256(data).hexdigest())
+    hub.faults[SECOND] = ["cut"] * cuts  # half the body, no Content-Length: it looks complete
+    dest = tmp_path / "file.parquet"
+    if cuts == 1:
+        fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+        assert dest.read_bytes() == data
+        assert hub.downloads(SECOND)[2:] == [f"bytes={len(data) // 2}-"] * 2  # resumed (the redirect, the file)
+    else:
+        with pytest.raises(fineweb.UserError, match="cannot download"):
+            fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+        assert not dest.exists()
+
+
 def test_cache_dir_is_gpt2_under_xdg_cache_home_else_home_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert fineweb.cache_dir("hub", "x") == tmp_path / "gpt2" / "hub" / "x"
