@@ -76,6 +76,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -523,30 +524,81 @@ def list_files(name, max_files):
     """The parquet files of a FineWeb-Edu sample, sorted, as {"name", "size", "sha256"}.
 
     Asks the hub's tree API, as huggingface_hub's HfApi.list_repo_tree does, and follows its
-    pagination. "name" is the path in the repository; sha256 is the LFS oid, when there is one."""
+    pagination. "name" is the path in the repository; sha256 is the LFS oid, when there is one.
+    A list that is not the hub's (a page that is not a JSON list of entries with a path, a file
+    without a size, a page that leads back to one already read) is one UserError, and so is one
+    that names a path outside the sample's folder: each name is joined to the cache folder."""
     url = f"{hub_base()}/api/datasets/{REPO}/tree/main/{SAMPLES[name]}"
-    entries = []
+    files, read = [], set()
     with requests.Session() as session:
         while url:
-            page, url = with_retries(url, lambda: read_page(session, url))
-            entries += page
-    files = sorted(
-        ({"name": e["path"], "size": e["size"], "sha256": (e.get("lfs") or {}).get("oid")}
-         for e in entries if e.get("type") == "file" and e["path"].endswith(".parquet")),
-        key=lambda f: f["name"])
+            read.add(url)
+            page, next_url = with_retries(url, lambda: read_page(session, url, SAMPLES[name]))
+            if next_url in read:
+                raise not_the_list(url, f"its next page, {next_url}, was already read: the list would never end")
+            files += page
+            url = next_url
+    files.sort(key=lambda f: f["name"])
     if not files:
         raise UserError(f"{hub_base()}: the hub lists no parquet files for {name}")
     return files[:max_files]
 
 
-def read_page(session, url):
-    """One page of the tree API: its JSON entries and the URL of the next page (or None)."""
+def read_page(session, url, folder):
+    """One page of the tree API: its parquet files and the URL of the next page (or None)."""
     with open_url(session, url, hint=CHECK_FLAGS) as r:
         try:
             entries = r.json()
         except ValueError:
             raise UserError(f"{url}: not the hub's JSON file list (check HF_ENDPOINT)") from None
-        return entries, r.links.get("next", {}).get("url")
+        next_url = r.links.get("next", {}).get("url")
+        return page_files(url, entries, folder), next_url and urllib.parse.urljoin(url, next_url)
+
+
+def not_the_list(url, problem):
+    return UserError(f"{url}: not the hub's file list ({problem}); check HF_ENDPOINT")
+
+
+def page_files(url, entries, folder):
+    """The parquet files among one page's entries, as {"name", "size", "sha256"}, each checked."""
+    if not isinstance(entries, list):
+        raise not_the_list(url, f"{JSON_TYPES[type(entries)]}, not a list")
+    files = []
+    for number, entry in enumerate(entries, 1):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            raise not_the_list(url, f"entry {number} is not an object with a 'path'")
+        lfs = entry.get("lfs")
+        file = {"name": entry["path"], "size": entry.get("size"),
+                "sha256": lfs.get("oid") if isinstance(lfs, dict) else lfs}
+        wanted = entry.get("type") == "file" and file["name"].endswith(".parquet")
+        problem = hub_file_problem(file, folder) if wanted else path_problem(file["name"], folder)
+        if problem:
+            raise not_the_list(url, f"entry {number}: {problem}")
+        if wanted:
+            files.append(file)
+    return files
+
+
+def path_problem(name, folder):
+    """Why `name` is not a plain relative path inside `folder` (POSIX, as the hub writes them),
+    which joined to the cache folder stays in it on every OS; None if it is."""
+    plain = (name.startswith(folder + "/") and not re.search(r"[\\:\x00-\x1f\x7f]", name)
+             and all(part not in ("", ".", "..") for part in name.split("/")))
+    return None if plain else (f"'{name}' is not a plain path in {folder}/: nothing absolute, no '.' or '..', "
+                               "no backslash or drive letter")
+
+
+def hub_file_problem(file, folder):
+    """What is wrong with {"name", "size", "sha256"} as one of the parquet files of the sample in
+    `folder`, or None."""
+    name, size, sha256 = file.get("name"), file.get("size"), file.get("sha256")
+    if not (isinstance(name, str) and name.endswith(".parquet")):
+        return f"{name!r} is not the name of a parquet file"
+    if type(size) is not int or size < 0:
+        return f"'{name}' has no size in bytes"
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        return f"'{name}' has an LFS oid that is not a sha256"
+    return path_problem(name, folder)
 
 
 def download_hub_file(file, dest):
@@ -947,10 +999,14 @@ def report(args, manifest, tokens_this_run, seconds):
 # The run: download -> tokenize -> shard, from where the last run stopped.
 # ---------------------------------------------------------------------------------------
 class Inputs:
-    """The input files: where each one is on disk, fetching it if it comes from the hub."""
+    """The input files: where each one is on disk, fetching it if it comes from the hub. A
+    download is deleted once no shard needs it, but only one the downloader wrote: a file that
+    was in the cache before the job wanted it (the user's copy of the dataset, one a
+    --keep_parquet job kept) is read where it is, and kept."""
 
-    def __init__(self, files, cache_dir, keep_parquet, text_field):
+    def __init__(self, files, cache_dir, keep_parquet, text_field, on_claim=lambda: None):
         self.files, self.cache_dir, self.keep, self.field = files, cache_dir, keep_parquet, text_field
+        self.on_claim = on_claim
         self.forgotten = 0  # files before this one are deleted (or kept, with --keep_parquet)
 
     def local_path(self, i):
@@ -960,10 +1016,23 @@ class Inputs:
     def fetch(self, i):
         return self.local_path(i) if "path" in self.files[i] else download_hub_file(self.files[i], self.local_path(i))
 
+    def claim(self, i):
+        """Before file `i` is fetched: if nothing is at its place yet, what will be there is the
+        downloader's, so it is marked ours to delete; `on_claim` records that (in the manifest)
+        before the download starts, so that a rerun after a crash knows it too."""
+        file = self.files[i]
+        if "name" in file and not file.get("ours") and not os.path.exists(self.local_path(i)):
+            file["ours"] = True
+            self.on_claim()
+
+    def start_fetch(self, i):
+        self.claim(i)
+        return in_background(self.fetch, i)
+
     def forget_before(self, i):
         """Delete the downloads of the files before `i`: no finished shard needs them again."""
         for j in range(self.forgotten, i):
-            if not self.keep and "name" in self.files[j]:
+            if not self.keep and self.files[j].get("ours"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.local_path(j))
         self.forgotten = max(self.forgotten, i)
@@ -971,11 +1040,11 @@ class Inputs:
     def documents(self, start, docs_per_batch):
         """Yield ((file, row), description, texts) from position `start` on, downloading the
         next file in the background while this one is read."""
-        upcoming = in_background(self.fetch, start[0]) if start[0] < len(self.files) else None
+        upcoming = self.start_fetch(start[0]) if start[0] < len(self.files) else None
         for i in range(start[0], len(self.files)):
             path = upcoming.result()
             if i + 1 < len(self.files):
-                upcoming = in_background(self.fetch, i + 1)
+                upcoming = self.start_fetch(i + 1)
             read = reader(path)
             for row, texts in read(path, start[1] if i == start[0] else 0, docs_per_batch, self.field):
                 yield (i, row), f"{path} row {row}", texts
@@ -1005,7 +1074,8 @@ def make_shards(args, manifest, pool):
     """Tokenize the input from where the manifest says the last run stopped, into shards;
     return how many tokens this run added."""
     start = next_start(manifest)
-    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet, args.text_field)
+    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet, args.text_field,
+                    on_claim=lambda: save_manifest(args.out_dir, manifest))
     inputs.forget_before(start[0])
     if manifest["shards"]:
         print(f"resuming after {len(manifest['shards'])} shards, at file {start[0]} row {start[1]}")

@@ -231,6 +231,86 @@ def test_keep_parquet_keeps_the_downloads(tmp_path, hub, parquet_files):
         assert (tmp_path / "cache" / name).read_bytes() == data
 
 
+def test_a_parquet_already_in_the_cache_is_read_from_there_and_kept(tmp_path, hub, parquet_files, clean_run):
+    first = sorted(parquet_files)[0]
+    mine = tmp_path / "cache" / first  # put there by the user (a copy of the dataset), not by fineweb.py
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(parquet_files[first])
+    code, _, err = run_fineweb(tmp_path, hub)
+    assert code == 0, err
+    assert shards_in(tmp_path / "shards") == clean_run["shards"]
+    assert hub.downloads(first) == []  # read where it was
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [mine]  # kept; the download deleted
+
+
+@pytest.mark.parametrize("listed", [
+    f"{HUB_DIR}/../../../escaped.parquet",  # up out of the cache folder
+    "{own}",  # an absolute path: the user's own parquet file
+    HUB_DIR + "\\..\\escaped.parquet",  # Windows' separator
+    "C:/escaped.parquet",  # a drive letter
+    f"{HUB_DIR}/./000_00000.parquet",  # not normalized
+    "sample/100BT/000_00000.parquet",  # another sample's folder
+])
+def test_a_file_list_naming_a_file_outside_the_sample_folder_is_refused_and_nothing_is_written(
+        tmp_path, parquet_files, local_hub, monkeypatch, cli, listed):
+    own = tmp_path / "mine" / "own.parquet"
+    own.parent.mkdir()
+    own.write_bytes(parquet_files[f"{HUB_DIR}/000_00000.parquet"])
+    name = listed.format(own=own)
+    hub = local_hub({name: own.read_bytes()}, **HUB)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert_one_error_line(cli(fineweb.main, *fineweb_args(tmp_path)), f"'{name}'", HUB_DIR)
+    assert own.read_bytes() == parquet_files[f"{HUB_DIR}/000_00000.parquet"]  # neither tokenized nor deleted
+    assert os.listdir(tmp_path) == ["mine"]  # no shards, no cache, nothing outside them
+    assert hub.paths == [TREE]  # the list, then nothing
+
+
+def listing(*pages):
+    """A route of LocalHub for the tree API: these bodies, page i linking to page i + 1."""
+    def answer(hub, path):
+        page = int(path.partition("?cursor=")[2] or 0)
+        more = {"Link": f'<{hub.url}{TREE}?cursor={page + 1}>; rel="next"'} if page + 1 < len(pages) else {}
+        return 200, more, pages[page].encode()
+    return {TREE: answer}
+
+
+FILE = {"type": "file", "path": f"{HUB_DIR}/000_00000.parquet", "size": 100}
+
+
+@pytest.mark.parametrize("page, problem", [
+    ({"error": "Repository not found"}, "not a list"),
+    ([FILE, "000_00000.parquet"], "entry 2"),
+    ([{"type": "file", "size": 100}], "path"),
+    ([{**FILE, "size": None}], "size"),
+    ([{**FILE, "size": "100"}], "size"),
+    ([{**FILE, "lfs": {"oid": "not a sha256", "size": 100}}], "sha256"),
+])
+def test_a_file_list_that_is_not_the_hubs_is_one_user_error_before_any_download(local_hub, monkeypatch, page,
+                                                                                 problem):
+    hub = local_hub({}, root=RESOLVE, routes=listing(json.dumps(page)))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with pytest.raises(fineweb.UserError, match="not the hub's file list") as error:
+        fineweb.list_files("sample-10BT", max_files=None)
+    assert TREE in str(error.value) and problem in str(error.value)
+    assert hub.paths == [TREE]
+
+
+def test_a_file_list_whose_next_page_is_one_already_read_stops_with_one_user_error(hub, monkeypatch):
+    def back_to_the_first_page(hub, path):
+        status, headers, body = tree_page(hub, path)
+        if not headers and len(hub.requests) < 20:  # at most 20: a list that never ends would hang the test
+            headers = {"Link": f'<{hub.url}{TREE}>; rel="next"'}
+        return status, headers, body
+
+    hub.routes[TREE] = back_to_the_first_page
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with pytest.raises(fineweb.UserError, match="already read") as error:
+        fineweb.list_files("sample-10BT", max_files=None)
+    assert str(error.value).startswith(f"{hub.url}{TREE}?cursor=1: not the hub's file list (its next page, "
+                                       f"{hub.url}{TREE}, was already read")
+    assert len(hub.requests) == 2
+
+
 # ---------------------------------------------------------------------------------------
 # The plumbing gpt2.py and hellaswag.py import: download, atomic_write, cache_dir. In this
 # process, against the fake hub, with URLs that are not the FineWeb-Edu list's.
