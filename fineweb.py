@@ -72,6 +72,7 @@ import os
 import pathlib
 import re
 import secrets
+import shlex
 import signal
 import sys
 import threading
@@ -900,12 +901,116 @@ def run_params(args):
     return params
 
 
+def read_manifest(out_dir):
+    """The manifest in `out_dir`, None if there is none. One that is not as this file writes
+    them (cut short, edited, from another program) is one UserError saying what to do."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+        problem = manifest_problem(manifest)
+    except ValueError as e:  # not JSON, not UTF-8
+        problem = f"not JSON: {e}"
+    except OSError as e:
+        problem = f"unreadable: {e.strerror}"
+    if problem:
+        raise UserError(f"{path}: not a manifest fineweb.py can continue from ({problem}); move it away, "
+                        f"or delete {out_dir} to start over")
+    return manifest
+
+
+MANIFEST_FIELDS = {"params": dict, "files": list, "shards": list, "done": bool}
+SHARD_FIELDS = {"name": str, "tokens": int, "docs": int, "next": list}
+
+
+def missing_field(value, fields, what):
+    """Which of `fields` ({name: type}) `value` (parsed JSON) lacks or holds another type of, as
+    a phrase; None if none."""
+    if not isinstance(value, dict):
+        return f"{what} is {JSON_TYPES.get(type(value), 'not an object')}, not an object"
+    for name, kind in fields.items():
+        if not isinstance(value.get(name), kind):
+            return f"{what} has no {kind.__name__} '{name}'"
+    return None
+
+
+def manifest_problem(manifest):
+    """What makes `manifest` (parsed JSON) not one this file writes, or None. Every name in it
+    is joined to a folder, so it must be the one this file would have written."""
+    if problem := missing_field(manifest, MANIFEST_FIELDS, "it"):
+        return problem
+    source = manifest["params"].get("source")
+    if not (isinstance(source, dict) and (isinstance(source.get("input"), list) or source.get("name") in SAMPLES)):
+        return "its params name no source: no --input files, no --name"
+    for i, shard in enumerate(manifest["shards"]):
+        problem = missing_field(shard, SHARD_FIELDS, f"shard {i}")
+        if problem:
+            return problem
+        if shard["name"] != shard_name(i):
+            return f"shard {i} is called '{shard['name']}', not {shard_name(i)}"
+        if len(shard["next"]) != 3 or not all(type(n) is int for n in shard["next"]):
+            return f"shard {i}'s 'next' is not 3 numbers"
+    folder = SAMPLES.get(source.get("name"))
+    for i, file in enumerate(manifest["files"]):
+        if problem := file_problem(file, folder):
+            return f"input file {i}: {problem}"
+    return None
+
+
+def file_problem(file, folder):
+    """What is wrong with a manifest's entry for an input file: one of the user's, {"path"}, or
+    (`folder` being the sample's) one of the hub's."""
+    if not isinstance(file, dict):
+        return "not an object"
+    if isinstance(file.get("path"), str):
+        return None
+    return hub_file_problem(file, folder) if folder else "no path"
+
+
+def check_finished(data_dir):
+    """Raise UserError if `data_dir` holds a job fineweb.py has not finished, naming the command
+    that finishes it; return None if its manifest says it is done, or if it has none (shards
+    from llm.c or elsewhere). For gpt2.py, before it trains on the folder: a job stopped half
+    way would give it a fraction of the data, and no sign of it."""
+    manifest = read_manifest(data_dir)
+    if manifest is None or manifest["done"]:
+        return
+    shards, files = len(manifest["shards"]), len(manifest["files"])
+    raise UserError(f"{data_dir} is not finished: fineweb.py wrote {shards} shard{'' if shards == 1 else 's'} and "
+                    f"stopped in file {min(next_start(manifest)[0] + 1, files)} of its {files} input files; rerun "
+                    f"the same command to finish it: `{rerun_command(data_dir, manifest)}`")
+
+
+def rerun_command(out_dir, manifest):
+    """The command that continues the job in `out_dir`: the flags that decide its shards (the
+    manifest's params) where they are not the default, and the cache its downloads went to."""
+    params, default = manifest["params"], parse_args([])
+    source, words = params["source"], []
+    if "input" in source:
+        words += ["--input", *source["input"]]
+        if source.get("text_field", default.text_field) != default.text_field:
+            words += ["--text_field", source["text_field"]]
+    else:
+        if source.get("name", default.name) != default.name:
+            words += ["--name", source["name"]]
+        if source.get("max_files"):
+            words += ["--max_files", str(source["max_files"])]
+    if params.get("shard_size", default.shard_size) != default.shard_size:
+        words += ["--shard_size", str(params["shard_size"])]
+    if params.get("val_size") not in (None, DEFAULT_VAL_SIZE if "input" in source else None):
+        words += ["--val_size", params["val_size"]]
+    words += ["--out_dir", os.fspath(out_dir)]
+    if manifest.get("cache_dir") not in (None, os.path.abspath(default.cache_dir)):
+        words += ["--cache_dir", manifest["cache_dir"]]
+    return f"python fineweb.py {shlex.join(map(str, words))}"
+
+
 def load_manifest(args):
     """The manifest of `--out_dir`, checked against this run's parameters; None for a new job."""
-    path = os.path.join(args.out_dir, MANIFEST)
-    if os.path.exists(path):
-        with open(path) as f:
-            manifest = json.load(f)
+    manifest = read_manifest(args.out_dir)
+    if manifest is not None:
         params = run_params(args)
         if manifest["params"] != params:
             raise UserError(f"{args.out_dir} holds shards made with {json.dumps(manifest['params'])}, not "
@@ -1074,6 +1179,9 @@ def make_shards(args, manifest, pool):
     """Tokenize the input from where the manifest says the last run stopped, into shards;
     return how many tokens this run added."""
     start = next_start(manifest)
+    if not args.input and manifest.get("cache_dir") != os.path.abspath(args.cache_dir):
+        manifest["cache_dir"] = os.path.abspath(args.cache_dir)  # for the command that finishes the job
+        save_manifest(args.out_dir, manifest)
     inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet, args.text_field,
                     on_claim=lambda: save_manifest(args.out_dir, manifest))
     inputs.forget_before(start[0])

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -547,13 +548,25 @@ def is_running(pid):
         return False
 
 
+def rerun_command(out_dir):
+    """The arguments of the command fineweb.check_finished says finishes `out_dir`."""
+    with pytest.raises(fineweb.UserError, match=f"^{re.escape(str(out_dir))} is not finished: ") as error:
+        fineweb.check_finished(out_dir)
+    command = re.search(r"rerun the same command to finish it: `python fineweb.py (.*)`$", str(error.value))
+    return shlex.split(command[1])
+
+
 def assert_rerun_finishes_the_job(tmp_path, hub, clean_run):
     state = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert not state["done"] and 0 < len(state["shards"]) < len(clean_run["shards"])
-    code, out, err = run_fineweb(tmp_path, hub)
+    command = rerun_command(tmp_path / "shards")  # what gpt2.py would tell the user, run as told
+    assert command[command.index("--cache_dir") + 1] == str(tmp_path / "cache")
+    code, out, err = run_script("fineweb.py", *command, env=hub_env(hub), timeout=120)
     assert code == 0, err
     assert "resuming after" in out
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
+    assert fineweb.check_finished(tmp_path / "shards") is None
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # the killed run's downloads too
 
 
 def test_killed_run_finishes_on_rerun_with_identical_shards(tmp_path, hub, clean_run):
@@ -597,6 +610,64 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert convert(*args)[0] == 0
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
+
+
+def test_check_finished_refuses_a_folder_fineweb_py_stopped_in_and_its_command_finishes_it(
+        tmp_path, clean_run, local_files, monkeypatch, convert, cli):
+    out_dir = tmp_path / "shards"
+    real_write_shard = fineweb.write_shard
+
+    def write_shard_on_a_disk_that_fills_up(path, tokens):
+        if "_000005.bin" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_shard(path, tokens)
+
+    monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+    assert convert(out_dir, local_files, "--val_size", str(SHARD_SIZE))[0] == 1
+    with pytest.raises(fineweb.UserError) as error:
+        fineweb.check_finished(str(out_dir))
+    assert str(error.value).startswith(f"{out_dir} is not finished: fineweb.py wrote 5 shards and stopped in "
+                                       "file 2 of its 2 input files; rerun the same command")
+    monkeypatch.setattr(fineweb, "write_shard", real_write_shard)
+    assert cli(fineweb.main, *rerun_command(out_dir))[0] == 0
+    assert shards_in(out_dir) == clean_run["shards"]
+    assert fineweb.check_finished(out_dir) is None
+
+
+def test_check_finished_passes_a_finished_folder_and_shards_fineweb_py_did_not_write(tmp_path, local_files,
+                                                                                     convert):
+    assert convert(tmp_path / "ours", local_files[:1])[0] == 0
+    assert fineweb.check_finished(tmp_path / "ours") is None
+    (tmp_path / "theirs").mkdir()
+    fineweb.write_shard(tmp_path / "theirs" / "train_000001.bin", [1, 2, 3])  # from llm.c, say: no manifest
+    assert fineweb.check_finished(tmp_path / "theirs") is None
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a list", "no shards", "a shard's name leaves the folder"])
+def test_an_unreadable_manifest_is_one_line_naming_it_and_how_to_start_over(tmp_path, shakespeare, convert,
+                                                                            damage):
+    (tmp_path / "a.txt").write_text(shakespeare[:5000])
+    out_dir = tmp_path / "shards"
+    assert convert(out_dir, [tmp_path / "a.txt"])[0] == 0
+    path = out_dir / "manifest.json"
+    text, manifest = path.read_text(), json.loads(path.read_text())
+    if damage == "cut short":
+        text = text[:len(text) // 2]
+    elif damage == "a list":
+        text = "[]"
+    else:
+        if damage == "no shards":
+            del manifest["shards"]
+        else:
+            manifest["shards"][0]["name"] = "../elsewhere.bin"
+        text = json.dumps(manifest)
+    path.write_text(text)
+    before = shards_in(out_dir)
+    assert_one_error_line(convert(out_dir, [tmp_path / "a.txt"]), str(path), "move it away",
+                          f"delete {out_dir} to start over")
+    with pytest.raises(fineweb.UserError, match="move it away"):
+        fineweb.check_finished(out_dir)
+    assert shards_in(out_dir) == before and path.read_text() == text  # nothing touched
 
 
 # ---------------------------------------------------------------------------------------
