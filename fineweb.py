@@ -13,10 +13,12 @@ The pipeline, in the order the data flows:
 
 1. Download. The hub's tree API (`{HF_ENDPOINT}/api/datasets/HuggingFaceFW/fineweb-edu/tree/
    main/sample/10BT`, paginated with a `Link: <...>; rel="next"` header) lists the parquet
-   files with their size and sha256. Each file is streamed to `<name>.part` in the cache
-   folder, resumed with an HTTP Range request after a dropped connection, retried with
-   backoff on timeouts and 5xx, checked (size, sha256), and only then renamed. 401/403/404
-   fail at once. The next file downloads in the background while this one is tokenized.
+   files with their size and sha256; a name outside that folder, or a list that is not the
+   hub's, stops the run before anything is written. Each file is streamed to `<name>.part` in
+   the cache folder (one process at a time: an OS lock on `<name>.lock`), resumed with an HTTP
+   Range request after a dropped connection, retried with backoff on timeouts and 5xx, checked
+   (size, sha256), and only then renamed. 401/403/404 fail at once. The next file downloads in
+   the background while this one is tokenized. A file already in the cache is read from there.
    With `--input`, the files are yours and nothing is downloaded; each kind has its reader:
    `.parquet` its `text` column, `.jsonl` one document a line (its `text` field), `.txt` one
    document a file. `--text_field` names another field or column. The text must be UTF-8.
@@ -48,9 +50,11 @@ the validation split and, for each finished shard, where the next shard starts: 
 document row, tokens to skip in the stream that starts at that document). A rerun skips to
 that position and re-tokenizes at most one batch it had already seen; files before it are
 not needed again, which is why a downloaded parquet file is deleted (unless `--keep_parquet`)
-once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both.
-Every file another run may read (a shard, the manifest, a download) is written to a
-temporary name and renamed when complete.
+once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both. Only
+what the downloader wrote is deleted: a file that was in the cache before is kept. Every file
+another run may read (a shard, the manifest, a download) is written to a temporary name and
+renamed when complete. The manifest says when the job is done; check_finished(data_dir), for
+gpt2.py to call before it trains, refuses an unfinished one and names the command to finish it.
 (A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
@@ -283,7 +287,7 @@ def exclusive_lock(path, waiting):
 def locked_file(path, waiting):
     """An fd of `path` (made if need be) that this process holds the lock of."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             if not try_lock(fd):
                 tqdm.write(waiting, file=sys.stderr)
@@ -329,7 +333,7 @@ else:
         fcntl.flock(fd, fcntl.LOCK_EX)
 
     def unlock(fd):
-        # Unlocked by name, not by closing: a worker process forked meanwhile holds a copy of fd.
+        # Unlocked outright, not by closing fd: a process forked meanwhile holds a copy of it.
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 

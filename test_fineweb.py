@@ -424,9 +424,9 @@ def test_atomic_write_never_writes_through_a_link_planted_at_a_tmp_name(tmp_path
 
 
 def test_two_processes_downloading_one_file_at_once_fetch_it_once_and_both_get_it(tmp_path, local_hub):
-    data = np.random.default_rng(0).bytes(300_000)
+    data = np.random.default_rng(0).bytes(500_000)
     hub = local_hub({"big.bin": data})
-    hub.faults["big.bin"] = ["slow", "slow"]  # 4 KB per 50 ms: ~4 s, while the other process starts
+    hub.faults["big.bin"] = ["slow", "slow"]  # 4 KB per 50 ms: ~6 s, while the other process starts
     dest = tmp_path / "cache" / "big.bin"
     script = ("import hashlib, sys, fineweb; "
               "print(hashlib.sha256(open(fineweb.download(sys.argv[1], sys.argv[2]), 'rb').read()).hexdigest())")
