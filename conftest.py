@@ -51,14 +51,18 @@ class LocalHub:
     HTTP Range (206 and a Content-Range; 416 past the end, as the hub answers), and
     `/moved/<name>` redirects (302) to it, as the hub redirects to its CDN. Anything else is 404,
     unless `routes` answers it: {path prefix: answer(hub, path) -> (status, headers, body)}.
+    `linked[name] = (size, sha256)` adds to that redirect what the hub says there of an LFS file:
+    `X-Linked-Size: <size>` and `X-Linked-Etag: "<sha256>"`.
 
     `faults[name]` lists faults for the next requests of that file, used up one per request:
-    "drop" (send half the body, then hang up), "503" or any other status (answer it), "slow"
-    (4 KB per 50 ms), "corrupt" (flip the first byte), "whole" (ignore the Range header).
+    "drop" (send half the body, then hang up), "cut" (send half the body without a
+    Content-Length, then close: it looks complete), "503" or any other status (answer it),
+    "slow" (4 KB per 50 ms), "corrupt" (flip the first byte), "whole" (ignore the Range header).
     `requests` logs (path, Range header) for every request. A context manager: it stops on exit."""
 
-    def __init__(self, files, root="/", routes=None):
+    def __init__(self, files, root="/", routes=None, linked=None):
         self.files, self.root, self.routes = dict(files), root, dict(routes or {})
+        self.linked = dict(linked or {})
         self.faults = collections.defaultdict(list)
         self.requests = []
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
@@ -102,13 +106,20 @@ class LocalHub:
                     elif self.path.startswith(hub.root) and name in hub.files:
                         self.download(name)
                     elif self.path.startswith("/moved/"):
-                        self.send_response(302)
-                        self.send_header("Location", hub.root + self.path.removeprefix("/moved/"))
-                        self.reply(b"")
+                        self.redirect(self.path.removeprefix("/moved/"))
                     else:
                         self.send_error(404)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client was killed: that is what some tests do
+
+            def redirect(self, name):
+                self.send_response(302)
+                self.send_header("Location", hub.root + name)
+                if name in hub.linked:
+                    size, sha256 = hub.linked[name]
+                    self.send_header("X-Linked-Size", str(size))
+                    self.send_header("X-Linked-Etag", f'"{sha256}"')
+                self.reply(b"")
 
             def download(self, name):
                 fault = hub.faults[name].pop(0) if hub.faults[name] else None
@@ -128,13 +139,16 @@ class LocalHub:
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 body = data[start:]
-                if fault == "drop":
-                    return self.reply(body, cut=len(body) // 2)
+                if fault in ("drop", "cut"):
+                    return self.reply(body, cut=len(body) // 2, length=fault == "drop")
                 self.reply(body, pace=0.05 if fault == "slow" else 0)
 
-            def reply(self, body, cut=None, pace=0):
-                """Send `body` (headers first); stop after `cut` bytes, or send 4 KB per `pace` s."""
-                self.send_header("Content-Length", str(len(body)))
+            def reply(self, body, cut=None, pace=0, length=True):
+                """Send `body` (headers first, with its Content-Length if `length`); stop after
+                `cut` bytes, or send 4 KB per `pace` s. The connection closes after each answer
+                (HTTP/1.0), so without a Content-Length the body ends where the sending stops."""
+                if length:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if pace:
                     for i in range(0, len(body), 4096):

@@ -13,10 +13,12 @@ The pipeline, in the order the data flows:
 
 1. Download. The hub's tree API (`{HF_ENDPOINT}/api/datasets/HuggingFaceFW/fineweb-edu/tree/
    main/sample/10BT`, paginated with a `Link: <...>; rel="next"` header) lists the parquet
-   files with their size and sha256. Each file is streamed to `<name>.part` in the cache
-   folder, resumed with an HTTP Range request after a dropped connection, retried with
-   backoff on timeouts and 5xx, checked (size, sha256), and only then renamed. 401/403/404
-   fail at once. The next file downloads in the background while this one is tokenized.
+   files with their size and sha256; a name outside that folder, or a list that is not the
+   hub's, stops the run before anything is written. Each file is streamed to `<name>.part` in
+   the cache folder (one process at a time: an OS lock on `<name>.lock`), resumed with an HTTP
+   Range request after a dropped connection, retried with backoff on timeouts and 5xx, checked
+   (size, sha256), and only then renamed. 401/403/404 fail at once. The next file downloads in
+   the background while this one is tokenized. A file already in the cache is read from there.
    With `--input`, the files are yours and nothing is downloaded; each kind has its reader:
    `.parquet` its `text` column, `.jsonl` one document a line (its `text` field), `.txt` one
    document a file. `--text_field` names another field or column. The text must be UTF-8.
@@ -48,9 +50,11 @@ the validation split and, for each finished shard, where the next shard starts: 
 document row, tokens to skip in the stream that starts at that document). A rerun skips to
 that position and re-tokenizes at most one batch it had already seen; files before it are
 not needed again, which is why a downloaded parquet file is deleted (unless `--keep_parquet`)
-once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both.
-Every file another run may read (a shard, the manifest, a download) is written to a
-temporary name and renamed when complete.
+once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both. Only
+what the downloader wrote is deleted: a file that was in the cache before is kept. Every file
+another run may read (a shard, the manifest, a download) is written to a temporary name and
+renamed when complete. The manifest says when the job is done; check_finished(data_dir), for
+gpt2.py to call before it trains, refuses an unfinished one and names the command to finish it.
 (A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
@@ -71,10 +75,13 @@ import math
 import os
 import pathlib
 import re
+import secrets
+import shlex
 import signal
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -126,23 +133,44 @@ def naming(path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """`with atomic_write(path) as f: f.write(...)`: `f` is a real file opened on `path.tmp`
-    (binary; mode="w" for UTF-8 text), so torch.save and savefig can write into it too. On a
-    normal exit it is flushed, fsynced and renamed onto `path`: a reader sees the old file or
-    the complete new one, never a half-written one, even after kill -9. On any exception the
-    .tmp is deleted (on a full disk, the space goes back) and the exception goes on, an
-    OSError naming the file."""
-    tmp = f"{os.fspath(path)}.tmp"
+    """`with atomic_write(path) as f: f.write(...)`: `f` is a real file (binary; mode="w" for
+    UTF-8 text), so torch.save and savefig can write into it too, opened on a new temporary
+    file beside `path`, `<path>.<pid>.<8 random hex digits>.tmp`. On a normal exit it is
+    flushed, fsynced and renamed onto `path`: a reader sees the old file or the complete new
+    one, never a half-written one, even after kill -9. On any exception the temporary file is
+    deleted (on a full disk, the space goes back) and the exception goes on, an OSError naming
+    `path`."""
+    tmp = None
     try:
-        with naming(tmp), open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming(path):
+            tmp, fd = create_tmp(path)
+            with open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         raise
+
+
+# O_EXCL: the name is made here, so it is never another writer's file, nor a link someone
+# planted to make us write elsewhere (O_NOFOLLOW says so again where the OS has it).
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def create_tmp(path):
+    """(name, fd) of a new file beside `path`, of a name no other process or call draws: two
+    processes saving the same file at once each write their own. The pid in the name tells a
+    dead run's leftovers (gpt2.py deletes those of its checkpoints) from a live writer's."""
+    while True:
+        tmp = f"{os.fspath(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return tmp, os.open(tmp, NEW_FILE, 0o666)
+        except FileExistsError:
+            continue  # taken (by a link, say): draw another name
 
 
 def cache_dir(*parts):
@@ -216,43 +244,152 @@ def download(url, dest, *, size=None, sha256=None, desc=None):
     """Download `url` to `dest` (a str or Path, its folders made) and return `dest`; if `dest`
     exists it is returned as it is, without asking the network.
 
+    One process at a time downloads a file: each holds an OS lock on `dest.lock` for the whole
+    download, and one that gets the lock after another finished finds `dest` and returns it.
     The bytes go to `dest.part`, continued with an HTTP Range request after a dropped
     connection or by a rerun, with a progress bar. Transient failures (5xx, 429, a dropped
     connection, a timeout) are retried with backoff, giving up after MAX_TRIES tries without
     progress; others (401, 403, 404, ...) raise UserError at once. The finished .part is
-    checked, its size against `size` (or, when None, the size the server announced) and its
-    sha256 when given, deleted with a UserError if it differs, and only then renamed: a file
-    at `dest` is always complete and checked."""
+    checked against `size` and `sha256`, or where the caller gives none, against what the
+    server says: the hub's X-Linked-Size and X-Linked-Etag (an LFS file's size and sha256),
+    else its Content-Length. It is deleted with a UserError if it differs, and only then
+    renamed: a file at `dest` is always complete and checked."""
     if os.path.exists(dest):
         return dest
-    part = f"{os.fspath(dest)}.part"
-    os.makedirs(os.path.dirname(os.path.abspath(part)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     desc = desc or os.path.basename(os.fspath(dest))
-    expected = {"size": size}  # filled in from the server's answer when the caller does not know it
-    with requests.Session() as session, tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+    with exclusive_lock(f"{os.fspath(dest)}.lock", f"{desc}: another process is downloading it; waiting"):
+        if not os.path.exists(dest):  # else the process we waited for has just finished it
+            fetch(url, dest, Expected(size, sha256), desc)
+    return dest
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, waiting):
+    """Hold an exclusive OS lock on the file `path` for the block, waiting (after saying
+    `waiting`) while another process holds it. The file is deleted on the way out; on POSIX
+    while still held, and a process that locked the file just before it went tries again on
+    the new one: so two processes never hold two files of one name at once."""
+    fd = locked_file(path, waiting)
+    try:
+        yield
+    finally:
+        if os.name != "nt":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        unlock(fd)
+        os.close(fd)
+        if os.name == "nt":  # Windows deletes no file another process holds open: then it stays
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def locked_file(path, waiting):
+    """An fd of `path` (made if need be) that this process holds the lock of."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            if not try_lock(fd):
+                tqdm.write(waiting, file=sys.stderr)
+                wait_for_lock(fd)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass  # its holder deleted it as it let go: lock the one the next process makes
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def try_lock(fd):
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # the file's first byte: where the fd points
+            return True
+        except OSError:
+            return False
+
+    def wait_for_lock(fd):
+        while not try_lock(fd):  # LK_LOCK itself gives up after 10 s; a download takes longer
+            time.sleep(1)
+
+    def unlock(fd):
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def try_lock(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def wait_for_lock(fd):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def unlock(fd):
+        # Unlocked outright, not by closing fd: a process forked meanwhile holds a copy of it.
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def fetch(url, dest, expected, desc):
+    """Download `url` to `dest` through `dest.part`, then check it: download() under its lock."""
+    part = f"{os.fspath(dest)}.part"  # one name, so that a rerun continues it: the lock keeps it to one writer
+    with requests.Session() as session, tqdm(total=expected.size, unit="B", unit_scale=True, desc=desc,
+                                              disable=None) as bar:
         with_retries(url, lambda: fetch_rest(session, url, part, expected, bar), progress=lambda: size_of(part))
-    check_download(url, part, expected["size"], sha256)
+    check_download(url, part, expected)
     os.replace(part, dest)
     tqdm.write(f"downloaded {desc} ({size_of(dest):,} bytes)", file=sys.stderr)
-    return dest
 
 
 def size_of(path):
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
+class Expected:
+    """What a download must turn out to be: its size and sha256 (None: not known yet), and who
+    said so, for the error line. The caller's word comes first; what the server says fills in
+    what is not known, and must agree with what is."""
+
+    def __init__(self, size, sha256):
+        self.size, self.sha256 = size, sha256.lower() if sha256 else None
+        self.origin = {"size": "expected", "sha256": "expected"}
+
+    def learn(self, url, part, key, value, said, origin):
+        """Take `value` for `key` if it is not known (from then on, `origin` said it); if it
+        is and differs, the server's file is not the one meant, and the .part is junk. `said`:
+        how the error line puts the server's word."""
+        known = getattr(self, key)
+        if value is None or value == known:
+            return
+        if known is None:
+            setattr(self, key, value)
+            self.origin[key] = origin
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)
+        raise UserError(f"{url}: {said}, not the {f'{known:,}' if key == 'size' else known} {self.origin[key]}")
+
+
 def fetch_rest(session, url, part, expected, bar):
     """Append to `part` the bytes it is missing, asking only for those (HTTP Range), and learn
-    the file's size from the answer if `expected` lacks it."""
+    the file's size and sha256 from the answer if `expected` lacks them."""
     have = size_of(part)
-    if expected["size"] is not None and have >= expected["size"]:
-        if have == expected["size"]:
+    if expected.size is not None and have >= expected.size:
+        if have == expected.size:
             return  # complete: check_download says whether it is right
         os.remove(part)  # longer than the file, so not a beginning of it
         have = 0
     # identity: a compressed answer's bytes and Content-Length are not the file's, nor resumable
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with open_url(session, url, headers, passing={416} if have else ()) as r:
+        learn_linked(url, part, expected, r)
         if r.status_code == 416:
             return part_past_the_end(url, part, have, expected, r)
         start, total = body_range(url, r)
@@ -262,15 +399,33 @@ def fetch_rest(session, url, part, expected, bar):
                 raise TransientError(f"asked for bytes {have:,}- and got {start:,}-; starting again")
             have = 0  # the server ignored Range and sent the whole file: start the .part again
         learn_size(url, part, expected, total)
-        bar.reset(total=expected["size"])
+        bar.reset(total=expected.size)
         bar.update(have)
         with naming(part), open(part, "ab" if have else "wb") as f:
             # Small chunks: urllib3 drops the chunk in hand when the connection breaks.
             for chunk in r.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
-    if expected["size"] is not None and size_of(part) < expected["size"]:
-        raise TransientError(f"the connection closed after {size_of(part):,} of {expected['size']:,} bytes")
+    # An answer without a Content-Length ends where the connection closes, cut short or not:
+    # only a size known from elsewhere tells.
+    if expected.size is not None and size_of(part) < expected.size:
+        raise TransientError(f"the connection closed after {size_of(part):,} of {expected.size:,} bytes")
+
+
+def learn_linked(url, part, expected, r):
+    """Learn what the Hugging Face hub says of an LFS file where huggingface_hub reads it: on
+    its answer to /resolve/, the redirect to the CDN (so in r.history), X-Linked-Size (the
+    size) and X-Linked-Etag (the sha256, quoted as an ETag is). The hub's plain ETag is not
+    used: for a file outside LFS it is a git hash, not a sha256."""
+    for answer in [*r.history, r]:
+        size = answer.headers.get("X-Linked-Size", "").strip()
+        sha256 = answer.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9]+", size):
+            expected.learn(url, part, "size", int(size), f"the hub announces {int(size):,} bytes (X-Linked-Size)",
+                           "the hub announced (X-Linked-Size)")
+        if re.fullmatch(r"[0-9a-f]{64}", sha256):
+            expected.learn(url, part, "sha256", sha256, f"the hub announces sha256 {sha256} (X-Linked-Etag)",
+                           "the hub announced (X-Linked-Etag)")
 
 
 def body_range(url, r):
@@ -286,16 +441,11 @@ def body_range(url, r):
 
 
 def learn_size(url, part, expected, total):
-    """Take the size the server announced as the one to check, unless the caller gave one: then
-    they must agree, else the file is not the one the caller means (and the .part is junk)."""
-    if total is None:
-        return
-    if expected["size"] is None:
-        expected["size"] = total
-    elif total != expected["size"]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(part)
-        raise UserError(f"{url}: the server's file has {total:,} bytes, not the {expected['size']:,} expected")
+    """Take the size the server's answer gives (None: it gives none) as the one to check,
+    unless one is known: then they must agree."""
+    if total is not None:
+        expected.learn(url, part, "size", total, f"the server's file has {total:,} bytes",
+                       "the server announced")
 
 
 def part_past_the_end(url, part, have, expected, r):
@@ -310,18 +460,18 @@ def part_past_the_end(url, part, have, expected, r):
     raise TransientError(f"the server has no bytes from {have:,} on (HTTP 416); starting again")
 
 
-def check_download(url, part, size, sha256):
+def check_download(url, part, expected):
     """Compare a finished .part with the size and sha256 it must have; delete it if it differs."""
     problem = None
-    if size is not None and size_of(part) != size:
-        problem = f"got {size_of(part):,} bytes, expected {size:,}"
-    elif sha256:
+    if expected.size is not None and size_of(part) != expected.size:
+        problem = f"got {size_of(part):,} bytes, not the {expected.size:,} {expected.origin['size']}"
+    elif expected.sha256:
         digest = hashlib.sha256()
         with open(part, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
-        if digest.hexdigest() != sha256.lower():
-            problem = f"sha256 {digest.hexdigest()} differs from the expected {sha256}"
+        if digest.hexdigest() != expected.sha256:
+            problem = f"sha256 {digest.hexdigest()} differs from the {expected.sha256} {expected.origin['sha256']}"
     if problem:
         os.remove(part)
         raise UserError(f"{url}: {problem}; deleted the download, rerun to fetch it again")
@@ -379,30 +529,81 @@ def list_files(name, max_files):
     """The parquet files of a FineWeb-Edu sample, sorted, as {"name", "size", "sha256"}.
 
     Asks the hub's tree API, as huggingface_hub's HfApi.list_repo_tree does, and follows its
-    pagination. "name" is the path in the repository; sha256 is the LFS oid, when there is one."""
+    pagination. "name" is the path in the repository; sha256 is the LFS oid, when there is one.
+    A list that is not the hub's (a page that is not a JSON list of entries with a path, a file
+    without a size, a page that leads back to one already read) is one UserError, and so is one
+    that names a path outside the sample's folder: each name is joined to the cache folder."""
     url = f"{hub_base()}/api/datasets/{REPO}/tree/main/{SAMPLES[name]}"
-    entries = []
+    files, read = [], set()
     with requests.Session() as session:
         while url:
-            page, url = with_retries(url, lambda: read_page(session, url))
-            entries += page
-    files = sorted(
-        ({"name": e["path"], "size": e["size"], "sha256": (e.get("lfs") or {}).get("oid")}
-         for e in entries if e.get("type") == "file" and e["path"].endswith(".parquet")),
-        key=lambda f: f["name"])
+            read.add(url)
+            page, next_url = with_retries(url, lambda: read_page(session, url, SAMPLES[name]))
+            if next_url in read:
+                raise not_the_list(url, f"its next page, {next_url}, was already read: the list would never end")
+            files += page
+            url = next_url
+    files.sort(key=lambda f: f["name"])
     if not files:
         raise UserError(f"{hub_base()}: the hub lists no parquet files for {name}")
     return files[:max_files]
 
 
-def read_page(session, url):
-    """One page of the tree API: its JSON entries and the URL of the next page (or None)."""
+def read_page(session, url, folder):
+    """One page of the tree API: its parquet files and the URL of the next page (or None)."""
     with open_url(session, url, hint=CHECK_FLAGS) as r:
         try:
             entries = r.json()
         except ValueError:
             raise UserError(f"{url}: not the hub's JSON file list (check HF_ENDPOINT)") from None
-        return entries, r.links.get("next", {}).get("url")
+        next_url = r.links.get("next", {}).get("url")
+        return page_files(url, entries, folder), next_url and urllib.parse.urljoin(url, next_url)
+
+
+def not_the_list(url, problem):
+    return UserError(f"{url}: not the hub's file list ({problem}); check HF_ENDPOINT")
+
+
+def page_files(url, entries, folder):
+    """The parquet files among one page's entries, as {"name", "size", "sha256"}, each checked."""
+    if not isinstance(entries, list):
+        raise not_the_list(url, f"{JSON_TYPES[type(entries)]}, not a list")
+    files = []
+    for number, entry in enumerate(entries, 1):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            raise not_the_list(url, f"entry {number} is not an object with a 'path'")
+        lfs = entry.get("lfs")
+        file = {"name": entry["path"], "size": entry.get("size"),
+                "sha256": lfs.get("oid") if isinstance(lfs, dict) else lfs}
+        wanted = entry.get("type") == "file" and file["name"].endswith(".parquet")
+        problem = hub_file_problem(file, folder) if wanted else path_problem(file["name"], folder)
+        if problem:
+            raise not_the_list(url, f"entry {number}: {problem}")
+        if wanted:
+            files.append(file)
+    return files
+
+
+def path_problem(name, folder):
+    """Why `name` is not a plain relative path inside `folder` (POSIX, as the hub writes them),
+    which joined to the cache folder stays in it on every OS; None if it is."""
+    plain = (name.startswith(folder + "/") and not re.search(r"[\\:\x00-\x1f\x7f]", name)
+             and all(part not in ("", ".", "..") for part in name.split("/")))
+    return None if plain else (f"'{name}' is not a plain path in {folder}/: nothing absolute, no '.' or '..', "
+                               "no backslash or drive letter")
+
+
+def hub_file_problem(file, folder):
+    """What is wrong with {"name", "size", "sha256"} as one of the parquet files of the sample in
+    `folder`, or None."""
+    name, size, sha256 = file.get("name"), file.get("size"), file.get("sha256")
+    if not (isinstance(name, str) and name.endswith(".parquet")):
+        return f"{name!r} is not the name of a parquet file"
+    if type(size) is not int or size < 0:
+        return f"'{name}' has no size in bytes"
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        return f"'{name}' has an LFS oid that is not a sha256"
+    return path_problem(name, folder)
 
 
 def download_hub_file(file, dest):
@@ -704,12 +905,116 @@ def run_params(args):
     return params
 
 
+def read_manifest(out_dir):
+    """The manifest in `out_dir`, None if there is none. One that is not as this file writes
+    them (cut short, edited, from another program) is one UserError saying what to do."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+        problem = manifest_problem(manifest)
+    except ValueError as e:  # not JSON, not UTF-8
+        problem = f"not JSON: {e}"
+    except OSError as e:
+        problem = f"unreadable: {e.strerror}"
+    if problem:
+        raise UserError(f"{path}: not a manifest fineweb.py can continue from ({problem}); move it away, "
+                        f"or delete {out_dir} to start over")
+    return manifest
+
+
+MANIFEST_FIELDS = {"params": dict, "files": list, "shards": list, "done": bool}
+SHARD_FIELDS = {"name": str, "tokens": int, "docs": int, "next": list}
+
+
+def missing_field(value, fields, what):
+    """Which of `fields` ({name: type}) `value` (parsed JSON) lacks or holds another type of, as
+    a phrase; None if none."""
+    if not isinstance(value, dict):
+        return f"{what} is {JSON_TYPES.get(type(value), 'not an object')}, not an object"
+    for name, kind in fields.items():
+        if not isinstance(value.get(name), kind):
+            return f"{what} has no {kind.__name__} '{name}'"
+    return None
+
+
+def manifest_problem(manifest):
+    """What makes `manifest` (parsed JSON) not one this file writes, or None. Every name in it
+    is joined to a folder, so it must be the one this file would have written."""
+    if problem := missing_field(manifest, MANIFEST_FIELDS, "it"):
+        return problem
+    source = manifest["params"].get("source")
+    if not (isinstance(source, dict) and (isinstance(source.get("input"), list) or source.get("name") in SAMPLES)):
+        return "its params name no source: no --input files, no --name"
+    for i, shard in enumerate(manifest["shards"]):
+        problem = missing_field(shard, SHARD_FIELDS, f"shard {i}")
+        if problem:
+            return problem
+        if shard["name"] != shard_name(i):
+            return f"shard {i} is called '{shard['name']}', not {shard_name(i)}"
+        if len(shard["next"]) != 3 or not all(type(n) is int for n in shard["next"]):
+            return f"shard {i}'s 'next' is not 3 numbers"
+    folder = SAMPLES.get(source.get("name"))
+    for i, file in enumerate(manifest["files"]):
+        if problem := file_problem(file, folder):
+            return f"input file {i}: {problem}"
+    return None
+
+
+def file_problem(file, folder):
+    """What is wrong with a manifest's entry for an input file: one of the user's, {"path"}, or
+    (`folder` being the sample's) one of the hub's."""
+    if not isinstance(file, dict):
+        return "not an object"
+    if isinstance(file.get("path"), str):
+        return None
+    return hub_file_problem(file, folder) if folder else "no path"
+
+
+def check_finished(data_dir):
+    """Raise UserError if `data_dir` holds a job fineweb.py has not finished, naming the command
+    that finishes it; return None if its manifest says it is done, or if it has none (shards
+    from llm.c or elsewhere). For gpt2.py, before it trains on the folder: a job stopped half
+    way would give it a fraction of the data, and no sign of it."""
+    manifest = read_manifest(data_dir)
+    if manifest is None or manifest["done"]:
+        return
+    shards, files = len(manifest["shards"]), len(manifest["files"])
+    raise UserError(f"{data_dir} is not finished: fineweb.py wrote {shards} shard{'' if shards == 1 else 's'} and "
+                    f"stopped in file {min(next_start(manifest)[0] + 1, files)} of its {files} input files; rerun "
+                    f"the same command to finish it: `{rerun_command(data_dir, manifest)}`")
+
+
+def rerun_command(out_dir, manifest):
+    """The command that continues the job in `out_dir`: the flags that decide its shards (the
+    manifest's params) where they are not the default, and the cache its downloads went to."""
+    params, default = manifest["params"], parse_args([])
+    source, words = params["source"], []
+    if "input" in source:
+        words += ["--input", *source["input"]]
+        if source.get("text_field", default.text_field) != default.text_field:
+            words += ["--text_field", source["text_field"]]
+    else:
+        if source.get("name", default.name) != default.name:
+            words += ["--name", source["name"]]
+        if source.get("max_files"):
+            words += ["--max_files", str(source["max_files"])]
+    if params.get("shard_size", default.shard_size) != default.shard_size:
+        words += ["--shard_size", str(params["shard_size"])]
+    if params.get("val_size") not in (None, DEFAULT_VAL_SIZE if "input" in source else None):
+        words += ["--val_size", params["val_size"]]
+    words += ["--out_dir", os.fspath(out_dir)]
+    if manifest.get("cache_dir") not in (None, os.path.abspath(default.cache_dir)):
+        words += ["--cache_dir", manifest["cache_dir"]]
+    return f"python fineweb.py {shlex.join(map(str, words))}"
+
+
 def load_manifest(args):
     """The manifest of `--out_dir`, checked against this run's parameters; None for a new job."""
-    path = os.path.join(args.out_dir, MANIFEST)
-    if os.path.exists(path):
-        with open(path) as f:
-            manifest = json.load(f)
+    manifest = read_manifest(args.out_dir)
+    if manifest is not None:
         params = run_params(args)
         if manifest["params"] != params:
             raise UserError(f"{args.out_dir} holds shards made with {json.dumps(manifest['params'])}, not "
@@ -803,10 +1108,14 @@ def report(args, manifest, tokens_this_run, seconds):
 # The run: download -> tokenize -> shard, from where the last run stopped.
 # ---------------------------------------------------------------------------------------
 class Inputs:
-    """The input files: where each one is on disk, fetching it if it comes from the hub."""
+    """The input files: where each one is on disk, fetching it if it comes from the hub. A
+    download is deleted once no shard needs it, but only one the downloader wrote: a file that
+    was in the cache before the job wanted it (the user's copy of the dataset, one a
+    --keep_parquet job kept) is read where it is, and kept."""
 
-    def __init__(self, files, cache_dir, keep_parquet, text_field):
+    def __init__(self, files, cache_dir, keep_parquet, text_field, on_claim=lambda: None):
         self.files, self.cache_dir, self.keep, self.field = files, cache_dir, keep_parquet, text_field
+        self.on_claim = on_claim
         self.forgotten = 0  # files before this one are deleted (or kept, with --keep_parquet)
 
     def local_path(self, i):
@@ -816,10 +1125,23 @@ class Inputs:
     def fetch(self, i):
         return self.local_path(i) if "path" in self.files[i] else download_hub_file(self.files[i], self.local_path(i))
 
+    def claim(self, i):
+        """Before file `i` is fetched: if nothing is at its place yet, what will be there is the
+        downloader's, so it is marked ours to delete; `on_claim` records that (in the manifest)
+        before the download starts, so that a rerun after a crash knows it too."""
+        file = self.files[i]
+        if "name" in file and not file.get("ours") and not os.path.exists(self.local_path(i)):
+            file["ours"] = True
+            self.on_claim()
+
+    def start_fetch(self, i):
+        self.claim(i)
+        return in_background(self.fetch, i)
+
     def forget_before(self, i):
         """Delete the downloads of the files before `i`: no finished shard needs them again."""
         for j in range(self.forgotten, i):
-            if not self.keep and "name" in self.files[j]:
+            if not self.keep and self.files[j].get("ours"):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.local_path(j))
         self.forgotten = max(self.forgotten, i)
@@ -827,11 +1149,11 @@ class Inputs:
     def documents(self, start, docs_per_batch):
         """Yield ((file, row), description, texts) from position `start` on, downloading the
         next file in the background while this one is read."""
-        upcoming = in_background(self.fetch, start[0]) if start[0] < len(self.files) else None
+        upcoming = self.start_fetch(start[0]) if start[0] < len(self.files) else None
         for i in range(start[0], len(self.files)):
             path = upcoming.result()
             if i + 1 < len(self.files):
-                upcoming = in_background(self.fetch, i + 1)
+                upcoming = self.start_fetch(i + 1)
             read = reader(path)
             for row, texts in read(path, start[1] if i == start[0] else 0, docs_per_batch, self.field):
                 yield (i, row), f"{path} row {row}", texts
@@ -861,7 +1183,11 @@ def make_shards(args, manifest, pool):
     """Tokenize the input from where the manifest says the last run stopped, into shards;
     return how many tokens this run added."""
     start = next_start(manifest)
-    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet, args.text_field)
+    if not args.input and manifest.get("cache_dir") != os.path.abspath(args.cache_dir):
+        manifest["cache_dir"] = os.path.abspath(args.cache_dir)  # for the command that finishes the job
+        save_manifest(args.out_dir, manifest)
+    inputs = Inputs(manifest["files"], args.cache_dir, args.keep_parquet, args.text_field,
+                    on_claim=lambda: save_manifest(args.out_dir, manifest))
     inputs.forget_before(start[0])
     if manifest["shards"]:
         print(f"resuming after {len(manifest['shards'])} shards, at file {start[0]} row {start[1]}")

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -231,6 +232,86 @@ def test_keep_parquet_keeps_the_downloads(tmp_path, hub, parquet_files):
         assert (tmp_path / "cache" / name).read_bytes() == data
 
 
+def test_a_parquet_already_in_the_cache_is_read_from_there_and_kept(tmp_path, hub, parquet_files, clean_run):
+    first = sorted(parquet_files)[0]
+    mine = tmp_path / "cache" / first  # put there by the user (a copy of the dataset), not by fineweb.py
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(parquet_files[first])
+    code, _, err = run_fineweb(tmp_path, hub)
+    assert code == 0, err
+    assert shards_in(tmp_path / "shards") == clean_run["shards"]
+    assert hub.downloads(first) == []  # read where it was
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [mine]  # kept; the download deleted
+
+
+@pytest.mark.parametrize("listed", [
+    f"{HUB_DIR}/../../../escaped.parquet",  # up out of the cache folder
+    "{own}",  # an absolute path: the user's own parquet file
+    HUB_DIR + "\\..\\escaped.parquet",  # Windows' separator
+    "C:/escaped.parquet",  # a drive letter
+    f"{HUB_DIR}/./000_00000.parquet",  # not normalized
+    "sample/100BT/000_00000.parquet",  # another sample's folder
+])
+def test_a_file_list_naming_a_file_outside_the_sample_folder_is_refused_and_nothing_is_written(
+        tmp_path, parquet_files, local_hub, monkeypatch, cli, listed):
+    own = tmp_path / "mine" / "own.parquet"
+    own.parent.mkdir()
+    own.write_bytes(parquet_files[f"{HUB_DIR}/000_00000.parquet"])
+    name = listed.format(own=own)
+    hub = local_hub({name: own.read_bytes()}, **HUB)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    assert_one_error_line(cli(fineweb.main, *fineweb_args(tmp_path)), f"'{name}'", HUB_DIR)
+    assert own.read_bytes() == parquet_files[f"{HUB_DIR}/000_00000.parquet"]  # neither tokenized nor deleted
+    assert os.listdir(tmp_path) == ["mine"]  # no shards, no cache, nothing outside them
+    assert hub.paths == [TREE]  # the list, then nothing
+
+
+def listing(*pages):
+    """A route of LocalHub for the tree API: these bodies, page i linking to page i + 1."""
+    def answer(hub, path):
+        page = int(path.partition("?cursor=")[2] or 0)
+        more = {"Link": f'<{hub.url}{TREE}?cursor={page + 1}>; rel="next"'} if page + 1 < len(pages) else {}
+        return 200, more, pages[page].encode()
+    return {TREE: answer}
+
+
+FILE = {"type": "file", "path": f"{HUB_DIR}/000_00000.parquet", "size": 100}
+
+
+@pytest.mark.parametrize("page, problem", [
+    ({"error": "Repository not found"}, "not a list"),
+    ([FILE, "000_00000.parquet"], "entry 2"),
+    ([{"type": "file", "size": 100}], "path"),
+    ([{**FILE, "size": None}], "size"),
+    ([{**FILE, "size": "100"}], "size"),
+    ([{**FILE, "lfs": {"oid": "not a sha256", "size": 100}}], "sha256"),
+])
+def test_a_file_list_that_is_not_the_hubs_is_one_user_error_before_any_download(local_hub, monkeypatch, page,
+                                                                                 problem):
+    hub = local_hub({}, root=RESOLVE, routes=listing(json.dumps(page)))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with pytest.raises(fineweb.UserError, match="not the hub's file list") as error:
+        fineweb.list_files("sample-10BT", max_files=None)
+    assert TREE in str(error.value) and problem in str(error.value)
+    assert hub.paths == [TREE]
+
+
+def test_a_file_list_whose_next_page_is_one_already_read_stops_with_one_user_error(hub, monkeypatch):
+    def back_to_the_first_page(hub, path):
+        status, headers, body = tree_page(hub, path)
+        if not headers and len(hub.requests) < 20:  # at most 20: a list that never ends would hang the test
+            headers = {"Link": f'<{hub.url}{TREE}>; rel="next"'}
+        return status, headers, body
+
+    hub.routes[TREE] = back_to_the_first_page
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with pytest.raises(fineweb.UserError, match="already read") as error:
+        fineweb.list_files("sample-10BT", max_files=None)
+    assert str(error.value).startswith(f"{hub.url}{TREE}?cursor=1: not the hub's file list (its next page, "
+                                       f"{hub.url}{TREE}, was already read")
+    assert len(hub.requests) == 2
+
+
 # ---------------------------------------------------------------------------------------
 # The plumbing gpt2.py and hellaswag.py import: download, atomic_write, cache_dir. In this
 # process, against the fake hub, with URLs that are not the FineWeb-Edu list's.
@@ -312,6 +393,99 @@ def test_atomic_write_keeps_the_old_file_and_no_tmp_when_the_writer_fails(tmp_pa
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.bin"]
 
 
+def test_atomic_write_goes_through_a_new_tmp_file_of_its_own_process_beside_the_target(tmp_path):
+    path = tmp_path / "state.json"
+    with fineweb.atomic_write(path) as first, fineweb.atomic_write(path, "w") as second:
+        tmps = os.listdir(tmp_path)
+        first.write(b"the first writer's")
+        second.write("the second writer's")
+    pattern = re.compile(rf"state\.json\.{os.getpid()}\.[0-9a-f]{{8}}\.tmp")
+    assert len(set(tmps)) == 2 and all(map(pattern.fullmatch, tmps)), tmps  # two writers, two files
+    assert path.read_bytes() == b"the first writer's"  # the last one to finish, whole and alone
+    assert os.listdir(tmp_path) == ["state.json"]
+    with fineweb.atomic_write(path, "w") as f:
+        f.write("caf\u00e9")
+    assert path.read_bytes() == b"caf\xc3\xa9"  # text mode writes UTF-8
+
+
+def test_atomic_write_never_writes_through_a_link_planted_at_a_tmp_name(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    draws = iter(["deadbeef", "0badcafe"])
+    monkeypatch.setattr("secrets.token_hex", lambda nbytes: next(draws))
+    planted = ["state.bin.tmp", f"state.bin.{os.getpid()}.deadbeef.tmp"]  # the old fixed name, and the first draw
+    for name in planted:
+        (tmp_path / name).symlink_to(victim)
+    with fineweb.atomic_write(tmp_path / "state.bin") as f:
+        f.write(b"new state")
+    assert victim.read_bytes() == b"precious"
+    assert (tmp_path / "state.bin").read_bytes() == b"new state" and not (tmp_path / "state.bin").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == sorted(["state.bin", "victim.txt", *planted])  # not ours to delete
+
+
+def test_two_processes_downloading_one_file_at_once_fetch_it_once_and_both_get_it(tmp_path, local_hub):
+    data = np.random.default_rng(0).bytes(500_000)
+    hub = local_hub({"big.bin": data})
+    hub.faults["big.bin"] = ["slow", "slow"]  # 4 KB per 50 ms: ~6 s, while the other process starts
+    dest = tmp_path / "cache" / "big.bin"
+    script = ("import hashlib, sys, fineweb; "
+              "print(hashlib.sha256(open(fineweb.download(sys.argv[1], sys.argv[2]), 'rb').read()).hexdigest())")
+    runs = [subprocess.Popen([sys.executable, "-c", script, f"{hub.url}/big.bin", str(dest)], cwd=FINEWEB.parent,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], results
+    assert [out.strip() for out, _ in results] == [hashlib.sha256(data).hexdigest()] * 2
+    assert hub.downloads("big.bin") == [None]  # one download, whole
+    assert sum("another process is downloading" in err for _, err in results) == 1, results  # the other waited
+    assert os.listdir(dest.parent) == ["big.bin"]  # no .part, no lock file
+
+
+GPT2_WEIGHTS = (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707")  # the hub's
+# openai-community/gpt2 model.safetensors: its size and sha256, as the hub announces them
+
+
+def test_a_mirror_serving_a_2_layer_model_as_gpt2_is_refused_by_the_hubs_size_header(tmp_path, local_hub):
+    gpt2.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16)),
+                         tmp_path / "small")
+    hub = local_hub({"model.safetensors": (tmp_path / "small" / "model.safetensors").read_bytes()},
+                    root="/cdn/", linked={"model.safetensors": GPT2_WEIGHTS})
+    dest = tmp_path / "cache" / "model.safetensors"
+    with pytest.raises(fineweb.UserError, match="548,105,171") as error:
+        fineweb.download(f"{hub.url}/moved/model.safetensors", dest)  # no size, no sha256: as gpt2.py asks
+    assert "X-Linked-Size" in str(error.value)
+    assert os.listdir(dest.parent) == []
+
+
+def test_a_download_that_differs_from_the_hubs_x_linked_etag_is_refused_and_not_kept(tmp_path, hub, no_backoff):
+    data = hub.files[SECOND]
+    hub.linked[SECOND] = (len(data), hashlib.sha256(data).hexdigest())
+    hub.faults[SECOND] = ["corrupt"]
+    dest = tmp_path / "file.parquet"
+    with pytest.raises(fineweb.UserError, match="sha256") as error:
+        fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+    assert "X-Linked-Etag" in str(error.value)
+    assert os.listdir(tmp_path) == []
+    fineweb.download(f"{hub.url}/moved/{SECOND}", dest)  # the right bytes pass: the quoted header is read right
+    assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("cuts", [1, 100])
+def test_a_body_cut_short_without_content_length_is_not_taken_whole_when_the_hub_gave_its_size(
+        tmp_path, hub, no_backoff, cuts):
+    data = hub.files[SECOND]
+    hub.linked[SECOND] = (len(data), hashlib.sha256(data).hexdigest())
+    hub.faults[SECOND] = ["cut"] * cuts  # half the body, no Content-Length: it looks complete
+    dest = tmp_path / "file.parquet"
+    if cuts == 1:
+        fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+        assert dest.read_bytes() == data
+        assert hub.downloads(SECOND)[2:] == [f"bytes={len(data) // 2}-"] * 2  # resumed (the redirect, the file)
+    else:
+        with pytest.raises(fineweb.UserError, match="cannot download"):
+            fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+        assert not dest.exists()
+
+
 def test_cache_dir_is_gpt2_under_xdg_cache_home_else_home_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert fineweb.cache_dir("hub", "x") == tmp_path / "gpt2" / "hub" / "x"
@@ -374,13 +548,25 @@ def is_running(pid):
         return False
 
 
+def rerun_command(out_dir):
+    """The arguments of the command fineweb.check_finished says finishes `out_dir`."""
+    with pytest.raises(fineweb.UserError, match=f"^{re.escape(str(out_dir))} is not finished: ") as error:
+        fineweb.check_finished(out_dir)
+    command = re.search(r"rerun the same command to finish it: `python fineweb.py (.*)`$", str(error.value))
+    return shlex.split(command[1])
+
+
 def assert_rerun_finishes_the_job(tmp_path, hub, clean_run):
     state = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert not state["done"] and 0 < len(state["shards"]) < len(clean_run["shards"])
-    code, out, err = run_fineweb(tmp_path, hub)
+    command = rerun_command(tmp_path / "shards")  # what gpt2.py would tell the user, run as told
+    assert command[command.index("--cache_dir") + 1] == str(tmp_path / "cache")
+    code, out, err = run_script("fineweb.py", *command, env=hub_env(hub), timeout=120)
     assert code == 0, err
     assert "resuming after" in out
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
+    assert fineweb.check_finished(tmp_path / "shards") is None
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # the killed run's downloads too
 
 
 def test_killed_run_finishes_on_rerun_with_identical_shards(tmp_path, hub, clean_run):
@@ -417,13 +603,71 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_on_a_disk_that_fills_up)
-    assert_one_error_line(convert(*args), "fineweb_edu_train_000001.bin.tmp", "No space left on device")
+    assert_one_error_line(convert(*args), "fineweb_edu_train_000001.bin:", "No space left on device")
     assert sorted(os.listdir(tmp_path / "shards")) == ["fineweb_edu_val_000000.bin", "manifest.json"]
     assert shards_in(tmp_path / "shards")["fineweb_edu_val_000000.bin"] == clean_run["shards"]["fineweb_edu_val_000000.bin"]
 
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert convert(*args)[0] == 0
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
+
+
+def test_check_finished_refuses_a_folder_fineweb_py_stopped_in_and_its_command_finishes_it(
+        tmp_path, clean_run, local_files, monkeypatch, convert, cli):
+    out_dir = tmp_path / "shards"
+    real_write_shard = fineweb.write_shard
+
+    def write_shard_on_a_disk_that_fills_up(path, tokens):
+        if "_000005.bin" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_shard(path, tokens)
+
+    monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+    assert convert(out_dir, local_files, "--val_size", str(SHARD_SIZE))[0] == 1
+    with pytest.raises(fineweb.UserError) as error:
+        fineweb.check_finished(str(out_dir))
+    assert str(error.value).startswith(f"{out_dir} is not finished: fineweb.py wrote 5 shards and stopped in "
+                                       "file 2 of its 2 input files; rerun the same command")
+    monkeypatch.setattr(fineweb, "write_shard", real_write_shard)
+    assert cli(fineweb.main, *rerun_command(out_dir))[0] == 0
+    assert shards_in(out_dir) == clean_run["shards"]
+    assert fineweb.check_finished(out_dir) is None
+
+
+def test_check_finished_passes_a_finished_folder_and_shards_fineweb_py_did_not_write(tmp_path, local_files,
+                                                                                     convert):
+    assert convert(tmp_path / "ours", local_files[:1])[0] == 0
+    assert fineweb.check_finished(tmp_path / "ours") is None
+    (tmp_path / "theirs").mkdir()
+    fineweb.write_shard(tmp_path / "theirs" / "train_000001.bin", [1, 2, 3])  # from llm.c, say: no manifest
+    assert fineweb.check_finished(tmp_path / "theirs") is None
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a list", "no shards", "a shard's name leaves the folder"])
+def test_an_unreadable_manifest_is_one_line_naming_it_and_how_to_start_over(tmp_path, shakespeare, convert,
+                                                                            damage):
+    (tmp_path / "a.txt").write_text(shakespeare[:5000])
+    out_dir = tmp_path / "shards"
+    assert convert(out_dir, [tmp_path / "a.txt"])[0] == 0
+    path = out_dir / "manifest.json"
+    text, manifest = path.read_text(), json.loads(path.read_text())
+    if damage == "cut short":
+        text = text[:len(text) // 2]
+    elif damage == "a list":
+        text = "[]"
+    else:
+        if damage == "no shards":
+            del manifest["shards"]
+        else:
+            manifest["shards"][0]["name"] = "../elsewhere.bin"
+        text = json.dumps(manifest)
+    path.write_text(text)
+    before = shards_in(out_dir)
+    assert_one_error_line(convert(out_dir, [tmp_path / "a.txt"]), str(path), "move it away",
+                          f"delete {out_dir} to start over")
+    with pytest.raises(fineweb.UserError, match="move it away"):
+        fineweb.check_finished(out_dir)
+    assert shards_in(out_dir) == before and path.read_text() == text  # nothing touched
 
 
 # ---------------------------------------------------------------------------------------
