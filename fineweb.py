@@ -265,12 +265,13 @@ def download(url, dest, *, size=None, sha256=None, desc=None):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path, waiting):
+def exclusive_lock(path, waiting=None, busy=None):
     """Hold an exclusive OS lock on the file `path` for the block, waiting (after saying
-    `waiting`) while another process holds it. The file is deleted on the way out; on POSIX
-    while still held, and a process that locked the file just before it went tries again on
-    the new one: so two processes never hold two files of one name at once."""
-    fd = locked_file(path, waiting)
+    `waiting`) while another process holds it; or, given `busy`, raising UserError(busy) at
+    once instead. The file is deleted on the way out; on POSIX while still held, and a process
+    that locked the file just before it went tries again on the new one: so two processes
+    never hold two files of one name at once. The OS drops the lock of a process that dies."""
+    fd = locked_file(path, waiting, busy)
     try:
         yield
     finally:
@@ -284,12 +285,14 @@ def exclusive_lock(path, waiting):
                 os.remove(path)
 
 
-def locked_file(path, waiting):
+def locked_file(path, waiting, busy):
     """An fd of `path` (made if need be) that this process holds the lock of."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             if not try_lock(fd):
+                if busy:
+                    raise UserError(busy)
                 tqdm.write(waiting, file=sys.stderr)
                 wait_for_lock(fd)
             if os.path.samestat(os.fstat(fd), os.stat(path)):

@@ -66,7 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag
-from fineweb import UserError, atomic_write, cache_dir, download, gpt2_tokenizer
+from fineweb import (UserError, atomic_write, cache_dir, check_finished, download, exclusive_lock,
+                     gpt2_tokenizer)
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
 VOCAB_SIZE = 50257
@@ -446,6 +447,7 @@ def read_shard(path) -> np.ndarray:
 def training_data(args, runtime: Runtime, position: dict | None = None):
     """The train loader (at a checkpoint's `position`, if given), the val tokens (None without
     a val shard) and the accumulation steps."""
+    check_finished(args.data_dir)  # fineweb.py's: a folder it is still writing is refused
     # shards named *train* and *val* (fineweb.py's), in name order: appendix B
     train_files, val_files = find_shards(args.data_dir, "train"), find_shards(args.data_dir, "val")
     if not train_files:
@@ -1179,18 +1181,39 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor]):
             f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
+# What OpenAI's models are, to check what a hub or a mirror (HF_ENDPOINT) serves under their
+# names: each one's architecture, and the bytes of gpt2's weights (548,105,171 bytes, sha256 as
+# published for openai-community/gpt2). The downloader also checks the size and sha256 the hub
+# itself sends with each file (X-Linked-Size and X-Linked-Etag).
+HUB_ARCHITECTURES = {name: dict(PRESETS[name], block_size=1024, vocab_size=VOCAB_SIZE)
+                     for name in HUB_MODELS}
+HUB_WEIGHTS = {"gpt2": (548_105_171,
+                        "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707")}
+
+
 def hub_file(name: str, filename: str) -> Path:
-    """openai-community/<name>/<filename> from the hub (HF_ENDPOINT), cached after the first time."""
+    """openai-community/<name>/<filename> from the hub (HF_ENDPOINT), cached after the first
+    time, checked: a file that is not what the name promises is deleted, not kept."""
     dest = cache_dir("hub", f"openai-community--{name}", filename)
-    if not dest.exists():
-        base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        download(f"{base}/openai-community/{name}/resolve/main/{filename}", dest)
-        if filename.endswith(".safetensors"):
-            try:  # a file that parses is complete: otherwise drop it rather than keep a bad cache
-                read_safetensors(dest)
-            except UserError:
-                dest.unlink()
-                raise
+    if dest.exists():
+        return dest
+    base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    size, sha256 = HUB_WEIGHTS.get(name, (None, None)) if filename == "model.safetensors" else (None, None)
+    download(f"{base}/openai-community/{name}/resolve/main/{filename}", dest, size=size, sha256=sha256)
+    try:
+        if filename == "config.json":
+            served = asdict(config_from_hf(dest))
+            expected = HUB_ARCHITECTURES[name]
+            if any(served[k] != v for k, v in expected.items()):
+                raise UserError(f"{base} serves as {name} a model of {served['n_layer']} layers, "
+                                f"{served['n_head']} heads, {served['n_embd']} wide; OpenAI's has "
+                                f"{expected['n_layer']}, {expected['n_head']}, {expected['n_embd']}: "
+                                f"a wrong mirror (HF_ENDPOINT)?")
+        else:
+            read_safetensors(dest)  # a file that parses is complete
+    except UserError:
+        dest.unlink()
+        raise
     return dest
 
 
@@ -1347,28 +1370,6 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, busy: str):
-    """Hold an exclusive lock on `path` (made if missing) until the block ends, or raise
-    UserError(busy) at once if another process holds it. The OS drops the lock of a process
-    that dies, so a killed run never leaves its folder locked."""
-    f = open(path, "a+b")
-    try:
-        if os.name == "nt":
-            import msvcrt
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UserError(busy) from None
-    try:
-        yield
-    finally:
-        f.close()  # and the lock with it
-
-
-@contextlib.contextmanager
 def own_log_dir(args, runtime: Runtime):
     """--log_dir, held by this run alone for its life (rank 0 writes everything in it).
 
@@ -1387,8 +1388,8 @@ def own_log_dir(args, runtime: Runtime):
         log_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--log_dir {log_dir}: cannot create it ({e.strerror})") from None
-    with exclusive_lock(log_dir / ".lock", f"another run is using {log_dir}: wait for it to "
-                                           f"finish, or give this one another --log_dir"):
+    with exclusive_lock(log_dir / ".lock", busy=f"another run is using {log_dir}: wait for it "
+                                                f"to finish, or give this one another --log_dir"):
         for leftover in [*log_dir.glob("ckpt_*.pt.*tmp"), *log_dir.glob("log.jsonl.*tmp")]:
             leftover.unlink(missing_ok=True)
         held = [p for p in [log_dir / "log.jsonl", *list_checkpoints(log_dir)] if p.exists()]

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import errno
 import gc
+import hashlib
 import io
 import json
 import math
@@ -305,6 +306,11 @@ def hub(tmp_path, monkeypatch, local_hub):
     hub.hf = hf
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # What this hub holds under the name gpt2 is what gpt2.py is told to expect of it
+    weights = hub.files["model.safetensors"]
+    monkeypatch.setitem(gpt2.HUB_WEIGHTS, "gpt2", (len(weights), hashlib.sha256(weights).hexdigest()))
+    monkeypatch.setitem(gpt2.HUB_ARCHITECTURES, "gpt2", dict(n_layer=2, n_head=4, n_embd=64,
+                                                             block_size=64, vocab_size=512))
     return hub
 
 
@@ -331,6 +337,24 @@ def test_a_download_that_keeps_failing_leaves_no_file_in_the_cache(hub, tmp_path
     with pytest.raises(gpt2.UserError, match="cannot download"):
         gpt2.load_pretrained("gpt2")
     assert not (tmp_path / "cache/gpt2/hub/openai-community--gpt2/model.safetensors").exists()
+
+
+@pytest.mark.parametrize("pinned", ["architecture", "weights"])
+def test_a_mirror_serving_another_model_as_gpt2_is_refused_and_not_kept(hub, tmp_path, monkeypatch,
+                                                                        pinned):
+    # OpenAI's true gpt2: 12 layers, and its weights' published size and sha256. The mirror
+    # serves the 2-layer model, without the hub's size headers.
+    monkeypatch.setitem(gpt2.HUB_ARCHITECTURES if pinned == "architecture" else gpt2.HUB_WEIGHTS,
+                        "gpt2", {"architecture": dict(gpt2.PRESETS["gpt2"]),
+                                 "weights": (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0"
+                                             "254c12b473182f0f81d3a707")}[pinned])
+    message = ("serves as gpt2 a model of 2 layers, 4 heads, 64 wide; OpenAI's has 12, 12, 768"
+               if pinned == "architecture" else "548105171")
+    with pytest.raises(gpt2.UserError, match=re.escape(message) if pinned == "architecture" else "548"):
+        gpt2.load_pretrained("gpt2")
+    cached = tmp_path / "cache/gpt2/hub/openai-community--gpt2"
+    refused = "config.json" if pinned == "architecture" else "model.safetensors"
+    assert not (cached / refused).exists() and not list(cached.glob("*.part"))
 
 
 def test_a_missing_model_on_the_hub_is_a_clear_404(hub):
@@ -1633,3 +1657,21 @@ def test_the_tools_make_their_gpu_the_current_device(monkeypatch):
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda *a: None)
     runtime = gpt2.tool_runtime("cuda:1")
     assert chosen == [torch.device("cuda", 1)] and runtime.dtype == torch.bfloat16
+
+
+def test_training_refuses_a_data_folder_fineweb_py_has_not_finished(tmp_path, samples, cli,
+                                                                   monkeypatch):
+    write = fineweb.write_shard
+
+    def write_shard_on_a_disk_that_fills_up(path, tokens):
+        if "_000003.bin" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, tokens)
+
+    monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+    data = tmp_path / "data"
+    assert fineweb.main(["--input", str(samples / "tinyshakespeare.txt"), "--out_dir", str(data),
+                         "--shard_size", "40000", "--num_proc", "1"]) == 1
+    assert len(list(data.glob("*_train_*.bin"))) == 2  # enough to train on, silently, before
+    assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
+                              *TINY_RUN, "--max_steps", "1"), f"{data} is not finished")
