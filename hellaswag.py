@@ -341,12 +341,23 @@ def ending_losses(model: torch.nn.Module, rendered: list[tuple[torch.Tensor, tor
     return losses.view(-1, N_ENDINGS)
 
 
+def check_finite(summed: torch.Tensor):
+    """Raise if a loss is NaN or inf: argmin would still pick an ending, so a diverged model
+    would get an accuracy (NaN compares false with everything) instead of an error."""
+    bad = (~torch.isfinite(summed)).sum().item()
+    if bad:
+        raise UserError(f"the model's losses are not finite on {bad:,} of {summed.numel():,} "
+                        f"HellaSwag endings (NaN or inf): during training that means the model "
+                        f"diverged")
+
+
 def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
             autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score `examples` with `model`: (labels, pred, pred_norm), each (N,) on the CPU.
 
     `pred` is the ending with the lowest summed loss, `pred_norm` with the lowest mean loss.
+    A loss that is NaN or inf is a UserError (check_finite), not a prediction.
     `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
     """
     max_len = getattr(getattr(model, "config", None), "block_size", None)  # crop if limited
@@ -355,6 +366,7 @@ def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.de
     summed = ending_losses(model, [(tokens, mask) for tokens, mask, _ in rendered], device,
                            autocast_dtype=autocast_dtype, batch_size=batch_size,
                            progress=progress)  # (N, 4)
+    check_finite(summed)
     lengths = torch.stack([mask.sum(dim=1) for _, mask, _ in rendered])  # (N, 4) ending tokens
     return labels, summed.argmin(dim=1), (summed / lengths).argmin(dim=1)
 

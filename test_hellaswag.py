@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2
 import hellaswag
-from conftest import free_port, run_script
+from conftest import assert_one_error_line, free_port, run_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -300,6 +300,45 @@ def test_bf16_autocast_gives_nearly_the_same_accuracy(model, val_1000, scored_10
     bf16 = hellaswag.evaluate(model, val_1000[:40], "cpu", autocast_dtype=torch.bfloat16)
     assert bf16["n"] == 40
     assert abs(bf16["correct_norm"] - counts(scored_1000, 40)["correct_norm"]) <= 4
+
+
+class ConstantLogits(torch.nn.Module):
+    """Tokens -> the same logits row at every position (scoring's plain path)."""
+
+    def __init__(self, row: torch.Tensor):
+        super().__init__()
+        self.row = row  # (50257,)
+
+    def forward(self, idx):
+        return self.row.expand(*idx.shape, -1)
+
+
+NOT_FINITE_LOGITS = {
+    "NaN": torch.full((hellaswag.N_VOCAB,), float("nan")),
+    # Every token but "!" (id 0, in no ending scored here) is impossible: each loss is +inf.
+    "inf": torch.cat([torch.zeros(1), torch.full((hellaswag.N_VOCAB - 1,), float("-inf"))]),
+}
+
+
+@pytest.mark.parametrize("logits", NOT_FINITE_LOGITS)
+def test_losses_that_are_not_finite_are_an_error_not_an_accuracy(logits, val_1000):
+    model = ConstantLogits(NOT_FINITE_LOGITS[logits])
+    with pytest.raises(hellaswag.UserError, match="losses are not finite") as error:
+        hellaswag.evaluate(model, val_1000[:6], "cpu")
+    assert "diverged" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_on_a_diverged_checkpoint_is_one_error_line_not_an_accuracy(val_file, tmp_path, cli):
+    diverged = gpt2.GPT(gpt2.GPTConfig(block_size=64, n_layer=1, n_head=1, n_embd=8))
+    with torch.no_grad():
+        diverged.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))  # as a diverged run leaves it
+    path = gpt2.checkpoint_path(tmp_path, 0)
+    torch.save(dict(model=diverged.state_dict(), config=asdict(diverged.config)), path)
+    result = cli(gpt2.main, "hellaswag", "--checkpoint", path, "--file", val_file, "--limit", "4",
+                 "--device", "cpu")
+    # The progress bar of the scoring may come before the error line.
+    assert_one_error_line(result, "losses are not finite", "diverged", alone=False)
+    assert result[1] == ""  # no acc line
 
 
 # -- Two ranks --------------------------------------------------------------------------------
