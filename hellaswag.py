@@ -360,6 +360,9 @@ def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.de
     A loss that is NaN or inf is a UserError (check_finite), not a prediction.
     `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
     """
+    if not examples:  # a rank's share when there are fewer examples than ranks
+        nothing = torch.zeros(0, dtype=torch.long)
+        return nothing, nothing, nothing
     max_len = getattr(getattr(model, "config", None), "block_size", None)  # crop if limited
     rendered = [render_example(ex, max_len=max_len) for ex in examples]
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)  # (N,)
@@ -378,19 +381,49 @@ def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.d
 
     With `world_size` > 1 this rank scores examples i with i % world_size == rank. If
     torch.distributed is initialized the three counts are then summed over all ranks (every
-    rank gets the totals); if not, the result is this rank's share, for the caller to sum.
+    rank gets the totals, also a rank whose share is empty); if not, the result is this rank's
+    share, for the caller to sum. If one rank fails (a UserError), every rank raises one.
     """
     mine = examples[rank::world_size]
-    labels, pred, pred_norm = predict(model, mine, device, autocast_dtype=autocast_dtype,
-                                      batch_size=batch_size, progress=progress)
-    counts = torch.tensor([len(mine), (pred == labels).sum().item(),
-                           (pred_norm == labels).sum().item()], dtype=torch.long, device=device)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # int64 SUM works on gloo and nccl
-    n, correct, correct_norm = counts.tolist()
+    together = world_size > 1 and dist.is_available() and dist.is_initialized()
+    error = None
+    try:
+        counts = share_counts(model, mine, device, autocast_dtype=autocast_dtype,
+                              batch_size=batch_size, progress=progress)
+    except UserError as e:
+        if not together:
+            raise
+        # The other ranks wait for this one in the all_reduce: it must get there to tell them.
+        counts, error = [0, 0, 0], e
+    if together:
+        counts, failed = sum_over_ranks(counts, error is not None, rank, world_size, device)
+        if error:
+            raise error
+        if failed:
+            raise UserError(f"HellaSwag scoring failed on rank(s) {', '.join(map(str, failed))} "
+                            f"(their own error line says why)")
+    n, correct, correct_norm = counts
     return {"n": n, "correct": correct, "correct_norm": correct_norm,
             "acc": correct / n if n else float("nan"),
             "acc_norm": correct_norm / n if n else float("nan")}
+
+
+def share_counts(model: torch.nn.Module, mine: list[dict], device: str | torch.device,
+                 **predict_kwargs) -> list[int]:
+    """[examples, correct, correct_norm] of `predict` on this rank's examples."""
+    labels, pred, pred_norm = predict(model, mine, device, **predict_kwargs)
+    return [len(mine), (pred == labels).sum().item(), (pred_norm == labels).sum().item()]
+
+
+def sum_over_ranks(counts: list[int], failed: bool, rank: int, world_size: int,
+                   device: str | torch.device) -> tuple[list[int], list[int]]:
+    """(the counts summed over all ranks, the ranks that failed), in one all_reduce that every
+    rank joins, failed or not."""
+    flags = [int(failed and r == rank) for r in range(world_size)]  # 1 at this rank if it failed
+    total = torch.tensor(counts + flags, dtype=torch.long, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # int64 SUM works on gloo and nccl
+    total = total.tolist()
+    return total[:len(counts)], [r for r, flag in enumerate(total[len(counts):]) if flag]
 
 
 def examples_per_second(model: torch.nn.Module, examples: list[dict],

@@ -383,6 +383,85 @@ def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
         assert {k: result[k] for k in ("n", "correct", "correct_norm")} == counts(scored_1000, 41)
 
 
+SHARES_WORKER = """
+import json, sys
+from datetime import timedelta
+from pathlib import Path
+import torch, torch.distributed as dist
+import hellaswag
+data_file, out, model_file, nan_model_file = sys.argv[1:]
+# A rank left waiting in a collective fails within a minute, not gloo's default 30.
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world_size = dist.get_rank(), dist.get_world_size()
+model = torch.load(model_file, weights_only=False)
+results = {}
+for limit in (1, 3):  # shares of 1 and 0 examples, then 2 and 1
+    examples = hellaswag.load_examples(file=data_file, limit=limit)
+    results[limit] = hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
+Path(out, f"shares{rank}.json").write_text(json.dumps(results))
+# Rank 1's losses are NaN, rank 0's are fine: both must stop, neither wait for the other.
+if rank == 1:
+    model = torch.load(nan_model_file, weights_only=False)
+try:
+    hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
+except hellaswag.UserError as e:
+    Path(out, f"error{rank}.json").write_text(json.dumps(str(e)))
+dist.destroy_process_group()
+"""
+
+
+def tiny_model() -> torch.nn.Module:
+    """Tokens -> logits in one embedding and one linear layer: the plain road, in no time."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(hellaswag.N_VOCAB, 8),
+                               torch.nn.Linear(8, hellaswag.N_VOCAB)).eval()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(val_file, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """SHARES_WORKER under torchrun with 2 gloo processes: the run, and the folder where each
+    rank wrote its results (shares0.json, ...) and its error (error0.json, ...)."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    model = tiny_model()
+    torch.save(model, folder / "model.pt")
+    with torch.no_grad():
+        model[1].bias.fill_(float("nan"))
+    torch.save(model, folder / "nan_model.pt")
+    (folder / "worker.py").write_text(SHARES_WORKER)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", folder / "worker.py",
+         val_file, folder, folder / "model.pt", folder / "nan_model.pt"],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+    return run, folder
+
+
+def per_rank(folder: Path, name: str) -> list:
+    """What each of the two ranks wrote to `name`0.json and `name`1.json (None: nothing)."""
+    paths = [folder / f"{name}{rank}.json" for rank in (0, 1)]
+    return [json.loads(path.read_text()) if path.exists() else None for path in paths]
+
+
+def test_two_ranks_with_an_empty_or_uneven_share_count_what_one_process_counts(two_ranks, val_1000):
+    run, folder = two_ranks
+    ranks = per_rank(folder, "shares")
+    assert None not in ranks, run.stderr
+    model = tiny_model()
+    for limit in (1, 3):
+        alone = hellaswag.evaluate(model, val_1000[:limit], "cpu")
+        assert alone["n"] == limit
+        assert ranks[0][str(limit)] == ranks[1][str(limit)] == alone
+
+
+def test_an_error_on_one_rank_stops_every_rank_instead_of_leaving_one_waiting(two_ranks):
+    run, folder = two_ranks
+    errors = per_rank(folder, "error")
+    assert run.returncode == 0 and None not in errors, run.stderr
+    assert "losses are not finite" in errors[1]  # its own error
+    assert "failed on rank(s) 1 " in errors[0]  # the other's: who failed, and where to look
+
+
 # -- Download ---------------------------------------------------------------------------------
 
 @pytest.fixture
