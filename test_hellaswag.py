@@ -6,8 +6,10 @@ loaded into our GPT through save_pretrained, as OpenAI's weights would be. Rando
 enough to check the scoring: it must pick, example by example, the ending that transformers'
 own logits pick (up to float rounding), whatever the batch, the padding or the number of ranks.
 """
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -464,11 +466,21 @@ def test_an_error_on_one_rank_stops_every_rank_instead_of_leaving_one_waiting(tw
 
 # -- Download ---------------------------------------------------------------------------------
 
+def pin_val(monkeypatch, data: bytes, *, whole: bool):
+    """Make `data` (our 1,000 rows) what the val split must be: its rows, and with `whole` its
+    size and sha256 too, as the real file's are pinned."""
+    size, digest = (len(data), hashlib.sha256(data).hexdigest()) if whole else (None, None)
+    monkeypatch.setitem(hellaswag.SPLIT_FILES, "val",
+                        hellaswag.Pinned(rows=1000, size=size, sha256=digest))
+
+
 @pytest.fixture
 def github(tmp_path, monkeypatch, local_hub, val_file):
     """A server on 127.0.0.1 (conftest's LocalHub) standing in for raw.githubusercontent.com,
-    holding hellaswag_val.jsonl (our 1,000 rows); HELLASWAG_URL points at it; a fresh cache."""
+    holding hellaswag_val.jsonl (our 1,000 rows, pinned as the val split); HELLASWAG_URL points
+    at it; a fresh cache."""
     github = local_hub({"hellaswag_val.jsonl": val_file.read_bytes()})
+    pin_val(monkeypatch, val_file.read_bytes(), whole=True)
     monkeypatch.setenv("HELLASWAG_URL", github.url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return github
@@ -489,6 +501,55 @@ def test_a_failed_download_names_the_url_and_leaves_no_file(github, tmp_path):
     assert list((tmp_path / "cache/gpt2/hellaswag").iterdir()) == []
 
 
+def first_rows(data: bytes, n: int) -> bytes:
+    return b"".join(data.splitlines(keepends=True)[:n])
+
+
+PINS = {"size, sha256 and rows pinned": True, "rows pinned only": False}
+# How a server's answer may differ from the file and still look complete: a body cut short
+# that no Content-Length gives away (here a 200 whose body is the file's first 200 rows), or one
+# byte changed.
+BAD_BODIES = {
+    "cut short": lambda hub: hub.routes.update({"/hellaswag_val.jsonl": lambda hub, path: (
+        200, {}, first_rows(hub.files["hellaswag_val.jsonl"], 200))}),
+    "one byte changed": lambda hub: hub.faults["hellaswag_val.jsonl"].append("corrupt"),
+}
+
+
+@pytest.mark.parametrize("pins", PINS)
+@pytest.mark.parametrize("body", BAD_BODIES)
+def test_a_download_that_is_not_the_whole_file_is_neither_cached_nor_scored(
+        body, pins, github, tmp_path, monkeypatch, val_1000):
+    pin_val(monkeypatch, github.files["hellaswag_val.jsonl"], whole=PINS[pins])
+    BAD_BODIES[body](github)
+    with pytest.raises(hellaswag.UserError, match="hellaswag_val.jsonl"):
+        hellaswag.load_examples("val")
+    assert list((tmp_path / "cache/gpt2/hellaswag").iterdir()) == []  # nothing kept, no .part
+    github.routes.clear()  # the server is right again: the next run gets the whole file
+    assert hellaswag.load_examples("val") == val_1000
+
+
+DAMAGES = {
+    "200 of its 1,000 rows": lambda data: first_rows(data, 200),
+    "cut in the middle of a line": lambda data: data[:data.index(b"\n", len(data) // 2) - 10],
+}
+
+
+@pytest.mark.parametrize("pins", PINS)
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cached_file_is_deleted_and_the_next_run_downloads_it_again(
+        damage, pins, github, tmp_path, monkeypatch, val_file, val_1000):
+    pin_val(monkeypatch, val_file.read_bytes(), whole=PINS[pins])
+    cached = tmp_path / "cache/gpt2/hellaswag/hellaswag_val.jsonl"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(DAMAGES[damage](val_file.read_bytes()))  # a run of an older version
+    with pytest.raises(hellaswag.UserError, match=re.escape(f"{cached}: ") + ".* run again"):
+        hellaswag.load_examples("val", limit=10)  # a limit does not hide the damage
+    assert not cached.exists() and github.paths == []
+    assert hellaswag.load_examples("val", limit=10) == val_1000[:10]
+    assert github.paths == ["/hellaswag_val.jsonl"] and cached.read_bytes() == val_file.read_bytes()
+
+
 # -- Command line -----------------------------------------------------------------------------
 
 def report_lines(scored, n: int) -> list[str]:
@@ -499,9 +560,12 @@ def report_lines(scored, n: int) -> list[str]:
 
 
 def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
-        github, model_folder, scored_1000):
-    code, out, err = run_script("hellaswag.py", "--model", model_folder, "--limit", "12", "--device", "cpu",
-                                "--base_url", github.url, env={"HELLASWAG_URL": "http://127.0.0.1:9/nothing"})
+        github, model_folder, scored_1000, cli, monkeypatch):
+    # In this process, where our 1,000 rows are pinned as the val split (a subprocess would
+    # expect the real file's 10,042).
+    monkeypatch.setenv("HELLASWAG_URL", "http://127.0.0.1:9/nothing")  # --base_url wins over it
+    code, out, err = cli(gpt2.main, "hellaswag", "--model", model_folder, "--limit", "12",
+                         "--device", "cpu", "--base_url", github.url)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[:3] == [*report_lines(scored_1000, 12), "n        12"]
@@ -539,6 +603,7 @@ def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, cli):
     code, out, err = cli(gpt2.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
     assert code == 1
     assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
+    assert path.exists()  # the user's own file, never deleted
 
 
 def test_a_binary_file_is_one_line_and_exit_1_not_a_traceback(tmp_path, cli):
