@@ -369,16 +369,20 @@ dist.destroy_process_group()
 """
 
 
+def torchrun_two(script: Path, *args) -> subprocess.CompletedProcess:
+    """`script ARGS` in 2 processes under torchrun, rendezvous on 127.0.0.1, one thread each."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+
+
 def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
         model_folder, val_file, scored_1000, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-         script, model_folder, val_file, "41", tmp_path],
-        capture_output=True, text=True, timeout=300, cwd=HERE,
-        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+    run = torchrun_two(script, model_folder, val_file, "41", tmp_path)
     assert run.returncode == 0, run.stderr
     for rank in (0, 1):  # after the all_reduce, each rank holds the sum of both shares
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -430,12 +434,8 @@ def two_ranks(val_file, tmp_path_factory) -> tuple[subprocess.CompletedProcess, 
         model[1].bias.fill_(float("nan"))
     torch.save(model, folder / "nan_model.pt")
     (folder / "worker.py").write_text(SHARES_WORKER)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", folder / "worker.py",
-         val_file, folder, folder / "model.pt", folder / "nan_model.pt"],
-        capture_output=True, text=True, timeout=300, cwd=HERE,
-        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+    run = torchrun_two(folder / "worker.py", val_file, folder, folder / "model.pt",
+                       folder / "nan_model.pt")
     return run, folder
 
 
