@@ -51,9 +51,11 @@ During training, gpt2.py calls `evaluate(model, examples, device, rank=..., worl
 every `--hellaswag_every` steps: each rank scores every world_size-th example and the counts
 are summed across ranks, so 8 GPUs get through the 10,042 examples about 8 times sooner.
 
-The data (`hellaswag_{train,val,test}.jsonl`, val is 11 MB) is downloaded once into
+The data (`hellaswag_{train,val,test}.jsonl`, val is 12 MB) is downloaded once into
 `$XDG_CACHE_HOME/gpt2/hellaswag` (default `~/.cache/gpt2/hellaswag`) from `$HELLASWAG_URL`
-or `--base_url`; `--file PATH` reads a local copy in the same jsonl format instead.
+or `--base_url`, its size and sha256 checked; each run checks that the copy still holds all of
+its split's rows, and deletes one that does not, to be downloaded again. `--file PATH` reads a
+local copy in the same jsonl format instead, of any length, as it is.
 
 Reading order: data (download, validate), rendering (tokens and mask), scoring, the data flags
 of the command line.
@@ -65,6 +67,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import tiktoken
 import torch
@@ -75,7 +78,29 @@ from tqdm import tqdm
 from fineweb import UserError, cache_dir, download, gpt2_tokenizer
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
-SPLITS = ("train", "val", "test")
+
+
+class Pinned(NamedTuple):
+    """What a split's jsonl file holds: its examples, and its bytes and sha256 (None: unchecked)."""
+    rows: int
+    size: int | None
+    sha256: str | None
+
+
+# rowanz/hellaswag's data files, as they have been since 2019. All three numbers of each come
+# from huggingface/datasets' datasets/hellaswag/dataset_infos.json: the rows from its splits'
+# "num_examples" (val's 10,042 is also build-nanogpt's count), the bytes and sha256 from its
+# "download_checksums" of these same files (github.com/rowanz/hellaswag/raw/master/data/...).
+# Val's sha256 is also the one other projects pin for hellaswag_val.jsonl.
+SPLIT_FILES = {
+    "train": Pinned(rows=39_905, size=47_496_131,
+                    sha256="dae5e69249868cb9fe4e23ff925c60b66169564cfb7072d793cd7356a2b69f8d"),
+    "val": Pinned(rows=10_042, size=12_246_618,
+                  sha256="0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"),
+    "test": Pinned(rows=10_003, size=11_752_147,
+                   sha256="da082b00543e422b8d25394614d102944586986def4de5cd1bd36d86bcb76261"),
+}
+SPLITS = tuple(SPLIT_FILES)
 N_ENDINGS = 4
 # GPT-2's real vocabulary. Models may pad their embedding to 50304 (a multiple of 128, faster
 # on GPUs); the padded ids never occur in text, so their logits are left out of the softmax.
@@ -88,14 +113,16 @@ N_VOCAB = 50257
 
 def download_split(split: str, base_url: str | None = None) -> Path:
     """Fetch `hellaswag_{split}.jsonl` into the cache unless it is already there (fineweb's
-    downloader: resumed, retried, renamed into place only once complete). In training, rank 0
-    fetches it before the other ranks look (gpt2.py): one download, not one per GPU."""
+    downloader: resumed, retried, its size and sha256 checked against SPLIT_FILES, renamed into
+    place only then). In training, rank 0 fetches it before the other ranks look (gpt2.py): one
+    download, not one per GPU."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     path = cache_dir("hellaswag", f"hellaswag_{split}.jsonl")
     base_url = (base_url or os.environ.get("HELLASWAG_URL") or DEFAULT_URL).rstrip("/")
+    pinned = SPLIT_FILES[split]
     try:
-        return download(f"{base_url}/{path.name}", path)
+        return download(f"{base_url}/{path.name}", path, size=pinned.size, sha256=pinned.sha256)
     except UserError as e:
         raise UserError(f"{e} (set --base_url or HELLASWAG_URL, or pass --file PATH)") from None
 
@@ -123,38 +150,83 @@ def check_example(row, where: str) -> dict:
     return row
 
 
-def read_examples(path: Path, limit: int | None = None) -> list[dict]:
-    """Parse a HellaSwag jsonl file (one example per line), validating each line read."""
+class Damaged(UserError):
+    """A file that is not what a HellaSwag jsonl file must be: not UTF-8 text, a line that is
+    not JSON, or (for a split we downloaded) the wrong size or number of rows."""
+
+
+def parse_lines(path: Path, limit: int | None = None) -> list[tuple[str, object]]:
+    """(where, row) for each of the first `limit` (default: all) rows of a jsonl file, decoded
+    from JSON but not yet checked; `where` is "PATH: line N"."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    examples = []
+    rows = []
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(examples) >= limit:
+                if limit is not None and len(rows) >= limit:
                     break
                 if not line.strip():
                     continue  # a trailing blank line is not an example
                 where = f"{path}: line {lineno}"
                 try:
-                    row = json.loads(line)
+                    rows.append((where, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON ({e.msg})") from e
-                examples.append(check_example(row, where))
+                    raise Damaged(f"{where}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason}): not a HellaSwag jsonl file") from None
+        raise Damaged(f"{path}: not UTF-8 text ({e.reason}): not a HellaSwag jsonl file") from None
     except OSError as e:  # unreadable: a folder, no permission
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+    return rows
+
+
+def check_examples(rows: list[tuple[str, object]], path: Path) -> list[dict]:
+    """The examples of parse_lines' rows, each checked (check_example)."""
+    examples = [check_example(row, where) for where, row in rows]
     if not examples:
         raise UserError(f"{path}: no examples in the file")
     return examples
 
 
+def read_examples(path: Path, limit: int | None = None) -> list[dict]:
+    """Parse a HellaSwag jsonl file (one example per line), validating each line read."""
+    return check_examples(parse_lines(path, limit), path)
+
+
+def read_download(path: Path, split: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` examples of our downloaded copy of `split`, once the whole file has
+    been checked: whatever the limit, a copy cut short (by a server that sent less and said
+    nothing, or by an older version of this code that did not check) must not be scored as
+    the split. A bad copy is deleted, so that the next run downloads it again: we wrote it,
+    nothing is lost. (A user's own --file goes to read_examples: it is never deleted, and may
+    hold any number of rows.)"""
+    try:
+        rows = split_rows(path, split)
+    except Damaged as e:
+        path.unlink(missing_ok=True)  # another process may have found it first
+        raise UserError(f"{e}; deleted this damaged download: run again to download it anew"
+                        ) from None
+    return check_examples(rows[:limit], path)
+
+
+def split_rows(path: Path, split: str) -> list[tuple[str, object]]:
+    """parse_lines of the whole file, if it has the size and number of rows of `split`'s."""
+    rows, pinned, size = parse_lines(path), SPLIT_FILES[split], path.stat().st_size
+    if pinned.size is not None and size != pinned.size:
+        raise Damaged(f"{path}: {size:,} bytes, not the {pinned.size:,} of the {split} split's "
+                      f"file")
+    if len(rows) != pinned.rows:
+        raise Damaged(f"{path}: {len(rows):,} examples, not the {pinned.rows:,} of the {split} "
+                      f"split")
+    return rows
+
+
 def load_examples(split: str = "val", file: str | os.PathLike | None = None,
                   limit: int | None = None, *, base_url: str | None = None) -> list[dict]:
     """The first `limit` (default: all) examples of `file`, or of the downloaded `split`."""
-    path = Path(file) if file is not None else download_split(split, base_url)
-    return read_examples(path, limit)
+    if file is not None:
+        return read_examples(Path(file), limit)
+    return read_download(download_split(split, base_url), split, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,20 +429,35 @@ def ending_losses(model: torch.nn.Module, rendered: list[tuple[torch.Tensor, tor
     return losses.view(-1, N_ENDINGS)
 
 
+def check_finite(summed: torch.Tensor):
+    """Raise if a loss is NaN or inf: argmin would still pick an ending, so a diverged model
+    would get an accuracy (NaN compares false with everything) instead of an error."""
+    bad = (~torch.isfinite(summed)).sum().item()
+    if bad:
+        raise UserError(f"the model's losses are not finite on {bad:,} of {summed.numel():,} "
+                        f"HellaSwag endings (NaN or inf): during training that means the model "
+                        f"diverged")
+
+
 def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
             autocast_dtype: torch.dtype | None = None, batch_size: int = 8,
             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score `examples` with `model`: (labels, pred, pred_norm), each (N,) on the CPU.
 
     `pred` is the ending with the lowest summed loss, `pred_norm` with the lowest mean loss.
+    A loss that is NaN or inf is a UserError (check_finite), not a prediction.
     `model` should be the bare model (not DDP-wrapped), in any vocabulary padding.
     """
+    if not examples:  # a rank's share when there are fewer examples than ranks
+        nothing = torch.zeros(0, dtype=torch.long)
+        return nothing, nothing, nothing
     max_len = getattr(getattr(model, "config", None), "block_size", None)  # crop if limited
     rendered = [render_example(ex, max_len=max_len) for ex in examples]
     labels = torch.tensor([label for _, _, label in rendered], dtype=torch.long)  # (N,)
     summed = ending_losses(model, [(tokens, mask) for tokens, mask, _ in rendered], device,
                            autocast_dtype=autocast_dtype, batch_size=batch_size,
                            progress=progress)  # (N, 4)
+    check_finite(summed)
     lengths = torch.stack([mask.sum(dim=1) for _, mask, _ in rendered])  # (N, 4) ending tokens
     return labels, summed.argmin(dim=1), (summed / lengths).argmin(dim=1)
 
@@ -382,19 +469,49 @@ def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.d
 
     With `world_size` > 1 this rank scores examples i with i % world_size == rank. If
     torch.distributed is initialized the three counts are then summed over all ranks (every
-    rank gets the totals); if not, the result is this rank's share, for the caller to sum.
+    rank gets the totals, also a rank whose share is empty); if not, the result is this rank's
+    share, for the caller to sum. If one rank fails (a UserError), every rank raises one.
     """
     mine = examples[rank::world_size]
-    labels, pred, pred_norm = predict(model, mine, device, autocast_dtype=autocast_dtype,
-                                      batch_size=batch_size, progress=progress)
-    counts = torch.tensor([len(mine), (pred == labels).sum().item(),
-                           (pred_norm == labels).sum().item()], dtype=torch.long, device=device)
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # int64 SUM works on gloo and nccl
-    n, correct, correct_norm = counts.tolist()
+    together = world_size > 1 and dist.is_available() and dist.is_initialized()
+    error = None
+    try:
+        counts = share_counts(model, mine, device, autocast_dtype=autocast_dtype,
+                              batch_size=batch_size, progress=progress)
+    except UserError as e:
+        if not together:
+            raise
+        # The other ranks wait for this one in the all_reduce: it must get there to tell them.
+        counts, error = [0, 0, 0], e
+    if together:
+        counts, failed = sum_over_ranks(counts, error is not None, rank, world_size, device)
+        if error:
+            raise error
+        if failed:
+            raise UserError(f"HellaSwag scoring failed on rank(s) {', '.join(map(str, failed))} "
+                            f"(their own error line says why)")
+    n, correct, correct_norm = counts
     return {"n": n, "correct": correct, "correct_norm": correct_norm,
             "acc": correct / n if n else float("nan"),
             "acc_norm": correct_norm / n if n else float("nan")}
+
+
+def share_counts(model: torch.nn.Module, mine: list[dict], device: str | torch.device,
+                 **predict_kwargs) -> list[int]:
+    """[examples, correct, correct_norm] of `predict` on this rank's examples."""
+    labels, pred, pred_norm = predict(model, mine, device, **predict_kwargs)
+    return [len(mine), (pred == labels).sum().item(), (pred_norm == labels).sum().item()]
+
+
+def sum_over_ranks(counts: list[int], failed: bool, rank: int, world_size: int,
+                   device: str | torch.device) -> tuple[list[int], list[int]]:
+    """(the counts summed over all ranks, the ranks that failed), in one all_reduce that every
+    rank joins, failed or not."""
+    flags = [int(failed and r == rank) for r in range(world_size)]  # 1 at this rank if it failed
+    total = torch.tensor(counts + flags, dtype=torch.long, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # int64 SUM works on gloo and nccl
+    total = total.tolist()
+    return total[:len(counts)], [r for r, flag in enumerate(total[len(counts):]) if flag]
 
 
 def examples_per_second(model: torch.nn.Module, examples: list[dict],

@@ -6,8 +6,10 @@ loaded into our GPT through save_pretrained, as OpenAI's weights would be. Rando
 enough to check the scoring: it must pick, example by example, the ending that transformers'
 own logits pick (up to float rounding), whatever the batch, the padding or the number of ranks.
 """
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -21,7 +23,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2
 import hellaswag
-from conftest import free_port, run_script
+from conftest import assert_one_error_line, free_port, run_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -302,6 +304,45 @@ def test_bf16_autocast_gives_nearly_the_same_accuracy(model, val_1000, scored_10
     assert abs(bf16["correct_norm"] - counts(scored_1000, 40)["correct_norm"]) <= 4
 
 
+class ConstantLogits(torch.nn.Module):
+    """Tokens -> the same logits row at every position (scoring's plain path)."""
+
+    def __init__(self, row: torch.Tensor):
+        super().__init__()
+        self.row = row  # (50257,)
+
+    def forward(self, idx):
+        return self.row.expand(*idx.shape, -1)
+
+
+NOT_FINITE_LOGITS = {
+    "NaN": torch.full((hellaswag.N_VOCAB,), float("nan")),
+    # Every token but "!" (id 0, in no ending scored here) is impossible: each loss is +inf.
+    "inf": torch.cat([torch.zeros(1), torch.full((hellaswag.N_VOCAB - 1,), float("-inf"))]),
+}
+
+
+@pytest.mark.parametrize("logits", NOT_FINITE_LOGITS)
+def test_losses_that_are_not_finite_are_an_error_not_an_accuracy(logits, val_1000):
+    model = ConstantLogits(NOT_FINITE_LOGITS[logits])
+    with pytest.raises(hellaswag.UserError, match="losses are not finite") as error:
+        hellaswag.evaluate(model, val_1000[:6], "cpu")
+    assert "diverged" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_on_a_diverged_checkpoint_is_one_error_line_not_an_accuracy(val_file, tmp_path, cli):
+    diverged = gpt2.GPT(gpt2.GPTConfig(block_size=64, n_layer=1, n_head=1, n_embd=8))
+    with torch.no_grad():
+        diverged.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))  # as a diverged run leaves it
+    path = gpt2.checkpoint_path(tmp_path, 0)
+    torch.save(dict(model=diverged.state_dict(), config=asdict(diverged.config)), path)
+    result = cli(gpt2.main, "hellaswag", "--checkpoint", path, "--file", val_file, "--limit", "4",
+                 "--device", "cpu")
+    # The progress bar of the scoring may come before the error line.
+    assert_one_error_line(result, "losses are not finite", "diverged", alone=False)
+    assert result[1] == ""  # no acc line
+
+
 # -- Two ranks --------------------------------------------------------------------------------
 
 def test_two_ranks_shares_sum_to_the_single_process_counts(model, val_1000, scored_1000):
@@ -328,29 +369,118 @@ dist.destroy_process_group()
 """
 
 
+def torchrun_two(script: Path, *args) -> subprocess.CompletedProcess:
+    """`script ARGS` in 2 processes under torchrun, rendezvous on 127.0.0.1, one thread each."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *args],
+        capture_output=True, text=True, timeout=300, cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+
+
 def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
         model_folder, val_file, scored_1000, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-         script, model_folder, val_file, "41", tmp_path],
-        capture_output=True, text=True, timeout=300, cwd=HERE,
-        env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
+    run = torchrun_two(script, model_folder, val_file, "41", tmp_path)
     assert run.returncode == 0, run.stderr
     for rank in (0, 1):  # after the all_reduce, each rank holds the sum of both shares
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert {k: result[k] for k in ("n", "correct", "correct_norm")} == counts(scored_1000, 41)
 
 
+SHARES_WORKER = """
+import json, sys
+from datetime import timedelta
+from pathlib import Path
+import torch, torch.distributed as dist
+import hellaswag
+data_file, out, model_file, nan_model_file = sys.argv[1:]
+# A rank left waiting in a collective fails within a minute, not gloo's default 30.
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world_size = dist.get_rank(), dist.get_world_size()
+model = torch.load(model_file, weights_only=False)
+results = {}
+for limit in (1, 3):  # shares of 1 and 0 examples, then 2 and 1
+    examples = hellaswag.load_examples(file=data_file, limit=limit)
+    results[limit] = hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
+Path(out, f"shares{rank}.json").write_text(json.dumps(results))
+# Rank 1's losses are NaN, rank 0's are fine: both must stop, neither wait for the other.
+if rank == 1:
+    model = torch.load(nan_model_file, weights_only=False)
+try:
+    hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
+except hellaswag.UserError as e:
+    Path(out, f"error{rank}.json").write_text(json.dumps(str(e)))
+dist.destroy_process_group()
+"""
+
+
+def tiny_model() -> torch.nn.Module:
+    """Tokens -> logits in one embedding and one linear layer: the plain road, in no time."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(hellaswag.N_VOCAB, 8),
+                               torch.nn.Linear(8, hellaswag.N_VOCAB)).eval()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(val_file, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """SHARES_WORKER under torchrun with 2 gloo processes: the run, and the folder where each
+    rank wrote its results (shares0.json, ...) and its error (error0.json, ...)."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    model = tiny_model()
+    torch.save(model, folder / "model.pt")
+    with torch.no_grad():
+        model[1].bias.fill_(float("nan"))
+    torch.save(model, folder / "nan_model.pt")
+    (folder / "worker.py").write_text(SHARES_WORKER)
+    run = torchrun_two(folder / "worker.py", val_file, folder, folder / "model.pt",
+                       folder / "nan_model.pt")
+    return run, folder
+
+
+def per_rank(folder: Path, name: str) -> list:
+    """What each of the two ranks wrote to `name`0.json and `name`1.json (None: nothing)."""
+    paths = [folder / f"{name}{rank}.json" for rank in (0, 1)]
+    return [json.loads(path.read_text()) if path.exists() else None for path in paths]
+
+
+def test_two_ranks_with_an_empty_or_uneven_share_count_what_one_process_counts(two_ranks, val_1000):
+    run, folder = two_ranks
+    ranks = per_rank(folder, "shares")
+    assert None not in ranks, run.stderr
+    model = tiny_model()
+    for limit in (1, 3):
+        alone = hellaswag.evaluate(model, val_1000[:limit], "cpu")
+        assert alone["n"] == limit
+        assert ranks[0][str(limit)] == ranks[1][str(limit)] == alone
+
+
+def test_an_error_on_one_rank_stops_every_rank_instead_of_leaving_one_waiting(two_ranks):
+    run, folder = two_ranks
+    errors = per_rank(folder, "error")
+    assert run.returncode == 0 and None not in errors, run.stderr
+    assert "losses are not finite" in errors[1]  # its own error
+    assert "failed on rank(s) 1 " in errors[0]  # the other's: who failed, and where to look
+
+
 # -- Download ---------------------------------------------------------------------------------
+
+def pin_val(monkeypatch, data: bytes, *, whole: bool):
+    """Make `data` (our 1,000 rows) what the val split must be: its rows, and with `whole` its
+    size and sha256 too, as the real file's are pinned."""
+    size, digest = (len(data), hashlib.sha256(data).hexdigest()) if whole else (None, None)
+    monkeypatch.setitem(hellaswag.SPLIT_FILES, "val",
+                        hellaswag.Pinned(rows=1000, size=size, sha256=digest))
+
 
 @pytest.fixture
 def github(tmp_path, monkeypatch, local_hub, val_file):
     """A server on 127.0.0.1 (conftest's LocalHub) standing in for raw.githubusercontent.com,
-    holding hellaswag_val.jsonl (our 1,000 rows); HELLASWAG_URL points at it; a fresh cache."""
+    holding hellaswag_val.jsonl (our 1,000 rows, pinned as the val split); HELLASWAG_URL points
+    at it; a fresh cache."""
     github = local_hub({"hellaswag_val.jsonl": val_file.read_bytes()})
+    pin_val(monkeypatch, val_file.read_bytes(), whole=True)
     monkeypatch.setenv("HELLASWAG_URL", github.url)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return github
@@ -371,6 +501,55 @@ def test_a_failed_download_names_the_url_and_leaves_no_file(github, tmp_path):
     assert list((tmp_path / "cache/gpt2/hellaswag").iterdir()) == []
 
 
+def first_rows(data: bytes, n: int) -> bytes:
+    return b"".join(data.splitlines(keepends=True)[:n])
+
+
+PINS = {"size, sha256 and rows pinned": True, "rows pinned only": False}
+# How a server's answer may differ from the file and still look complete: a body cut short
+# that no Content-Length gives away (here a 200 whose body is the file's first 200 rows), or one
+# byte changed.
+BAD_BODIES = {
+    "cut short": lambda hub: hub.routes.update({"/hellaswag_val.jsonl": lambda hub, path: (
+        200, {}, first_rows(hub.files["hellaswag_val.jsonl"], 200))}),
+    "one byte changed": lambda hub: hub.faults["hellaswag_val.jsonl"].append("corrupt"),
+}
+
+
+@pytest.mark.parametrize("pins", PINS)
+@pytest.mark.parametrize("body", BAD_BODIES)
+def test_a_download_that_is_not_the_whole_file_is_neither_cached_nor_scored(
+        body, pins, github, tmp_path, monkeypatch, val_1000):
+    pin_val(monkeypatch, github.files["hellaswag_val.jsonl"], whole=PINS[pins])
+    BAD_BODIES[body](github)
+    with pytest.raises(hellaswag.UserError, match="hellaswag_val.jsonl"):
+        hellaswag.load_examples("val")
+    assert list((tmp_path / "cache/gpt2/hellaswag").iterdir()) == []  # nothing kept, no .part
+    github.routes.clear()  # the server is right again: the next run gets the whole file
+    assert hellaswag.load_examples("val") == val_1000
+
+
+DAMAGES = {
+    "200 of its 1,000 rows": lambda data: first_rows(data, 200),
+    "cut in the middle of a line": lambda data: data[:data.index(b"\n", len(data) // 2) - 10],
+}
+
+
+@pytest.mark.parametrize("pins", PINS)
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cached_file_is_deleted_and_the_next_run_downloads_it_again(
+        damage, pins, github, tmp_path, monkeypatch, val_file, val_1000):
+    pin_val(monkeypatch, val_file.read_bytes(), whole=PINS[pins])
+    cached = tmp_path / "cache/gpt2/hellaswag/hellaswag_val.jsonl"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(DAMAGES[damage](val_file.read_bytes()))  # a run of an older version
+    with pytest.raises(hellaswag.UserError, match=re.escape(f"{cached}: ") + ".* run again"):
+        hellaswag.load_examples("val", limit=10)  # a limit does not hide the damage
+    assert not cached.exists() and github.paths == []
+    assert hellaswag.load_examples("val", limit=10) == val_1000[:10]
+    assert github.paths == ["/hellaswag_val.jsonl"] and cached.read_bytes() == val_file.read_bytes()
+
+
 # -- Command line -----------------------------------------------------------------------------
 
 def report_lines(scored, n: int) -> list[str]:
@@ -381,9 +560,12 @@ def report_lines(scored, n: int) -> list[str]:
 
 
 def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
-        github, model_folder, scored_1000):
-    code, out, err = run_script("hellaswag.py", "--model", model_folder, "--limit", "12", "--device", "cpu",
-                                "--base_url", github.url, env={"HELLASWAG_URL": "http://127.0.0.1:9/nothing"})
+        github, model_folder, scored_1000, cli, monkeypatch):
+    # In this process, where our 1,000 rows are pinned as the val split (a subprocess would
+    # expect the real file's 10,042).
+    monkeypatch.setenv("HELLASWAG_URL", "http://127.0.0.1:9/nothing")  # --base_url wins over it
+    code, out, err = cli(gpt2.main, "hellaswag", "--model", model_folder, "--limit", "12",
+                         "--device", "cpu", "--base_url", github.url)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[:3] == [*report_lines(scored_1000, 12), "n        12"]
@@ -421,6 +603,7 @@ def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, cli):
     code, out, err = cli(gpt2.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
     assert code == 1
     assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
+    assert path.exists()  # the user's own file, never deleted
 
 
 def test_a_binary_file_is_one_line_and_exit_1_not_a_traceback(tmp_path, cli):
