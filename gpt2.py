@@ -569,7 +569,12 @@ class ShardedDataLoader:
 #
 # DDP (DistributedDataParallel) keeps a whole copy of the model on every GPU; each computes the
 # gradients of its own micro-batch, and DDP averages them across GPUs during the backward pass,
-# so every copy takes the same optimizer step and stays identical.
+# so every copy takes the same optimizer step and stays identical. That copy is 16 bytes per
+# parameter with AdamW (weights, gradients, two moments, float32): 2 GB for 124M, nothing for
+# an 80 GB GPU, but 25 GB for gpt2-xl. Sharding splits it over the N GPUs (ZeRO, Rajbhandari et
+# al. 2020): the optimizer state (ZeRO-1), also the gradients (ZeRO-2), also the weights
+# (ZeRO-3). `--fsdp` is ZeRO-3 by torch's FSDP2: each block's weights are gathered just before
+# it runs and freed after, its gradients reduce-scattered to their owners (appendix B).
 #
 # The precision: bf16 autocast on GPUs whose tensor cores have it (matmuls in bf16; weights,
 # reductions and the optimizer in float32: ~2x faster than TF32), fp16 with loss scaling on
@@ -720,19 +725,20 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int,
 def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
              last: bool) -> dict:
     """The evaluation event of this step: val loss, HellaSwag when due, samples."""
+    model = evaluation_model(state.model, runtime)  # --fsdp: a gathered, plain copy (appendix B)
     event = dict(step=state.step)
     if val_tokens is not None:
         # The chunked loss (appendix A) on GPUs too: without a backward pass to fuse it into,
         # the plain one would hold (B * T, V) float32 logits, 13 GB at B=64: more than training.
-        event["val_loss"] = evaluate_loss(state.model, val_tokens, args.seq_len, args.batch_size,
+        event["val_loss"] = evaluate_loss(model, val_tokens, args.seq_len, args.batch_size,
                                           args.val_tokens, runtime, args.loss_chunk or 4096)
     if hellaswag_examples and (state.step % args.hellaswag_every == 0 or last):
         event["hellaswag"] = hellaswag.evaluate(  # acc_norm; each rank scores its share
-            state.model, hellaswag_examples, runtime.device, rank=runtime.rank,
+            model, hellaswag_examples, runtime.device, rank=runtime.rank,
             world_size=runtime.world_size, autocast_dtype=runtime.dtype)["acc_norm"]
     if runtime.is_main and args.num_samples:
         event["samples"] = sample_texts(  # chapter 2's generate, from text to text: appendix C
-            state.model, args.sample_prompt, args.num_samples, args.sample_tokens,
+            model, args.sample_prompt, args.num_samples, args.sample_tokens,
             runtime.device, args.seed)
     return event
 
@@ -757,17 +763,18 @@ class TrainState:
     step: int = 0  # optimizer steps taken
 
     def state_dict(self, args, rng: list[dict]) -> dict:  # rng: every rank's generators
-        return dict(step=self.step, model=self.model.state_dict(),
-                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                    loader=self.loader.state_dict(), rng=rng,
+        # The model's and the optimizer's in one format, sharded (--fsdp) or not: appendix B.
+        return dict(step=self.step, model=model_state(self.model),
+                    optimizer=optimizer_state(self.model, self.optimizer),
+                    scaler=self.scaler.state_dict(), loader=self.loader.state_dict(), rng=rng,
                     config=asdict(self.model.config), args=vars(args))
 
     def load_state_dict(self, saved: dict, source, runtime: Runtime):
         if GPTConfig(**saved["config"]) != self.model.config:
             raise UserError(f"{source} is a {saved['config']} model, not this run's "
                             f"{asdict(self.model.config)}")
-        self.model.load_state_dict(saved["model"])
-        load_optimizer_state(self.optimizer, saved["optimizer"])  # appendix B, like the two below
+        load_model_state(self.model, saved["model"])  # appendix B, like the three below
+        load_optimizer_state(self.optimizer, saved["optimizer"], self.model)
         load_scaler_state(self.scaler, saved["scaler"])
         restore_rng_states(saved["rng"], runtime, self.model.config.dropout)
         self.step = saved["step"]
@@ -803,6 +810,9 @@ def new_train_state(args, runtime: Runtime, resuming: dict | None = None) -> Tra
     if args.seq_len > model.config.block_size:
         raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
     model = model.to(runtime.device)
+    # --activation_checkpointing, --fsdp (appendix B): before the optimizer, which must see the
+    # sharded parameters.
+    prepare_for_memory(model, args, runtime)
     optimizer = configure_optimizer(model, args.max_lr, args.weight_decay)
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
@@ -813,9 +823,10 @@ def save_checkpoint(state: TrainState, args, runtime: Runtime):
     """Rank 0 writes this step's checkpoint (with every rank's random generators) and drops
     this run's oldest; the other ranks go on."""
     rng = gather_rng_states(runtime)  # appendix B, like the write and the rotation
+    contents = state.state_dict(args, rng)  # on every rank: under --fsdp, gathered from all
     if runtime.is_main:
         path = checkpoint_path(args.log_dir, state.step)
-        write_checkpoint(path, state.state_dict(args, rng))
+        write_checkpoint(path, contents)
         rotate_checkpoints(path, args.keep_checkpoints)
 
 
@@ -873,6 +884,8 @@ def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
     """torch.compile, then DDP around the compiled model: torch's guidance, so that DDP's
     bucketed all-reduce overlaps the backward pass (dynamo splits the graph at its buckets).
     In between, --batch_size auto tries micro-batches on the compiled model (appendix B)."""
+    if args.fsdp:
+        return model  # sharded, each block compiled, by prepare_for_memory (appendix B)
     # dynamic=False: one graph per shape, so the sizes tried never make it compile a slower,
     # shape-generic one.
     train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
@@ -927,7 +940,8 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
             x, y = windows[:, :-1], windows[:, 1:]  # the targets: the inputs, one token later
             # DDP all-reduces the gradients during backward: only on the last micro-batch.
             # no_sync() must be entered before the forward pass, which records the intent.
-            syncs = micro == grad_accum - 1 or not runtime.ddp
+            # (FSDP reduce-scatters each micro-batch's: sharded gradients cannot wait unsummed.)
+            syncs = micro == grad_accum - 1 or not isinstance(train_model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if syncs else train_model.no_sync():
                 with autocast_context(runtime):
                     _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
@@ -939,6 +953,7 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
                 state.scaler.scale(loss).backward()
         state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before clipping
         norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         # One read-back from the GPU: the mean loss, the norm, and whether a rank must stop.
         loss, norm, stopping = (all_reduce_sum(torch.stack([loss_sum, norm, stop.flag(norm)]),
                                                runtime) / runtime.world_size).tolist()
@@ -1588,10 +1603,20 @@ def restore_rng_states(saved: list[dict], runtime: Runtime, dropout: float):
 OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict):
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: GPT | None = None):
+    """A checkpoint's optimizer state, with this machine's flags; into a sharded model's
+    optimizer (--fsdp) through the parameters' names."""
     groups = [{**g, **{k: ours[k] for k in OPTIMIZER_FLAGS if k in ours}}
               for g, ours in zip(saved["param_groups"], optimizer.param_groups)]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
+    if model is None or not is_sharded(model):
+        return optimizer.load_state_dict({**saved, "param_groups": groups})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    name_of = {p: n for n, p in model.named_parameters()}
+    names = [name_of[p] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+    set_optimizer_state_dict(model, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
@@ -1599,6 +1624,119 @@ def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
     # to load: it then starts from its default scale, as a fresh fp16 run would.
     if saved and scaler.is_enabled():
         scaler.load_state_dict(saved)
+
+
+FSDP_MIN_TORCH = (2, 6)  # torch.distributed.fsdp.fully_shard is public from 2.6
+
+
+def torch_version() -> tuple[int, int]:
+    return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+
+
+def prepare_for_memory(model: GPT, args, runtime: Runtime):
+    """--activation_checkpointing and --fsdp, on the model before its optimizer is made."""
+    if args.activation_checkpointing:
+        recompute_activations(model)
+    if args.fsdp:
+        shard_model(model, args, runtime)
+
+
+def recompute_activations(model: GPT):
+    """--activation_checkpointing: a block's activations are not kept for the backward pass but
+    computed again in it (torch.utils.checkpoint, non-reentrant), trading a second forward pass
+    for the memory of all but each block's input. The random generators are replayed, so
+    dropout draws the same masks: the same losses and gradients. Only in training (with
+    gradients): evaluation and generation run the blocks as they are."""
+    from torch.utils.checkpoint import checkpoint
+    for block in model.transformer.h:
+        def forward(x, cache=None, block_forward=block.forward):
+            if cache is None and torch.is_grad_enabled():
+                return checkpoint(block_forward, x, use_reentrant=False)
+            return block_forward(x, cache)
+        block.forward = forward  # this block's own: its parameters keep their names
+
+
+def shard_model(model: GPT, args, runtime: Runtime):
+    """--fsdp: FSDP2 (torch.distributed.fsdp.fully_shard), in place. Each Block is a group of its
+    own, gathered just before it runs and freed after; then the root, whose group holds the
+    rest: the tied wte/lm_head weight (one parameter, so one group: torch refuses a tied
+    weight split over two), wpe, ln_f. Under bf16 or fp16 the blocks compute in it
+    (MixedPrecisionPolicy) and gradients are reduced in float32; the weights and the optimizer
+    stay float32. With --compile each block is compiled first, in place (its keys stay plain)."""
+    if torch_version() < FSDP_MIN_TORCH:
+        raise UserError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this "
+                        f"is torch {torch.__version__}")
+    if getattr(args, "optimizer", "adamw") == "muon":
+        raise UserError("--optimizer muon orthogonalizes whole matrices, which --fsdp shards "
+                        "across GPUs: use one or the other")
+    if args.batch_size == "auto":
+        raise UserError("--fsdp needs a --batch_size: auto tries micro-batches on each GPU "
+                        "alone, which sharded training cannot (every step is collective)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    half = runtime.dtype if runtime.dtype != torch.float32 else None
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
+    for block in model.transformer.h:
+        if args.compile == "on":
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("FSDP")  # fully_shard made the model's class FSDPGPT
+
+
+def model_state(model: GPT) -> dict:
+    """The model's state_dict, plain keys on the CPU, whether sharded or not. Under --fsdp every
+    rank must call it (a gather); rank 0 gets the tensors, the others {}."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if state:  # gathered as two tensors: tied again, else torch.save would write both
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def optimizer_state(model: GPT, optimizer) -> dict:
+    """optimizer.state_dict() as an unsharded run's (state keyed by parameter number in group
+    order), whether sharded or not: one checkpoint format for every mode."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    saved = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))  # keyed by parameter name; {} off rank 0
+    if not saved:
+        return {}
+    number: dict[str, int] = {}
+    groups = [{**g, "params": [number.setdefault(n, len(number)) for n in g["params"]]}
+              for g in saved["param_groups"]]
+    return {"state": {number[n]: s for n, s in saved["state"].items()}, "param_groups": groups}
+
+
+def load_model_state(model: GPT, saved: dict):
+    if not is_sharded(model):
+        return model.load_state_dict(saved)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def evaluation_model(model: GPT, runtime: Runtime) -> GPT:
+    """The model evaluation and generation run: the training model itself, or under --fsdp a
+    plain copy on each GPU, gathered for this evaluation (whose every call would otherwise be
+    a collective that all ranks must make alike, which per-rank shares and rank 0's samples
+    are not)."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    copy = GPT(model.config).to(runtime.device)
+    full["lm_head.weight"] = full["transformer.wte.weight"]
+    copy.load_state_dict(full)
+    return copy.train(model.training)
 
 
 def checkpoint_path(log_dir, step: int) -> Path:
@@ -2469,6 +2607,13 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_timeout", type=positive_float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
                         "gpt2-xl checkpoint (19 GB) can outlast NCCL's default 10 minutes")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and AdamW's moments over the GPUs (FSDP2, "
+                        "ZeRO-3): for gpt2-large and -xl on GPUs that cannot hold 16 bytes a "
+                        "parameter; torch >= 2.6; needs a --batch_size")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass instead of "
+                        "keeping them: less memory, ~20-30%% more compute")
     g.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="auto: nccl between GPUs, gloo between CPU processes; gloo also lets "
                         "several processes share one GPU (as the GPU tests do)")

@@ -1675,3 +1675,85 @@ def test_training_refuses_a_data_folder_fineweb_py_has_not_finished(tmp_path, sa
     assert len(list(data.glob("*_train_*.bin"))) == 2  # enough to train on, silently, before
     assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
                               *TINY_RUN, "--max_steps", "1"), f"{data} is not finished")
+
+
+# -- Sharded training (FSDP2) and activation checkpointing, on CPU processes over gloo ------------
+
+SHARDED_RUN = [*TINY_RUN, "--batch_size", "2", "--max_steps", "6", "--checkpoint_every", "3",
+               "--keep_checkpoints", "5", "--device", "cpu", "--num_samples", "1"]
+
+
+@pytest.fixture(scope="module")
+def sharded_and_plain(shakespeare, tmp_path_factory):
+    """The same 6 steps as 2 FSDP processes (2 micro-batches of 2 each a step) and as 1 plain
+    process (4 micro-batches of 2): their log folders."""
+    root = tmp_path_factory.mktemp("fsdp")
+    common = ["--data_dir", shakespeare, *SHARDED_RUN]
+    run_to_the_end(*common, "--log_dir", root / "plain")
+    finish(torchrun(*common, "--log_dir", root / "fsdp", "--fsdp", extra=["--standalone"]))
+    return root
+
+
+def test_fsdp_on_2_processes_matches_1_process_step_by_step_and_in_the_final_weights(
+        sharded_and_plain):
+    plain, fsdp = sharded_and_plain / "plain", sharded_and_plain / "fsdp"
+    # float32; the sums of sharded gradients and norms run in another order: 1e-5 of noise
+    np.testing.assert_allclose(train_losses(fsdp), train_losses(plain), atol=1e-5, rtol=0)
+    val = [[e["val_loss"] for e in gpt2.read_events(d) if "val_loss" in e] for d in (fsdp, plain)]
+    np.testing.assert_allclose(*val, atol=1e-5, rtol=0)
+    a, b = final_weights(fsdp, 6), final_weights(plain, 6)
+    assert a.keys() == b.keys()  # one checkpoint format, plain names, the tie kept
+    assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
+    samples = [next(e["samples"] for e in gpt2.read_events(d) if "samples" in e) for d in (fsdp, plain)]
+    assert samples[0] == samples[1]  # evaluation and sampling from the gathered copy
+
+
+def test_an_fsdp_checkpoint_resumes_exactly_under_fsdp_and_alike_in_1_process_or_under_ddp(
+        shakespeare, sharded_and_plain, tmp_path):
+    fsdp = sharded_and_plain / "fsdp"
+    common = ["--data_dir", shakespeare, *SHARDED_RUN]
+    for mode in ("fsdp", "single", "ddp"):
+        (tmp_path / mode).mkdir()
+        shutil.copy(gpt2.checkpoint_path(fsdp, 3), tmp_path / mode)
+    finish(torchrun(*common, "--log_dir", tmp_path / "fsdp", "--fsdp", "--resume", extra=["--standalone"]))
+    run_to_the_end(*common, "--log_dir", tmp_path / "single", "--resume")
+    finish(torchrun(*common, "--log_dir", tmp_path / "ddp", "--resume", extra=["--standalone"]))
+    uninterrupted = final_weights(fsdp, 6)
+    resumed = final_weights(tmp_path / "fsdp", 6)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    for mode in ("single", "ddp"):
+        np.testing.assert_allclose(train_losses(tmp_path / mode), train_losses(fsdp)[3:],
+                                   atol=1e-5, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients_with_dropout(shakespeare,
+                                                                                 tmp_path):
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32,
+                              dropout=0.1))
+        if recompute:
+            gpt2.recompute_activations(model)
+        torch.manual_seed(1)  # the same dropout masks, if the recomputation replays them
+        idx = random_tokens(256, (2, 32))
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss0, g0), (loss1, g1) = grads
+    assert loss0 == loss1 and all(torch.equal(g0[n], g1[n]) for n in g0)
+    runs = {}
+    for flags in ([], ["--activation_checkpointing"]):
+        log_dir = tmp_path / ("ac" if flags else "plain")
+        gpt2.main(["--data_dir", shakespeare, "--log_dir", log_dir, *TINY_RUN, "--max_steps", "3",
+                   "--dropout", "0.1", *flags])
+        runs[bool(flags)] = train_losses(log_dir)
+    assert runs[True] == runs[False]
+
+
+def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=1", str(HERE / "gpt2.py"), "--data_dir", shakespeare,
+                          "--log_dir", tmp_path, *TINY_RUN, "--batch_size", "auto", "--fsdp",
+                          "--device", "cpu"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert out.returncode != 0 and "error: --fsdp needs a --batch_size" in out.stderr, out.stderr
