@@ -1757,3 +1757,62 @@ def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path):
                           "--log_dir", tmp_path, *TINY_RUN, "--batch_size", "auto", "--fsdp",
                           "--device", "cpu"], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert out.returncode != 0 and "error: --fsdp needs a --batch_size" in out.stderr, out.stderr
+
+
+# -- Muon for the blocks' matrices (--optimizer muon) --------------------------------------------
+
+def test_muon_takes_exactly_the_blocks_four_matrices_by_name_and_adamw_the_rest():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=16))
+    optimizer = gpt2.configure_optimizer(model, 1e-3, 0.1, dict(muon_lr=0.02, momentum=0.95,
+                                                                weight_decay=0.0))
+    names = {p: n for n, p in model.named_parameters()}
+    muon = {names[p] for g in optimizer.muon.param_groups for p in g["params"]}
+    assert muon == {f"transformer.h.{i}.{m}" for i in range(3) for m in gpt2.CONV1D_WEIGHTS}
+    adamw = [names[p] for g in optimizer.adamw.param_groups for p in g["params"]]
+    assert "transformer.wte.weight" in adamw and "transformer.wpe.weight" in adamw  # 2-D, not Muon's
+    assert len(adamw) + len(muon) == len(list(model.parameters()))  # the tied weight once
+    assert all(g["lr_scale"] == pytest.approx(20) for g in optimizer.muon.param_groups)
+
+
+MUON_RUN = [*TINY_RUN, "--optimizer", "muon", "--max_steps", "6", "--checkpoint_every", "3",
+            "--keep_checkpoints", "5"]
+
+
+def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw(shakespeare, tmp_path, cli):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = ["--data_dir", shakespeare, *MUON_RUN, "--dropout", "0.1"]
+    gpt2.main([*common, "--log_dir", full])
+    resumed.mkdir()
+    shutil.copy(gpt2.checkpoint_path(full, 3), resumed)
+    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+    assert train_losses(resumed) == train_losses(full)[3:]
+    a, b = final_weights(full, 6), final_weights(resumed, 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", full, *TINY_RUN,
+                              "--dropout", "0.1", "--max_steps", "8", "--resume"),
+                          "the checkpoint was trained with --optimizer muon: resume with it")
+
+
+def test_muon_on_2_processes_matches_1_process(shakespeare, tmp_path):
+    common = ["--data_dir", shakespeare, *MUON_RUN, "--max_steps", "4", "--device", "cpu"]
+    gpt2.main([*common, "--log_dir", tmp_path / "single"])
+    finish(torchrun(*common, "--log_dir", tmp_path / "ddp", extra=["--standalone"]))
+    np.testing.assert_allclose(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single"),
+                               atol=1e-5, rtol=0)
+
+
+def test_a_fine_tune_from_a_transformers_folder_with_muon_lowers_the_val_loss(shakespeare, tmp_path):
+    hf_model(n_layer=2, n_head=4, n_embd=64, vocab_size=gpt2.VOCAB_SIZE).save_pretrained(tmp_path / "hf")
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / "log", *FINETUNE_RUN,
+               "--init_from", tmp_path / "hf", "--optimizer", "muon", "--max_steps", "6",
+               "--eval_every", "6", "--max_lr", "3e-3", "--warmup_steps", "0"])
+    val = [e["val_loss"] for e in gpt2.read_events(tmp_path / "log") if "val_loss" in e]
+    assert val[1] < val[0] - 0.5
+
+
+def test_muon_with_fsdp_is_refused_with_one_line(shakespeare, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=1", str(HERE / "gpt2.py"), "--data_dir", shakespeare,
+                          "--log_dir", tmp_path, *TINY_RUN, "--optimizer", "muon", "--fsdp",
+                          "--device", "cpu"], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert out.returncode != 0 and "error: --optimizer muon orthogonalizes whole matrices" in out.stderr
