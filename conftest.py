@@ -8,6 +8,7 @@ and TIKTOKEN_CACHE_DIR is not already set.
 """
 import collections
 import contextlib
+import errno
 import http.server
 import os
 import re
@@ -176,6 +177,22 @@ def no_backoff(monkeypatch):
     delays = []
     monkeypatch.setattr(fineweb.time, "sleep", delays.append)
     return delays
+
+
+@pytest.fixture
+def disk_full_at(monkeypatch):
+    """disk_full_at(part) makes fineweb.write_shard fail as a full disk does (ENOSPC) for the
+    shard whose path holds `part`; it returns the real writer, to put back."""
+    real_write_shard = fineweb.write_shard
+
+    def fill_up(part):
+        def write_shard_on_a_disk_that_fills_up(path, tokens):
+            if part in str(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_write_shard(path, tokens)
+        monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+        return real_write_shard
+    return fill_up
 
 
 def free_port() -> int:

@@ -432,6 +432,8 @@ def load_pretrained(name_or_path: str) -> GPT:
 #
 # fineweb.py writes them (it must not import torch); we read them. The tests write with one
 # and read with the other, so the two cannot drift apart.
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
 
 def read_shard(path) -> np.ndarray:
     """The tokens of a shard as a read-only uint16 memmap (nothing is read until used)."""
@@ -465,8 +467,8 @@ def training_data(args, runtime: Runtime, position: dict | None = None):
 # The idea: each step's sequences are drawn from all over the data, and every window is used
 # once per epoch. Not one contiguous run of B * T tokens per step (build-nanogpt's and llm.c's
 # way): eight neighbouring sequences of one text are nearly one sample, and the step's gradient
-# is then as noisy as a much smaller batch's. On Tiny Shakespeare (README) the same model
-# reaches val loss 5.334 fed contiguous runs, 5.152 fed windows from all over.
+# is then as noisy as a much smaller batch's. On Tiny Shakespeare the same model reaches a
+# clearly lower validation loss fed windows from all over (docs/performance.md).
 #
 # How: each epoch shuffles the shards, and the windows inside each shard, with a permutation
 # seeded by (seed, epoch): every process computes the same order without talking. Number the
@@ -999,7 +1001,7 @@ def apply_speed_settings(args, device: torch.device):
         args.loss_chunk = 256 if device.type == "cpu" else 0
     if args.compile == "auto":
         # build-nanogpt measured 300 -> 130 ms per step on an A100 from torch.compile; on a
-        # CPU it gained nothing here (README) and costs ~20 s of compilation.
+        # CPU it gained nothing here (docs/performance.md) and costs ~20 s of compilation.
         reason = why_not_compile(device)
         args.compile = "off" if reason else "on"
         if reason and device.type == "cuda" and os.environ.get("RANK", "0") == "0":
@@ -1027,7 +1029,7 @@ def why_not_compile(device: torch.device) -> str | None:
 # loss walks over `chunk` rows at a time into one reused buffer, and computes the gradients
 # right away in the forward pass (the softmax just made *is* most of the gradient: d loss /
 # d logits = softmax - onehot), so backward only scales them. Same matmuls, same FLOPs, a few MB
-# instead of ~1.6 GB of temporaries: 1.3x the tokens/s, 2.4x less memory (README, Performance).
+# instead of ~1.6 GB of temporaries: faster, and a fraction of the memory (docs/performance.md).
 # Each chunk's logits are made transposed, (V, n) = weight @ x.T: on a CPU that matmul runs
 # ~1.5x faster than x @ weight.T (its long dimension is the rows of the output), and the softmax
 # then reduces over rows, which vectorizes along the n columns.
@@ -1120,7 +1122,7 @@ def lm_head_for_generation(model: GPT, batch_size: int):
 
     There each step multiplies one hidden state by the (V, C) lm_head table, and reading that
     table is most of a step's time: a matrix-vector product x @ W.T reads a contiguous (C, V)
-    copy ~2.4x faster than the (V, C) original (measured, README). The copy is made once per
+    copy ~2.4x faster than the (V, C) original (docs/performance.md). The copy is made once per
     call, from the current weights (never stale), and costs V * C * 4 bytes while generating:
     51 MB for the mini preset, 155 MB for 124M. GPUs read either layout at full speed, and with
     several rows weight @ x.T (the table in its own layout) is the quick form.
@@ -1280,9 +1282,6 @@ def config_from_hf(path) -> GPTConfig:
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a GPT-2 config.json ({e!r})") from None
-
-
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256  # llm.c's header (chapter 4)
 
 
 def find_shards(data_dir, split: str) -> list[Path]:
@@ -2328,8 +2327,9 @@ def peak_memory_mib(device) -> dict:
     return {"peak_rss_mib": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)}
 
 
-def bench_train_step(model, train_model, optimizer, args, runtime) -> dict[str, list[float]]:
-    """Seconds of forward, backward and optimizer, per repetition, on random tokens."""
+def bench_train_step(model, train_model, optimizer, args, runtime) -> tuple[dict, float]:
+    """Seconds of forward, backward and optimizer, per repetition, on random tokens; and the
+    page faults per step."""
     B, T = args.batch_size, args.seq_len
     x = torch.randint(0, VOCAB_SIZE, (B, T), device=runtime.device)
     y = torch.randint(0, VOCAB_SIZE, (B, T), device=runtime.device)
@@ -2342,13 +2342,25 @@ def bench_train_step(model, train_model, optimizer, args, runtime) -> dict[str, 
             _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
 
     for rep in range(args.warmup + args.reps):
+        if rep == args.warmup:
+            faults = page_faults()
         times = [timed(forward, runtime.device), timed(lambda: loss.backward(), runtime.device),
                  timed(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)),
                        runtime.device)]
         if rep >= args.warmup:
             for name, t in zip(parts, times):
                 parts[name].append(t)
-    return parts
+    # Minor page faults per step: memory the allocator gave back to the OS and takes again.
+    return parts, (page_faults() - faults) / args.reps
+
+
+def page_faults() -> int:
+    """This process's page faults so far (0 where getrusage does not exist: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # The generation cases `bench` times: batch 1 and 8, greedy and GPT-2's top-k 50.
@@ -2437,7 +2449,7 @@ def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
     optimizer = configure_optimizer(model, 1e-4, 0.1)
     train_model = torch.compile(model) if args.compile == "on" else model
     peak = matmul_peak_flops(runtime.device, runtime.dtype, args.reps)
-    parts = bench_train_step(model, train_model, optimizer, args, runtime)
+    parts, faults = bench_train_step(model, train_model, optimizer, args, runtime)
     step = [sum(ts) for ts in zip(*parts.values())]
     tok_s = [args.batch_size * args.seq_len / t for t in step]
     flops = flops_per_token(model.config, args.seq_len)
@@ -2450,7 +2462,9 @@ def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
             ("matmul peak", f"{peak / 1e9:,.1f} GFLOP/s"),
             *[(f"{name} (s)", spread(ts)) for name, ts in parts.items()],
             ("train step (s)", spread(step)), ("train tokens/s", spread(tok_s)),
-            ("MFU (of measured peak)", f"{100 * result['mfu']:.1f}%")]
+            ("MFU (of measured peak)", f"{100 * result['mfu']:.1f}%"),
+            ("page faults per step", f"{faults:,.0f}")]
+    result["page_faults_per_step"] = faults
     datasheet = datasheet_peak_flops(runtime.device, runtime.dtype)
     if datasheet:
         result["mfu_datasheet"] = flops * result["train_tok_s"] / datasheet

@@ -613,16 +613,9 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
 
 
 def test_check_finished_refuses_a_folder_fineweb_py_stopped_in_and_its_command_finishes_it(
-        tmp_path, clean_run, local_files, monkeypatch, convert, cli):
+        tmp_path, clean_run, local_files, monkeypatch, convert, cli, disk_full_at):
     out_dir = tmp_path / "shards"
-    real_write_shard = fineweb.write_shard
-
-    def write_shard_on_a_disk_that_fills_up(path, tokens):
-        if "_000005.bin" in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write_shard(path, tokens)
-
-    monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+    real_write_shard = disk_full_at("_000005.bin")
     assert convert(out_dir, local_files, "--val_size", str(SHARD_SIZE))[0] == 1
     with pytest.raises(fineweb.UserError) as error:
         fineweb.check_finished(str(out_dir))

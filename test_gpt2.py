@@ -1660,15 +1660,8 @@ def test_the_tools_make_their_gpu_the_current_device(monkeypatch):
 
 
 def test_training_refuses_a_data_folder_fineweb_py_has_not_finished(tmp_path, samples, cli,
-                                                                   monkeypatch):
-    write = fineweb.write_shard
-
-    def write_shard_on_a_disk_that_fills_up(path, tokens):
-        if "_000003.bin" in str(path):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(path, tokens)
-
-    monkeypatch.setattr(fineweb, "write_shard", write_shard_on_a_disk_that_fills_up)
+                                                                   disk_full_at):
+    disk_full_at("_000003.bin")
     data = tmp_path / "data"
     assert fineweb.main(["--input", str(samples / "tinyshakespeare.txt"), "--out_dir", str(data),
                          "--shard_size", "40000", "--num_proc", "1"]) == 1
