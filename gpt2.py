@@ -1466,14 +1466,16 @@ def fail_together(runtime: Runtime):
     except BaseException as e:
         watching.clear()
         first = not store_has(store, FAILURE_KEY)
-        message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        bug = not isinstance(e, UserError)
+        reason = f"{type(e).__name__}: {e}" if bug else str(e)
         if first:
             with contextlib.suppress(Exception):
-                store.set(FAILURE_KEY, f"rank {runtime.rank}: {message}")
-        if isinstance(e, UserError) or first:
-            if not isinstance(e, UserError):
-                traceback.print_exc()  # a bug, not the user's: its traceback, where it hit
-            print(f"error: {message}", file=sys.stderr, flush=True)
+                store.set(FAILURE_KEY, f"rank {runtime.rank}: {reason}")
+        if first or not bug:
+            if bug:  # not the user's: its traceback, and the rank it hit
+                traceback.print_exc()
+                reason = f"rank {runtime.rank}: {reason}"
+            print(f"error: {reason}", file=sys.stderr, flush=True)  # a user's: as on every rank
         else:  # a consequence (a peer gone mid-collective): the cause is the first failure
             print(f"error: stopping: {store.get(FAILURE_KEY).decode()}", file=sys.stderr, flush=True)
         os._exit(1)
