@@ -2072,7 +2072,9 @@ def save_pretrained(model: GPT, path):
         n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=None,
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        tie_word_embeddings=True)
+        tie_word_embeddings=True,
+        # the weights' own dtype; without it transformers guesses, and says so
+        dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."))
     with atomic_write(path / "config.json") as f:
         f.write(json.dumps(hf_config, indent=2).encode())
     tensors = {}
@@ -2085,10 +2087,142 @@ def save_pretrained(model: GPT, path):
     write_safetensors(path / "model.safetensors", tensors)
 
 
+# An export is a folder the Hugging Face tools take as they take OpenAI's gpt2: the weights
+# (above), GPT-2's tokenizer in transformers' files, the generation defaults, and a model card
+# that says what made the model. The tokenizer's vocab.json and merges.txt are rebuilt from
+# tiktoken's encoding, the one we train with, and come out byte for byte the files OpenAI
+# published (encoder.json and vocab.bpe, which the hub serves under those names): a test
+# checks their sha256. No new dependency, and no download.
+
+def byte_characters() -> list[str]:
+    """The character that stands for each byte in GPT-2's files (OpenAI's bytes_to_unicode):
+    the 188 printable bytes stand for themselves; the other 68 (space, control codes, ...)
+    would be invisible or mangled in a text file, so they take U+0100 onwards, in order."""
+    shown = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    moved = {b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in shown)}
+    return [moved.get(b, chr(b)) for b in range(256)]
+
+
+def merged_from(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]:
+    """The two tokens whose merge made `token`: where BPE stops on its bytes with only the
+    merges made before it."""
+    splits = [[token[:i], token[i:]] for i in range(1, len(token))
+              if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
+    if len(splits) == 1:
+        return splits[0]  # the only candidate: true of 45% of the tokens, and 4x faster
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:  # BPE: merge the pair made earliest, again and again
+        i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_files(block_size: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as transformers' GPT2Tokenizer reads it, for contexts of block_size.
+    Token r >= 256 of tiktoken's encoding was made by merge r - 256 of merges.txt."""
+    enc = gpt2_tokenizer()
+    chars = byte_characters()
+    text = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    ranks = {enc.decode_single_token_bytes(r): r for r in range(EOT)}
+    merges = [" ".join(map(text, merged_from(t, r, ranks))) for t, r in ranks.items() if len(t) > 1]
+    vocab = {text(t): r for t, r in ranks.items()} | {"<|endoftext|>": EOT}
+    special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                   unk_token="<|endoftext|>")
+    # Transformers' GPT-2 defaults, written out: older releases tidy " ," into "," when they
+    # decode (clean_up_tokenization_spaces), and decode(encode(text)) must give back the text.
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=block_size,
+                  add_prefix_space=False, add_bos_token=False, errors="replace",
+                  clean_up_tokenization_spaces=False, **special)
+    as_json = lambda d: json.dumps(d, indent=2).encode()  # noqa: E731
+    return {"vocab.json": json.dumps(vocab).encode(),  # OpenAI's layout, to the byte
+            "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode(),
+            "tokenizer_config.json": as_json(config),
+            "special_tokens_map.json": as_json(special),
+            "generation_config.json": as_json(dict(bos_token_id=EOT, eos_token_id=EOT))}
+
+
+def data_description(data_dir) -> str:
+    """What the shards in data_dir were made from, as far as fineweb.py's manifest says."""
+    from fineweb import read_manifest  # only an export asks
+    source = None
+    with contextlib.suppress(UserError, OSError):  # a folder elsewhere, or not fineweb.py's
+        source = (read_manifest(data_dir) or {}).get("params", {}).get("source")
+    if source and "name" in source:
+        return f"`{data_dir}`: FineWeb-Edu {source['name']}, tokenized by fineweb.py"
+    if source and "input" in source:
+        files = ", ".join(f"`{p}`" for p in source["input"])
+        return f"`{data_dir}`: {files}, tokenized by fineweb.py"
+    return f"`{data_dir}` (what it was made from: unknown)"
+
+
+def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
+    """README.md of an export: what made the model, on what data, how far it trained and how
+    well it did, from the checkpoint and the run's log.jsonl beside it (when it is there)."""
+    c, flags, step = model.config, saved.get("args") or {}, saved.get("step")
+    params = model.num_params() - (c.padded_vocab_size - c.vocab_size) * c.n_embd  # as exported
+    log = checkpoint.parent / "log.jsonl"
+    events = read_events(log.parent) if log.exists() and step is not None else []
+
+    def newest(key):  # the newest figure of these weights or earlier ones, never later ones
+        found = [e for e in events if key in e and e["step"] <= step]
+        return (f"{found[-1][key]:.4f} at step {found[-1]['step']:,}" if found else
+                f"unknown ({log.name} beside the checkpoint has none)" if events else
+                f"unknown (no {log.name} beside the checkpoint)")
+
+    start = (f"fine-tuned from `{flags['init_from']}`" if flags.get("init_from") else
+             "trained from random weights" if flags else "trained")
+    steps = "unknown" if step is None else f"{step:,}" + (
+        f" ({step * flags['total_batch_size']:,} tokens)" if "total_batch_size" in flags else "")
+    limit = flags.get("hellaswag_limit")
+    rows = (f"the first {limit:,} rows of {flags.get('hellaswag_file') or 'its val split'}"
+            if limit else "its 10,042 val rows")
+    data = data_description(flags["data_dir"]) if flags.get("data_dir") else "unknown"
+    shown = {k: v for k, v in flags.items() if k != "command"}
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags:", "- gpt2", "- gpt2.py",
+        *(["datasets:", "- HuggingFaceFW/fineweb-edu"] if "FineWeb-Edu" in data else []),
+        "---", "", f"# {name}", "",
+        f"A GPT-2 language model {start} with gpt2.py, a from-scratch GPT-2 reproduction in "
+        f"PyTorch, and exported from `{checkpoint.name}` by `python gpt2.py export`.", "",
+        f"- Architecture: GPT-2, {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, a "
+        f"{c.block_size:,}-token context, {params:,} parameters; GPT-2's tokenizer "
+        f"({c.vocab_size:,} tokens)",
+        f"- Data: {data}",
+        f"- Steps: {steps}",
+        f"- Validation loss: {newest('val_loss')}",
+        f"- HellaSwag acc_norm (completion style, {rows}): {newest('hellaswag')}", "",
+        "## Use", "", "```python", "from transformers import pipeline", "",
+        f'generate = pipeline("text-generation", model="{name}")',
+        'print(generate("Hello, I\'m a language model,", max_new_tokens=32)[0]["generated_text"])',
+        "```", "", "Benchmarks, with EleutherAI's lm-evaluation-harness:", "", "```",
+        f"lm_eval --model hf --model_args pretrained={name} "
+        "--tasks hellaswag,arc_easy,piqa,lambada_openai,winogrande --batch_size 16", "```", "",
+        "## Training flags", "", "```json", json.dumps(shown, indent=1) if shown else "unknown",
+        "```", ""])
+
+
 def export(args):
-    """python gpt2.py export: a checkpoint of ours as a folder transformers loads."""
-    save_pretrained(load_checkpoint_model(args.checkpoint), args.out)
-    print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
+    """python gpt2.py export: a checkpoint of ours as a Hugging Face GPT-2 folder: the weights,
+    the tokenizer, the generation defaults and a model card."""
+    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    saved = load_checkpoint(checkpoint, for_training=False)  # its step and flags: the card's
+    model = GPT(GPTConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    files = tokenizer_files(model.config.block_size)  # offline without tiktoken's files: stop here
+    files["README.md"] = model_card(model, saved, checkpoint, out.resolve().name).encode()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
+    save_pretrained(model, out)
+    for name, data in files.items():
+        with atomic_write(out / name) as f:
+            f.write(data)
+    print(f"wrote {out}: transformers.pipeline('text-generation', model={str(out)!r}); "
+          f"also gpt2.py sample --model {out}")
 
 
 # `bench` measures, in one process, everything that decides how fast training goes: the
