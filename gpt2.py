@@ -2650,11 +2650,17 @@ def hellaswag_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2.py export",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Write a checkpoint as a transformers save_pretrained "
-                                            "folder (config.json + model.safetensors, the "
-                                            "vocabulary unpadded).")
+                                description="Write a checkpoint as a Hugging Face GPT-2 folder: "
+                                            "config.json + model.safetensors (the vocabulary "
+                                            "unpadded), GPT-2's tokenizer (vocab.json, "
+                                            "merges.txt, tokenizer_config.json, "
+                                            "special_tokens_map.json), generation_config.json "
+                                            "and a model card (README.md): transformers' "
+                                            "Auto classes and pipeline load it as they load "
+                                            "OpenAI's gpt2.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by training")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", required=True, help="the folder to write (made if need be; files "
+                                                "of these names in it are replaced)")
     return p
 
 
