@@ -1754,6 +1754,7 @@ class EventLog:
                      f"{args.total_batch_size:,} tokens/step = {args.batch_size} x "
                      f"{args.seq_len} x {grad_accum} accum x {runtime.world_size} | "
                      f"{max_steps} steps ({state.loader.steps_per_epoch} per epoch)")
+        self.dashboards = Dashboards(args, runtime, state.step)  # appendix B's end
         if state.step == 0:
             self.write(step=0, model=args.init_from or args.model or "gpt2",
                        config=asdict(state.model.config), total_batch_size=args.total_batch_size,
@@ -1765,6 +1766,7 @@ class EventLog:
         if self.runtime.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event) + "\n")
+            self.dashboards.write(event)  # --tensorboard, --wandb
         print_event(event, self.runtime)
 
 
@@ -1980,6 +1982,108 @@ def load_hellaswag(args, runtime: Runtime):
         except UserError as e:
             raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
     return local_rank0_first(runtime, load)
+
+
+# Dashboards. --tensorboard DIR and --wandb PROJECT mirror each event of log.jsonl as it is
+# written, from rank 0: a training step's or an evaluation's numbers as scalars under
+# log.jsonl's own names at its step, the samples as text, the config event as the run's
+# configuration. log.jsonl stays the record; a mirror holds nothing it lacks. Neither package
+# is a dependency: each is imported only when its flag is given, and a missing one is one line
+# naming the pip command.
+#
+# A resumed run goes on with the same curves. Each TensorBoard writer starts with a restart
+# mark at its first step (purge_step), and TensorBoard hides what earlier files hold from
+# there on: what the interrupted run sent after its checkpoint, as log.jsonl forgets it (or,
+# for a fresh run in a used DIR, the old run). The evaluation at the checkpoint's step, which
+# log.jsonl keeps, is sent again. wandb goes on with the same run (its id kept in
+# log_dir/wandb_run_id) and ignores, with a warning, the steps it already has: the same
+# numbers, since resume is exact.
+
+def dashboard_package(flag: str, name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"{flag} needs the {name} package ({e}): pip install {name}") from None
+
+
+class Dashboards:
+    """The run's --tensorboard and --wandb mirrors of log.jsonl (none but on rank 0); `step`:
+    the step the run starts at."""
+
+    def __init__(self, args, runtime: Runtime, step: int):
+        self.tensorboard = self.wandb = self.wandb_table = None
+        if not runtime.is_main:
+            return
+        if args.tensorboard:
+            dashboard_package("--tensorboard", "tensorboard")  # torch's writer needs it
+            from torch.utils.tensorboard import SummaryWriter
+            try:
+                self.tensorboard = SummaryWriter(args.tensorboard, purge_step=step)
+            except OSError as e:
+                raise UserError(f"--tensorboard {args.tensorboard}: cannot write there "
+                                f"({e.strerror or e})") from None
+            resumed_log = Path(args.log_dir) / "log.jsonl" if step else None
+            for event in read_events(args.log_dir) if resumed_log and resumed_log.exists() else []:
+                if event["step"] == step:
+                    self.to_tensorboard(event)  # what purge_step hid and log.jsonl kept
+        if args.wandb:
+            wandb = dashboard_package("--wandb", "wandb")
+            self.wandb, self.wandb_table = self.start_wandb(wandb, args, step), wandb.Table
+
+    @staticmethod
+    def start_wandb(wandb, args, step: int):
+        id_file = Path(args.log_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if step and id_file.exists() else None
+        try:
+            run = wandb.init(project=args.wandb, config=vars(args), id=run_id,
+                             resume="allow" if run_id else None,
+                             dir=os.environ.get("WANDB_DIR", args.log_dir))  # beside the log
+        except wandb.Error as e:
+            raise UserError(f"--wandb {args.wandb}: {e} (or WANDB_MODE=offline)") from None
+        with atomic_write(id_file) as f:
+            f.write(run.id.encode())
+        return run
+
+    def write(self, event: dict):
+        if self.tensorboard:
+            self.to_tensorboard(event)
+        if self.wandb:
+            self.to_wandb(event)
+
+    @staticmethod
+    def scalars(event: dict) -> dict:
+        return {k: v for k, v in event.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def to_tensorboard(self, event: dict):
+        step, board = event["step"], self.tensorboard
+        if "config" in event:
+            board.add_text("config", "```\n" + json.dumps(event, indent=1) + "\n```", step)
+        else:
+            for key, value in self.scalars(event).items():
+                board.add_scalar(key, value, step)
+            for i, text in enumerate(event.get("samples", [])):  # as written, not as Markdown
+                board.add_text(f"samples/{i}", "```\n" + text + "\n```", step)
+        board.flush()  # as it happens, not every two minutes
+
+    def to_wandb(self, event: dict):
+        if "config" in event:
+            # allow_val_change: the event's "model" (the preset or source used) replaces the
+            # flag's (None for the default)
+            self.wandb.config.update({k: v for k, v in event.items() if k != "step"},
+                                     allow_val_change=True)
+            return
+        data = self.scalars(event)
+        if event.get("samples"):
+            data["samples"] = self.wandb_table(columns=["sample"],
+                                               data=[[text] for text in event["samples"]])
+        self.wandb.log(data, step=event["step"])
+
+    def __del__(self):  # the run's end: its EventLog is gone
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ===============================================================================================
@@ -2576,6 +2680,12 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="data/fineweb_edu",
                    help="folder of token shards written by fineweb.py")
     g.add_argument("--log_dir", default="log", help="log.jsonl and checkpoints go here")
+    g.add_argument("--tensorboard", metavar="DIR",
+                   help="also write each event of log.jsonl to TensorBoard files in DIR "
+                        "(pip install tensorboard)")
+    g.add_argument("--wandb", metavar="PROJECT",
+                   help="also send each event of log.jsonl to this Weights & Biases project "
+                        "(pip install wandb; wandb login, or WANDB_MODE=offline)")
     g.add_argument("--hellaswag_file", help="local HellaSwag jsonl (default: download val)")
     g.add_argument("--hellaswag_limit", type=int_at_least(0), default=0,
                    help="score only the first N examples (0 = all 10,042)")

@@ -1,19 +1,24 @@
-"""Tests of `gpt2.py export`: our model in the tools people already use, each checked by that
-tool itself.
+"""Tests of `gpt2.py export` and the --tensorboard / --wandb mirrors: our model in the tools
+people already use, each checked by that tool itself.
 
 The oracles are not ours: transformers' AutoTokenizer, pipeline and model loaders on the
-exported folder, tiktoken's GPT-2 encoding on real text (samples/), and the sha256 of OpenAI's
-tokenizer files as tiktoken checks them. Nothing reaches the network: HF_HUB_OFFLINE.
+exported folder, tiktoken's GPT-2 encoding on real text (samples/), the sha256 of OpenAI's
+tokenizer files as tiktoken checks them, TensorBoard's own event reader, and the records of
+wandb's offline run file decoded with wandb's protobuf classes. Nothing reaches the network:
+HF_HUB_OFFLINE, WANDB_MODE=offline.
 """
 import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
@@ -22,7 +27,7 @@ import transformers
 
 import gpt2
 from conftest import assert_one_error_line, free_port, run_script
-from test_gpt2 import TINY_RUN, shakespeare, shakespeare_tokens  # noqa: F401
+from test_gpt2 import TINY_RUN, shakespeare, shakespeare_tokens, torchrun, finish  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 HELLASWAG = HERE / "samples" / "hellaswag_val_1000.jsonl"
@@ -40,16 +45,22 @@ RUN = [*TINY_RUN, "--max_steps", "3", "--eval_every", "2", "--checkpoint_every",
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No hub: transformers and huggingface_hub read HF_HUB_OFFLINE (the constant in-process,
-    the variable in the subprocesses)."""
+    the variable in the subprocesses); wandb writes its files and sends nothing."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
 
 
 @pytest.fixture(scope="module")
 def trained(shakespeare, tmp_path_factory):
-    """RUN's folder, with log/."""
+    """RUN, mirrored to TensorBoard and to wandb (offline): its folder, with log/, tb/, wandb/."""
     root = tmp_path_factory.mktemp("trained")
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", root / "log", *RUN])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_DIR", str(root))
+        gpt2.main(["--data_dir", shakespeare, "--log_dir", root / "log", *RUN,
+                   "--tensorboard", root / "tb", "--wandb", "gpt2-tests"])
     return root
 
 
@@ -266,3 +277,178 @@ def test_export_offline_without_tiktokens_files_is_one_line_and_writes_nothing(t
                         "--out", tmp_path / "hf", env=offline, timeout=300)
     assert_one_error_line(result, "GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
     assert not (tmp_path / "hf").exists()
+
+
+# -- 4. TensorBoard and wandb ---------------------------------------------------------------------
+
+def scalars_by_key(events) -> dict[str, list[tuple[int, float]]]:
+    """log.jsonl's numbers, as (step, value) per name, in order."""
+    out = {}
+    for e in events:
+        if "config" not in e:
+            for k, v in e.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    out.setdefault(k, []).append((e["step"], v))
+    return out
+
+
+def tensorboard_run(folder):
+    """A run's TensorBoard files, read by the accumulator TensorBoard's own server uses (the one
+    that also hides text a restart purged), everything kept."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    board = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    board.Reload()
+    return board
+
+
+def tensorboard_scalars(board, tag) -> list[tuple[int, float]]:
+    from tensorboard.util.tensor_util import make_ndarray
+    return [(e.step, make_ndarray(e.tensor_proto).item()) for e in board.Tensors(tag)]
+
+
+def tensorboard_text(board, tag) -> list[tuple[int, str]]:
+    from tensorboard.util.tensor_util import make_ndarray
+    return [(e.step, make_ndarray(e.tensor_proto).item().decode())
+            for e in board.Tensors(f"{tag}/text_summary")]
+
+
+def float32(points) -> list[tuple[int, float]]:
+    """TensorBoard keeps float32."""
+    return [(step, float(np.float32(v))) for step, v in points]
+
+
+def unfenced(text: str) -> str:
+    assert text.startswith("```\n") and text.endswith("\n```"), text
+    return text[4:-4]
+
+
+def test_tensorboard_holds_log_jsonls_every_number_sample_and_config(trained):
+    events = gpt2.read_events(trained / "log")
+    board = tensorboard_run(trained / "tb")
+    expected = scalars_by_key(events)
+    assert {"loss", "lr", "norm", "ms", "tokens_per_s", "val_loss", "hellaswag"} <= set(expected)
+    assert {tag for tag in board.Tags()["tensors"] if not tag.endswith("text_summary")} == set(expected)
+    for key, points in expected.items():
+        assert tensorboard_scalars(board, key) == float32(points), key
+    evals = [e for e in events if "samples" in e]
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    for i in range(2):
+        assert [(s, unfenced(t)) for s, t in tensorboard_text(board, f"samples/{i}")] == [
+            (e["step"], e["samples"][i]) for e in evals]
+    [(step, config)] = tensorboard_text(board, "config")
+    assert json.loads(unfenced(config)) == events[0] and "config" in events[0]
+
+
+def wandb_records(run_file):
+    """The records of a wandb run file: LevelDB's log format (32 KB blocks of chunks, each with
+    a CRC-32 of its type and data), each record a wandb protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+    data, pos, record = Path(run_file).read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's last bytes, too few for a chunk header
+            pos += 32768 - pos % 32768
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break  # zeros: the end of what was written
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc
+        record += chunk
+        if kind in (1, 4):  # FULL or LAST
+            parsed = wandb_internal_pb2.Record()
+            parsed.ParseFromString(record)
+            yield parsed
+            record = b""
+
+
+def wandb_offline_run(root) -> tuple[Path, dict, dict, dict]:
+    """The one offline run under root/wandb: its folder, its history by step (merged), its
+    config at start, and the config updates after."""
+    [folder] = (root / "wandb").glob("offline-run-*")
+    history, start, updates = {}, {}, {}
+    for r in wandb_records(next(folder.glob("run-*.wandb"))):
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+        elif kind == "run":
+            start = {i.key: json.loads(i.value_json) for i in r.run.config.update}
+        elif kind == "config":
+            updates.update({i.key: json.loads(i.value_json) for i in r.config.update})
+    return folder, history, start, updates
+
+
+def test_wandbs_offline_run_holds_log_jsonls_every_number_sample_and_config(trained):
+    events = gpt2.read_events(trained / "log")
+    folder, history, start, updates = wandb_offline_run(trained)
+    for key, points in scalars_by_key(events).items():
+        assert [(step, history[step][key]) for step in sorted(history) if key in history[step]] == points, key
+    evals = [e for e in events if "samples" in e]
+    for e in evals:
+        table = json.loads((folder / "files" / history[e["step"]]["samples/path"]).read_text())
+        assert table["columns"] == ["sample"] and table["data"] == [[s] for s in e["samples"]]
+    assert start["max_steps"] == 3 and start["wandb"] == "gpt2-tests"  # the run's flags
+    assert updates == {k: v for k, v in events[0].items() if k != "step"}  # the config event
+    assert (trained / "log/wandb_run_id").read_text() == folder.name.rsplit("-", 1)[1]
+
+
+def test_a_resumed_run_goes_on_with_the_same_curves_and_the_same_wandb_run(trained, shakespeare,
+                                                                          tmp_path, monkeypatch):
+    # Interrupted after step 3, resumed from the step-2 checkpoint: log.jsonl forgets what came
+    # after it, and the dashboards must show what log.jsonl then holds, each point once.
+    for name in ("log.jsonl", "ckpt_00000002.pt", "wandb_run_id"):
+        (tmp_path / "log").mkdir(exist_ok=True)
+        shutil.copy(trained / "log" / name, tmp_path / "log" / name)
+    shutil.copytree(trained / "tb", tmp_path / "tb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / "log", *RUN, "--resume",
+               "--tensorboard", tmp_path / "tb", "--wandb", "gpt2-tests"])
+    events = gpt2.read_events(tmp_path / "log")
+    board = tensorboard_run(tmp_path / "tb")
+    for key, points in scalars_by_key(events).items():
+        assert tensorboard_scalars(board, key) == float32(points), key
+    assert [s for s, _ in tensorboard_text(board, "samples/0")] == [0, 2, 3]
+    folder, history, _, _ = wandb_offline_run(tmp_path)
+    assert folder.name.endswith("-" + (trained / "log/wandb_run_id").read_text())
+    assert sorted(history) == [2, 3]  # what this process sent: wandb keeps the rest
+
+
+@pytest.mark.parametrize("flag, package", [("--tensorboard", "tensorboard"), ("--wandb", "wandb")])
+def test_a_missing_dashboard_package_is_one_line_naming_pip_install_and_never_needed_without_its_flag(
+        flag, package, shakespeare, tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # import wandb / tensorboard: ImportError
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "1"]
+    result = cli(gpt2.main, *common, "--log_dir", tmp_path / "with", flag, tmp_path / "x")
+    assert_one_error_line(result, f"{flag} needs the {package} package", f"pip install {package}")
+    code, _, err = cli(gpt2.main, *common, "--log_dir", tmp_path / "without")
+    assert code == 0, err
+
+
+def test_tensorboard_onto_a_file_is_one_line(shakespeare, tmp_path, cli):
+    (tmp_path / "taken").write_text("")
+    result = cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "log", *TINY_RUN,
+                 "--max_steps", "1", "--tensorboard", tmp_path / "taken")
+    assert_one_error_line(result, f"--tensorboard {tmp_path / 'taken'}: cannot write there")
+
+
+def test_wandb_online_without_a_login_is_one_line(shakespeare, tmp_path, monkeypatch):
+    # A fresh process: wandb reads its environment once per process.
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    result = run_script("gpt2.py", "--data_dir", shakespeare, "--log_dir", tmp_path / "log",
+                        *TINY_RUN, "--max_steps", "1", "--wandb", "gpt2-tests", timeout=300)
+    assert_one_error_line(result, "--wandb gpt2-tests:", "wandb login", "WANDB_MODE=offline",
+                          alone=False)
+
+
+def test_with_two_processes_only_rank_0_writes_tensorboard_and_wandb(shakespeare, tmp_path):
+    finish(torchrun("--data_dir", shakespeare, "--log_dir", tmp_path / "log", *TINY_RUN,
+                    "--max_steps", "2", "--device", "cpu", "--tensorboard", tmp_path / "tb",
+                    "--wandb", "gpt2-tests", extra=["--standalone"]))
+    assert len(list((tmp_path / "tb").iterdir())) == 1  # one events file
+    board = tensorboard_run(tmp_path / "tb")
+    loss = scalars_by_key(gpt2.read_events(tmp_path / "log"))["loss"]
+    assert tensorboard_scalars(board, "loss") == float32(loss)
+    assert len(list((tmp_path / "log/wandb").glob("offline-run-*"))) == 1
