@@ -2277,9 +2277,9 @@ def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
              "trained from random weights" if flags else "trained")
     steps = "unknown" if step is None else f"{step:,}" + (
         f" ({step * flags['total_batch_size']:,} tokens)" if "total_batch_size" in flags else "")
-    limit = flags.get("hellaswag_limit")
-    rows = (f"the first {limit:,} rows of {flags.get('hellaswag_file') or 'its val split'}"
-            if limit else "its 10,042 val rows")
+    limit, rows = flags.get("hellaswag_limit"), flags.get("hellaswag_file") or "its val split"
+    rows = (f"the first {limit:,} rows of {rows}" if limit else
+            f"all of {rows}" if flags.get("hellaswag_file") else "its 10,042 val rows")
     data = data_description(flags["data_dir"]) if flags.get("data_dir") else "unknown"
     shown = {k: v for k, v in flags.items() if k != "command"}
     return "\n".join([
