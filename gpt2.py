@@ -1950,6 +1950,7 @@ class EventLog:
                      f"{args.total_batch_size:,} tokens/step = {args.batch_size} x "
                      f"{args.seq_len} x {grad_accum} accum x {runtime.world_size} | "
                      f"{max_steps} steps ({state.loader.steps_per_epoch} per epoch)")
+        self.dashboards = Dashboards(args, runtime, state.step)  # appendix B's end
         if state.step == 0:
             self.write(step=0, model=args.init_from or args.model or "gpt2",
                        config=asdict(state.model.config), total_batch_size=args.total_batch_size,
@@ -1961,6 +1962,7 @@ class EventLog:
         if self.runtime.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event) + "\n")
+            self.dashboards.write(event)  # --tensorboard, --wandb
         print_event(event, self.runtime)
 
 
@@ -2178,6 +2180,108 @@ def load_hellaswag(args, runtime: Runtime):
     return local_rank0_first(runtime, load)
 
 
+# Dashboards. --tensorboard DIR and --wandb PROJECT mirror each event of log.jsonl as it is
+# written, from rank 0: a training step's or an evaluation's numbers as scalars under
+# log.jsonl's own names at its step, the samples as text, the config event as the run's
+# configuration. log.jsonl stays the record; a mirror holds nothing it lacks. Neither package
+# is a dependency: each is imported only when its flag is given, and a missing one is one line
+# naming the pip command.
+#
+# A resumed run goes on with the same curves. Each TensorBoard writer starts with a restart
+# mark at its first step (purge_step), and TensorBoard hides what earlier files hold from
+# there on: what the interrupted run sent after its checkpoint, as log.jsonl forgets it (or,
+# for a fresh run in a used DIR, the old run). The evaluation at the checkpoint's step, which
+# log.jsonl keeps, is sent again. wandb goes on with the same run (its id kept in
+# log_dir/wandb_run_id) and ignores, with a warning, the steps it already has: the same
+# numbers, since resume is exact.
+
+def dashboard_package(flag: str, name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"{flag} needs the {name} package ({e}): pip install {name}") from None
+
+
+class Dashboards:
+    """The run's --tensorboard and --wandb mirrors of log.jsonl (none but on rank 0); `step`:
+    the step the run starts at."""
+
+    def __init__(self, args, runtime: Runtime, step: int):
+        self.tensorboard = self.wandb = self.wandb_table = None
+        if not runtime.is_main:
+            return
+        if args.tensorboard:
+            dashboard_package("--tensorboard", "tensorboard")  # torch's writer needs it
+            from torch.utils.tensorboard import SummaryWriter
+            try:
+                self.tensorboard = SummaryWriter(args.tensorboard, purge_step=step)
+            except OSError as e:
+                raise UserError(f"--tensorboard {args.tensorboard}: cannot write there "
+                                f"({e.strerror or e})") from None
+            resumed_log = Path(args.log_dir) / "log.jsonl" if step else None
+            for event in read_events(args.log_dir) if resumed_log and resumed_log.exists() else []:
+                if event["step"] == step:
+                    self.to_tensorboard(event)  # what purge_step hid and log.jsonl kept
+        if args.wandb:
+            wandb = dashboard_package("--wandb", "wandb")
+            self.wandb, self.wandb_table = self.start_wandb(wandb, args, step), wandb.Table
+
+    @staticmethod
+    def start_wandb(wandb, args, step: int):
+        id_file = Path(args.log_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if step and id_file.exists() else None
+        try:
+            run = wandb.init(project=args.wandb, config=vars(args), id=run_id,
+                             resume="allow" if run_id else None,
+                             dir=os.environ.get("WANDB_DIR", args.log_dir))  # beside the log
+        except wandb.Error as e:
+            raise UserError(f"--wandb {args.wandb}: {e} (or WANDB_MODE=offline)") from None
+        with atomic_write(id_file) as f:
+            f.write(run.id.encode())
+        return run
+
+    def write(self, event: dict):
+        if self.tensorboard:
+            self.to_tensorboard(event)
+        if self.wandb:
+            self.to_wandb(event)
+
+    @staticmethod
+    def scalars(event: dict) -> dict:
+        return {k: v for k, v in event.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def to_tensorboard(self, event: dict):
+        step, board = event["step"], self.tensorboard
+        if "config" in event:
+            board.add_text("config", "```\n" + json.dumps(event, indent=1) + "\n```", step)
+        else:
+            for key, value in self.scalars(event).items():
+                board.add_scalar(key, value, step)
+            for i, text in enumerate(event.get("samples", [])):  # as written, not as Markdown
+                board.add_text(f"samples/{i}", "```\n" + text + "\n```", step)
+        board.flush()  # as it happens, not every two minutes
+
+    def to_wandb(self, event: dict):
+        if "config" in event:
+            # allow_val_change: the event's "model" (the preset or source used) replaces the
+            # flag's (None for the default)
+            self.wandb.config.update({k: v for k, v in event.items() if k != "step"},
+                                     allow_val_change=True)
+            return
+        data = self.scalars(event)
+        if event.get("samples"):
+            data["samples"] = self.wandb_table(columns=["sample"],
+                                               data=[[text] for text in event["samples"]])
+        self.wandb.log(data, step=event["step"])
+
+    def __del__(self):  # the run's end: its EventLog is gone
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
 # ===============================================================================================
 # C. Appendix: the tools
 #
@@ -2268,7 +2372,9 @@ def save_pretrained(model: GPT, path):
         n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_inner=None,
         layer_norm_epsilon=1e-5, initializer_range=0.02, bos_token_id=EOT, eos_token_id=EOT,
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
-        tie_word_embeddings=True)
+        tie_word_embeddings=True,
+        # the weights' own dtype; without it transformers guesses, and says so
+        dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."))
     with atomic_write(path / "config.json") as f:
         f.write(json.dumps(hf_config, indent=2).encode())
     tensors = {}
@@ -2281,10 +2387,142 @@ def save_pretrained(model: GPT, path):
     write_safetensors(path / "model.safetensors", tensors)
 
 
+# An export is a folder the Hugging Face tools take as they take OpenAI's gpt2: the weights
+# (above), GPT-2's tokenizer in transformers' files, the generation defaults, and a model card
+# that says what made the model. The tokenizer's vocab.json and merges.txt are rebuilt from
+# tiktoken's encoding, the one we train with, and come out byte for byte the files OpenAI
+# published (encoder.json and vocab.bpe, which the hub serves under those names): a test
+# checks their sha256. No new dependency, and no download.
+
+def byte_characters() -> list[str]:
+    """The character that stands for each byte in GPT-2's files (OpenAI's bytes_to_unicode):
+    the 188 printable bytes stand for themselves; the other 68 (space, control codes, ...)
+    would be invisible or mangled in a text file, so they take U+0100 onwards, in order."""
+    shown = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    moved = {b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in shown)}
+    return [moved.get(b, chr(b)) for b in range(256)]
+
+
+def merged_from(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]:
+    """The two tokens whose merge made `token`: where BPE stops on its bytes with only the
+    merges made before it."""
+    splits = [[token[:i], token[i:]] for i in range(1, len(token))
+              if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
+    if len(splits) == 1:
+        return splits[0]  # the only candidate: true of 45% of the tokens, and 4x faster
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:  # BPE: merge the pair made earliest, again and again
+        i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_files(block_size: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as transformers' GPT2Tokenizer reads it, for contexts of block_size.
+    Token r >= 256 of tiktoken's encoding was made by merge r - 256 of merges.txt."""
+    enc = gpt2_tokenizer()
+    chars = byte_characters()
+    text = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    ranks = {enc.decode_single_token_bytes(r): r for r in range(EOT)}
+    merges = [" ".join(map(text, merged_from(t, r, ranks))) for t, r in ranks.items() if len(t) > 1]
+    vocab = {text(t): r for t, r in ranks.items()} | {"<|endoftext|>": EOT}
+    special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                   unk_token="<|endoftext|>")
+    # Transformers' GPT-2 defaults, written out: older releases tidy " ," into "," when they
+    # decode (clean_up_tokenization_spaces), and decode(encode(text)) must give back the text.
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=block_size,
+                  add_prefix_space=False, add_bos_token=False, errors="replace",
+                  clean_up_tokenization_spaces=False, **special)
+    as_json = lambda d: json.dumps(d, indent=2).encode()  # noqa: E731
+    return {"vocab.json": json.dumps(vocab).encode(),  # OpenAI's layout, to the byte
+            "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode(),
+            "tokenizer_config.json": as_json(config),
+            "special_tokens_map.json": as_json(special),
+            "generation_config.json": as_json(dict(bos_token_id=EOT, eos_token_id=EOT))}
+
+
+def data_description(data_dir) -> str:
+    """What the shards in data_dir were made from, as far as fineweb.py's manifest says."""
+    from fineweb import read_manifest  # only an export asks
+    source = None
+    with contextlib.suppress(UserError, OSError):  # a folder elsewhere, or not fineweb.py's
+        source = (read_manifest(data_dir) or {}).get("params", {}).get("source")
+    if source and "name" in source:
+        return f"`{data_dir}`: FineWeb-Edu {source['name']}, tokenized by fineweb.py"
+    if source and "input" in source:
+        files = ", ".join(f"`{p}`" for p in source["input"])
+        return f"`{data_dir}`: {files}, tokenized by fineweb.py"
+    return f"`{data_dir}` (what it was made from: unknown)"
+
+
+def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
+    """README.md of an export: what made the model, on what data, how far it trained and how
+    well it did, from the checkpoint and the run's log.jsonl beside it (when it is there)."""
+    c, flags, step = model.config, saved.get("args") or {}, saved.get("step")
+    params = model.num_params() - (c.padded_vocab_size - c.vocab_size) * c.n_embd  # as exported
+    log = checkpoint.parent / "log.jsonl"
+    events = read_events(log.parent) if log.exists() and step is not None else []
+
+    def newest(key):  # the newest figure of these weights or earlier ones, never later ones
+        found = [e for e in events if key in e and e["step"] <= step]
+        return (f"{found[-1][key]:.4f} at step {found[-1]['step']:,}" if found else
+                f"unknown ({log.name} beside the checkpoint has none)" if events else
+                f"unknown (no {log.name} beside the checkpoint)")
+
+    start = (f"fine-tuned from `{flags['init_from']}`" if flags.get("init_from") else
+             "trained from random weights" if flags else "trained")
+    steps = "unknown" if step is None else f"{step:,}" + (
+        f" ({step * flags['total_batch_size']:,} tokens)" if "total_batch_size" in flags else "")
+    limit, rows = flags.get("hellaswag_limit"), flags.get("hellaswag_file") or "its val split"
+    rows = (f"the first {limit:,} rows of {rows}" if limit else
+            f"all of {rows}" if flags.get("hellaswag_file") else "its 10,042 val rows")
+    data = data_description(flags["data_dir"]) if flags.get("data_dir") else "unknown"
+    shown = {k: v for k, v in flags.items() if k != "command"}
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags:", "- gpt2", "- gpt2.py",
+        *(["datasets:", "- HuggingFaceFW/fineweb-edu"] if "FineWeb-Edu" in data else []),
+        "---", "", f"# {name}", "",
+        f"A GPT-2 language model {start} with gpt2.py, a from-scratch GPT-2 reproduction in "
+        f"PyTorch, and exported from `{checkpoint.name}` by `python gpt2.py export`.", "",
+        f"- Architecture: GPT-2, {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, a "
+        f"{c.block_size:,}-token context, {params:,} parameters; GPT-2's tokenizer "
+        f"({c.vocab_size:,} tokens)",
+        f"- Data: {data}",
+        f"- Steps: {steps}",
+        f"- Validation loss: {newest('val_loss')}",
+        f"- HellaSwag acc_norm (completion style, {rows}): {newest('hellaswag')}", "",
+        "## Use", "", "```python", "from transformers import pipeline", "",
+        f'generate = pipeline("text-generation", model="{name}")',
+        'print(generate("Hello, I\'m a language model,", max_new_tokens=32)[0]["generated_text"])',
+        "```", "", "Benchmarks, with EleutherAI's lm-evaluation-harness:", "", "```",
+        f"lm_eval --model hf --model_args pretrained={name} "
+        "--tasks hellaswag,arc_easy,piqa,lambada_openai,winogrande --batch_size 16", "```", "",
+        "## Training flags", "", "```json", json.dumps(shown, indent=1) if shown else "unknown",
+        "```", ""])
+
+
 def export(args):
-    """python gpt2.py export: a checkpoint of ours as a folder transformers loads."""
-    save_pretrained(load_checkpoint_model(args.checkpoint), args.out)
-    print(f"wrote {args.out}: transformers.GPT2LMHeadModel.from_pretrained({str(args.out)!r})")
+    """python gpt2.py export: a checkpoint of ours as a Hugging Face GPT-2 folder: the weights,
+    the tokenizer, the generation defaults and a model card."""
+    checkpoint, out = Path(args.checkpoint), Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    saved = load_checkpoint(checkpoint, for_training=False)  # its step and flags: the card's
+    model = GPT(GPTConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    files = tokenizer_files(model.config.block_size)  # offline without tiktoken's files: stop here
+    files["README.md"] = model_card(model, saved, checkpoint, out.resolve().name).encode()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
+    save_pretrained(model, out)
+    for name, data in files.items():
+        with atomic_write(out / name) as f:
+            f.write(data)
+    print(f"wrote {out}: transformers.pipeline('text-generation', model={str(out)!r}); "
+          f"also gpt2.py sample --model {out}")
 
 
 # `bench` measures, in one process, everything that decides how fast training goes: the
@@ -2674,6 +2912,12 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_dir", default="data/fineweb_edu",
                    help="folder of token shards written by fineweb.py")
     g.add_argument("--log_dir", default="log", help="log.jsonl and checkpoints go here")
+    g.add_argument("--tensorboard", metavar="DIR",
+                   help="also write each event of log.jsonl to TensorBoard files in DIR "
+                        "(pip install tensorboard)")
+    g.add_argument("--wandb", metavar="PROJECT",
+                   help="also send each event of log.jsonl to this Weights & Biases project "
+                        "(pip install wandb; wandb login, or WANDB_MODE=offline)")
     g.add_argument("--hellaswag_file", help="local HellaSwag jsonl (default: download val)")
     g.add_argument("--hellaswag_limit", type=int_at_least(0), default=0,
                    help="score only the first N examples (0 = all 10,042)")
@@ -2755,11 +2999,17 @@ def hellaswag_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2.py export",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Write a checkpoint as a transformers save_pretrained "
-                                            "folder (config.json + model.safetensors, the "
-                                            "vocabulary unpadded).")
+                                description="Write a checkpoint as a Hugging Face GPT-2 folder: "
+                                            "config.json + model.safetensors (the vocabulary "
+                                            "unpadded), GPT-2's tokenizer (vocab.json, "
+                                            "merges.txt, tokenizer_config.json, "
+                                            "special_tokens_map.json), generation_config.json "
+                                            "and a model card (README.md): transformers' "
+                                            "Auto classes and pipeline load it as they load "
+                                            "OpenAI's gpt2.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by training")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", required=True, help="the folder to write (made if need be; files "
+                                                "of these names in it are replaced)")
     return p
 
 
