@@ -2513,6 +2513,14 @@ def export(args):
     model.load_state_dict(saved["model"])
     files = tokenizer_files(model.config.block_size)  # offline without tiktoken's files: stop here
     files["README.md"] = model_card(model, saved, checkpoint, out.resolve().name).encode()
+    # A folder with other files (an old tokenizer.json, pytorch_model.bin) would be read by
+    # transformers before ours: refused, and nothing of it deleted.
+    ours = {"config.json", "model.safetensors", *files}
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if others:
+        raise UserError(f"--out {out} holds files export does not write ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}), which transformers would read "
+                        f"instead of ours: give an empty or new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

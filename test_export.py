@@ -268,6 +268,18 @@ def test_export_onto_a_file_is_one_error_line(trained, tmp_path, cli):
     assert_one_error_line(result, "is a file, not a folder")
 
 
+def test_export_into_a_folder_with_files_it_does_not_write_is_refused_and_leaves_them(trained, tmp_path,
+                                                                                    cli):
+    checkpoint = trained / "log/ckpt_00000003.pt"
+    assert cli(gpt2.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf")[0] == 0
+    assert cli(gpt2.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf")[0] == 0  # again
+    stale = tmp_path / "hf/tokenizer.json"  # an older export's, say: transformers would read it first
+    stale.write_text("{}")
+    assert_one_error_line(cli(gpt2.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf"),
+                          "holds files export does not write (tokenizer.json)")
+    assert stale.read_text() == "{}"
+
+
 def test_export_offline_without_tiktokens_files_is_one_line_and_writes_nothing(trained, tmp_path):
     # An empty tokenizer cache, and a proxy nobody listens on: tiktoken's download fails at once.
     dead = f"http://127.0.0.1:{free_port()}"
