@@ -857,7 +857,7 @@ class ShardWriter:
         """The size of the shard being filled: shard 0 holds the validation split."""
         if self.manifest["shards"]:
             return len(self.buffer)
-        return self.manifest.get("val_tokens", len(self.buffer))  # a manifest from before --val_size
+        return self.manifest["val_tokens"]
 
     def add(self, file, row, skipped, tokens):
         """Add the tokens of the documents from (file, row) on, whose first `skipped` tokens
@@ -892,7 +892,7 @@ DEFAULT_VAL_SIZE = "10%"  # of an --input's tokens, at most one shard; nanoGPT's
 
 def val_size(args):
     """The --val_size this run asks for: given, or the default for its source; None for a
-    download's default (one whole shard), which manifests from before --val_size do not list."""
+    download's default (one whole shard), which its params leave out."""
     return args.val_size or (DEFAULT_VAL_SIZE if args.input else None)
 
 
@@ -928,7 +928,7 @@ def read_manifest(out_dir):
     return manifest
 
 
-MANIFEST_FIELDS = {"params": dict, "files": list, "shards": list, "done": bool}
+MANIFEST_FIELDS = {"params": dict, "files": list, "val_tokens": int, "shards": list, "done": bool}
 SHARD_FIELDS = {"name": str, "tokens": int, "docs": int, "next": list}
 
 
