@@ -1928,7 +1928,8 @@ class EventLog:
     one line on the console. A fresh run's first event is its configuration."""
 
     def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int):
-        self.path, self.runtime = Path(args.log_dir) / "log.jsonl", runtime
+        self.path, self.runtime, self.state = Path(args.log_dir) / "log.jsonl", runtime, state
+        self.memory_logged = False  # with the run's first step: what it holds once all exists
         # MFU: the model's FLOPs per second over the hardware's peak, of every GPU together
         peak = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
         self.mfu_per_token_s = (flops_per_token(state.model.config, args.seq_len) /
@@ -1959,6 +1960,9 @@ class EventLog:
     def write(self, **event):
         if "tokens_per_s" in event and self.mfu_per_token_s:
             event["mfu"] = self.mfu_per_token_s * event["tokens_per_s"]
+        if "loss" in event and not self.memory_logged:
+            event["memory_mib"] = memory_per_process(self.state, self.runtime)
+            self.memory_logged = True
         if self.runtime.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event) + "\n")
@@ -1974,11 +1978,51 @@ def print_event(event: dict, runtime: Runtime):
                      f"| norm {event['norm']:.3f} | {event['ms']:.0f} ms | "
                      f"{event['tokens_per_s']:,.0f} tok/s" +
                      (f" | MFU {100 * event['mfu']:.1f}%" if "mfu" in event else ""))
+        if memory := event.get("memory_mib"):
+            say(runtime, "memory per process, MiB: " + " | ".join(f"{k} {v:,.1f}" for k, v in memory.items()
+                                                                if v is not None))
         return
     parts = [f"{k} {v:.4f}" for k, v in event.items() if isinstance(v, float)]
     say(runtime, f"step {event['step']:6d} | eval | " + " | ".join(parts))
     for text in event.get("samples", []):
         say(runtime, "  >", text.replace("\n", " ")[:200])
+
+
+def local_mib(tensors) -> float:
+    """MiB of these tensors held by this process: under FSDP each holds its shard (to_local)."""
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def optimizer_tensors(value) -> list:
+    """Every tensor in an optimizer's state_dict (references, not copies), however nested."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in optimizer_tensors(v)] if isinstance(value, (list, tuple)) else []
+
+
+def peak_memory_mib(device) -> dict:
+    """The peak so far: the GPU's allocations, or this process's resident set on a CPU."""
+    if device.type == "cuda":
+        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+    try:
+        import resource  # Linux and macOS; ru_maxrss is KiB on Linux, bytes on macOS
+    except ImportError:  # Windows
+        return {"peak_rss_mib": None}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)}
+
+
+def memory_per_process(state: TrainState, runtime: Runtime) -> dict:
+    """What this process holds after a step: parameters, gradients, optimizer state (the
+    figures FSDP divides by the number of processes), and its peak memory so far: the GPU's
+    allocations, or the process's resident set on a CPU (which counts everything else too)."""
+    params = list(state.model.parameters())
+    memory = {"parameters": local_mib(params), "gradients": local_mib(p.grad for p in params),
+              "optimizer": local_mib(optimizer_tensors(state.optimizer.state_dict()))}
+    return memory | {"peak": next(iter(peak_memory_mib(runtime.device).values()))}
 
 
 def read_events(log_dir) -> list[dict]:
@@ -2565,14 +2609,6 @@ def matmul_peak_flops(device, dtype, reps: int) -> float:
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / float(np.median(measure(lambda: a @ b, device, reps)))
-
-
-def peak_memory_mib(device) -> dict:
-    if device.type == "cuda":
-        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
-    import resource  # Linux and macOS; ru_maxrss is KiB on Linux, bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_mib": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)}
 
 
 def bench_train_step(model, train_model, optimizer, args, runtime) -> tuple[dict, float]:

@@ -1701,6 +1701,18 @@ def test_fsdp_on_2_processes_matches_1_process_step_by_step_and_in_the_final_wei
     assert samples[0] == samples[1]  # evaluation and sampling from the gathered copy
 
 
+def test_fsdp_on_2_processes_holds_half_the_parameters_gradients_and_adamw_moments_on_each(
+        sharded_and_plain):
+    memory = {mode: next(e["memory_mib"] for e in gpt2.read_events(sharded_and_plain / mode)
+                         if "memory_mib" in e) for mode in ("plain", "fsdp")}
+    plain, fsdp = memory["plain"], memory["fsdp"]
+    assert plain["gradients"] == plain["parameters"]
+    assert plain["optimizer"] == pytest.approx(2 * plain["parameters"], rel=1e-3)  # two moments
+    for part in ("parameters", "gradients", "optimizer"):
+        assert fsdp[part] == pytest.approx(plain[part] / 2, rel=1e-2), part
+    assert fsdp["peak"] > 0
+
+
 def test_an_fsdp_checkpoint_resumes_exactly_under_fsdp_and_alike_in_1_process_or_under_ddp(
         shakespeare, sharded_and_plain, tmp_path):
     fsdp = sharded_and_plain / "fsdp"
