@@ -1134,6 +1134,43 @@ def lm_head_for_generation(model: GPT, batch_size: int):
     return lambda x: (weight @ x.t()).t()[:, :V]
 
 
+@torch.no_grad()
+def muon_step_on_cpu(muon, dtype: torch.dtype = torch.float32):
+    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon: the momentum buffer,
+    Nesterov by lerp, decoupled decay, its "original" lr adjustment), with the Newton-Schulz
+    iteration in `dtype` instead of bfloat16. On CPUs without bfloat16 matrix units (most,
+    this project's among them) a bfloat16 matmul runs ~16x slower than a float32 one, and a
+    Muon step of the `small` preset took over a minute instead of a fraction of a second
+    (docs/performance.md). With dtype=bfloat16 this is torch's step bit for bit (tested)."""
+    for group in muon.param_groups:
+        lr, momentum = group["lr"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = muon.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr * math.sqrt(max(1, p.shape[0] / p.shape[1])))
+
+
+def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype) -> torch.Tensor:
+    """torch's _zeropower_via_newtonschulz in `dtype`: (n, m) -> the nearest orthogonal-ish
+    matrix, computed on the wide orientation (the Gram matrix is the smaller side squared)."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.to(dtype).T if tall else g.to(dtype)
+    x = x / x.norm().clamp(min=eps)  # not in place: for float32, to() returned g itself
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 # ===============================================================================================
 # B. Appendix: plumbing
 #
@@ -1790,7 +1827,10 @@ class MuonAndAdamW:
         self.adamw.zero_grad(set_to_none=set_to_none)
 
     def step(self):
-        self.muon.step()
+        if self.muon.param_groups[0]["params"][0].device.type == "cpu":
+            muon_step_on_cpu(self.muon)  # appendix A: bfloat16 matmuls are slow on most CPUs
+        else:
+            self.muon.step()
         self.adamw.step()
 
     def state_dict(self) -> dict:
@@ -2638,6 +2678,25 @@ def bench_train_step(model, train_model, optimizer, args, runtime) -> tuple[dict
     return parts, (page_faults() - faults) / args.reps
 
 
+def kept_for_backward_mib(model: GPT, forward) -> float:
+    """MiB of the tensors one forward pass keeps for the backward pass, the weights left out:
+    the activations, which --activation_checkpointing trades for a second forward."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()  # views of one storage count once
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values()) / 2 ** 20
+
+
 def page_faults() -> int:
     """This process's page faults so far (0 where getrusage does not exist: Windows)."""
     try:
@@ -2731,9 +2790,18 @@ def spread(values: list[float]) -> str:
 def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
     """The training step's figures: (results, table rows)."""
     optimizer = configure_optimizer(model, 1e-4, 0.1)
+    if args.activation_checkpointing:
+        recompute_activations(model)
     train_model = torch.compile(model) if args.compile == "on" else model
     peak = matmul_peak_flops(runtime.device, runtime.dtype, args.reps)
     parts, faults = bench_train_step(model, train_model, optimizer, args, runtime)
+    x = torch.randint(0, VOCAB_SIZE, (args.batch_size, args.seq_len + 1), device=runtime.device)
+
+    def forward():
+        with autocast_context(runtime):
+            return model(x[:, :-1], x[:, 1:], loss_chunk=args.loss_chunk)[1]
+
+    kept = kept_for_backward_mib(model, forward)  # eager: what compiled code keeps is its own
     step = [sum(ts) for ts in zip(*parts.values())]
     tok_s = [args.batch_size * args.seq_len / t for t in step]
     flops = flops_per_token(model.config, args.seq_len)
@@ -2747,8 +2815,9 @@ def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
             *[(f"{name} (s)", spread(ts)) for name, ts in parts.items()],
             ("train step (s)", spread(step)), ("train tokens/s", spread(tok_s)),
             ("MFU (of measured peak)", f"{100 * result['mfu']:.1f}%"),
-            ("page faults per step", f"{faults:,.0f}")]
-    result["page_faults_per_step"] = faults
+            ("page faults per step", f"{faults:,.0f}"),
+            ("kept for backward, weights aside (MiB)", f"{kept:,.1f}")]
+    result["page_faults_per_step"], result["kept_for_backward_mib"] = faults, kept
     datasheet = datasheet_peak_flops(runtime.device, runtime.dtype)
     if datasheet:
         result["mfu_datasheet"] = flops * result["train_tok_s"] / datasheet
@@ -3072,6 +3141,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    "16-token prompt, at batch 1 and 8")
     p.add_argument("--train_only", action="store_true",
                    help="only the training step and peak memory (e.g. to size a fine-tune)")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="as in training: time the step, and measure what it keeps, with it")
     add_device_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="as in training")
     add_compile_flag(p)

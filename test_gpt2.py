@@ -1779,6 +1779,28 @@ def test_muon_takes_exactly_the_blocks_four_matrices_by_name_and_adamw_the_rest(
     assert all(g["lr_scale"] == pytest.approx(20) for g in optimizer.muon.param_groups)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch >= 2.9")
+def test_muon_step_on_cpu_is_torchs_step_bit_for_bit_in_bfloat16_and_close_in_float32():
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 32), torch.randn(32, 128), torch.randn(48, 48)]  # tall, wide, square
+    runs = {}
+    for name in ("torch", "bfloat16", "float32"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        muon = torch.optim.Muon(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+        for step in range(3):  # the momentum buffer carries over
+            for p, w in zip(params, weights):
+                p.grad = torch.sin(w * (step + 1))
+            if name == "torch":
+                muon.step()
+            else:
+                gpt2.muon_step_on_cpu(muon, getattr(torch, name))
+        runs[name] = [p.detach() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(runs["bfloat16"], runs["torch"]))
+    moved = [(a - w).abs().max() for a, w in zip(runs["torch"], weights)]
+    for a, b, m in zip(runs["float32"], runs["torch"], moved):
+        assert (a - b).abs().max() < 0.05 * m  # bfloat16's rounding, not another update
+
+
 MUON_RUN = [*TINY_RUN, "--optimizer", "muon", "--max_steps", "6", "--checkpoint_every", "3",
             "--keep_checkpoints", "5"]
 
