@@ -884,6 +884,17 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert (tmp_path / "quickstart.png").stat().st_size > 20_000
 
 
+def test_the_story_ends_before_line_1000_and_the_readme_within_300_lines_naming_no_issue():
+    lines = (HERE / "gpt2.py").read_text().splitlines()
+    appendix = next(i for i, line in enumerate(lines, 1) if line.startswith("# A. Appendix"))
+    loop = next(i for i, line in enumerate(lines, 1) if line.startswith("def run_training("))
+    assert loop < appendix < 1000
+    assert len((HERE / "README.md").read_text().splitlines()) <= 300
+    history = re.compile(r"\bissue #?\d+|\bcommit [0-9a-f]{7,40}\b|\bbefore this change\b", re.I)
+    for path in [*HERE.glob("*.py"), HERE / "README.md", *HERE.glob("docs/*.md")]:
+        assert not history.search(path.read_text()), path.name
+
+
 def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shakespeare, tmp_path):
     # Two "nodes" without a shared filesystem: node 0's log_dir has the checkpoint, node 1's
     # does not. Every rank must stop with the same line, promptly, not wait for a timeout.
