@@ -118,6 +118,13 @@ class UserError(Exception):
     """Something the user can fix (a bad file, the network, a flag): one line, exit code 1."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one error line (exit code 1) like every other user error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
 @contextlib.contextmanager
 def naming(path):
     """Add the file name to an OSError that lacks one: a write() on a full disk raises ENOSPC
@@ -1215,7 +1222,8 @@ def default_num_proc():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = Parser(
+        prog="fineweb.py",
         description="Download FineWeb-Edu, or read your own text files, and tokenize them into GPT-2 token "
                     "shards for gpt2.py. "
                     "After any interruption, run the same command again: it continues where it stopped.")
@@ -1287,9 +1295,8 @@ def check_val_size(p, args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130

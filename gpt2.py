@@ -63,8 +63,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag
-from fineweb import (UserError, atomic_write, cache_dir, check_finished, download, exclusive_lock,
-                     gpt2_tokenizer)
+from fineweb import (Parser, UserError, atomic_write, cache_dir, check_finished, download,
+                     exclusive_lock, gpt2_tokenizer)
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
 VOCAB_SIZE = 50257
@@ -1969,7 +1969,9 @@ class EventLog:
 
     def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int):
         self.path, self.runtime, self.state = Path(args.log_dir) / "log.jsonl", runtime, state
-        self.memory_logged = False  # with the run's first step: what it holds once all exists
+        # With a fresh run's first step, what each process holds once all of it exists (a resumed
+        # run keeps that event, and its log stays the uninterrupted run's).
+        self.memory_logged = state.step > 0
         # MFU: the model's FLOPs per second over the hardware's peak, of every GPU together
         peak = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
         self.mfu_per_token_s = (flops_per_token(state.model.config, args.seq_len) /
@@ -2943,13 +2945,6 @@ def plot(args):
 # `python gpt2.py [COMMAND] [FLAGS]`: train (the default), sample, hellaswag, export, bench,
 # plot. The training run's hyperparameters are chapter 9's recipe; here are the rest.
 # ===============================================================================================
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag as one error line (exit code 1) like every other user error."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message}")
-
 
 def int_at_least(low: int):
     """An argparse type: a whole number >= low."""

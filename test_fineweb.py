@@ -962,8 +962,11 @@ def test_a_rerun_with_another_val_size_refuses_to_mix_shards(tmp_path, shakespea
     (["--input", "a.txt", "--shard_size", "1000", "--val_size", "1001"], "from 1 to --shard_size (1000)"),
     (["--input", "a.txt", "--val_size", "ten"], "a number of tokens (1000000) or a percentage (10%)"),
     (["--text_field", "body"], "--text_field is for --input"),
+    (["--input", "a.txt", "--shard_size", "0"], "--shard_size must be at least 1"),
+    (["--input", "a.txt", "--num_proc", "0"], "--num_proc must be at least 1"),
+    (["--input", "a.txt", "--val_size", "200%"], "below 100%"),
 ])
-def test_a_val_size_or_text_field_that_cannot_apply_is_a_usage_error(capsys, argv, message):
-    with pytest.raises(SystemExit) as exit:
-        fineweb.parse_args(argv)
-    assert exit.value.code == 2 and message in capsys.readouterr().err
+def test_a_val_size_or_text_field_that_cannot_apply_is_one_error_line(capsys, argv, message):
+    assert fineweb.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: fineweb.py: ") and message in err, err
