@@ -2045,16 +2045,22 @@ def optimizer_tensors(value) -> list:
     return [t for v in value for t in optimizer_tensors(v)] if isinstance(value, (list, tuple)) else []
 
 
+def rusage():
+    """This process's resource usage (getrusage), or None where it does not exist: Windows."""
+    try:
+        import resource  # Linux and macOS
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
 def peak_memory_mib(device) -> dict:
     """The peak so far: the GPU's allocations, or this process's resident set on a CPU."""
     if device.type == "cuda":
         return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20}
-    try:
-        import resource  # Linux and macOS; ru_maxrss is KiB on Linux, bytes on macOS
-    except ImportError:  # Windows
-        return {"peak_rss_mib": None}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_mib": rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)}
+    usage = rusage()  # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = usage and usage.ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+    return {"peak_rss_mib": rss}
 
 
 def memory_per_process(state: TrainState, runtime: Runtime) -> dict:
@@ -2701,11 +2707,8 @@ def kept_for_backward_mib(model: GPT, forward) -> float:
 
 def page_faults() -> int:
     """This process's page faults so far (0 where getrusage does not exist: Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    usage = rusage()
+    return usage.ru_minflt if usage else 0
 
 
 # The generation cases `bench` times: batch 1 and 8, greedy and GPT-2's top-k 50.
@@ -2880,8 +2883,9 @@ def bench(args):
         loader = bench_loader(args.reps)
         result.update(more, loader_batches_s=float(np.median(loader)))
         rows += [*more_rows, ("loader, B=64 T=1024 (batches/s)", spread(loader))]
-    result.update(peak_memory_mib(device))
-    rows += [(k.replace("_", " "), f"{v:,.0f}") for k, v in peak_memory_mib(device).items()]
+    peak = peak_memory_mib(device)
+    result.update(peak)
+    rows += [(k.replace("_", " "), f"{v:,.0f}") for k, v in peak.items() if v is not None]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
