@@ -673,8 +673,10 @@ def say(runtime: Runtime, *message):
 # torch 2.9), --optimizer muon, takes the blocks' four weight matrices: SGD's momentum, but each
 # matrix's update replaced by the nearest orthogonal matrix (U V^T of its SVD, approximated by
 # five Newton-Schulz iterations), so that all its directions move alike instead of the few that
-# dominate the gradient. Embeddings, biases and LayerNorms stay with AdamW. It set the
-# modded-nanogpt speedrun's records; on this model it reaches AdamW's loss in fewer steps (README).
+# dominate the gradient. c_attn holds three matrices (Q, K, V), so its update is orthogonalized
+# in three parts, as modded-nanogpt does. Embeddings, biases and LayerNorms stay with AdamW. It
+# set the modded-nanogpt speedrun's records; on this model it reaches AdamW's loss in fewer steps
+# (README).
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, muon: dict | None = None):
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}  # the tied weight once
@@ -871,6 +873,8 @@ def add_recipe_flags(p):
     flag("--muon_lr", type=positive_float, default=0.02, help="Muon's peak lr (nanochat's)")
     flag("--muon_momentum", type=fraction, default=0.95, help="Muon's momentum (nanochat's)")
     flag("--muon_weight_decay", type=float_at_least_0, default=0.0, help="Muon's decoupled decay")
+    flag("--muon_qkv", choices=["split", "whole"], default="split", help="orthogonalize c_attn's "
+         "Q, K, V apart (modded-nanogpt's; lower val loss on the README's recipe) or as one matrix")
     flag("--seed", type=int_at_least(0), default=1337, help="initial weights and data order")
     flag("--eval_every", type=int_at_least(1), default=250, help="steps between evaluations")
     flag("--val_tokens", type=int_at_least(1), default=10_485_760,
@@ -1132,43 +1136,6 @@ def lm_head_for_generation(model: GPT, batch_size: int):
         head_t = weight.t().contiguous()  # (C, V)
         return lambda x: (x @ head_t)[:, :V]
     return lambda x: (weight @ x.t()).t()[:, :V]
-
-
-@torch.no_grad()
-def muon_step_on_cpu(muon, dtype: torch.dtype = torch.float32):
-    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon: the momentum buffer,
-    Nesterov by lerp, decoupled decay, its "original" lr adjustment), with the Newton-Schulz
-    iteration in `dtype` instead of bfloat16. On CPUs without bfloat16 matrix units (most,
-    this project's among them) a bfloat16 matmul runs ~16x slower than a float32 one: a Muon
-    step of the `small` preset took 37 s through torch's step, 1.1-1.5 s through this one
-    (docs/performance.md). With dtype=bfloat16 this is torch's step bit for bit (tested)."""
-    for group in muon.param_groups:
-        lr, momentum = group["lr"], group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = muon.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-lr * math.sqrt(max(1, p.shape[0] / p.shape[1])))
-
-
-def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype) -> torch.Tensor:
-    """torch's _zeropower_via_newtonschulz in `dtype`: (n, m) -> the nearest orthogonal-ish
-    matrix, computed on the wide orientation (the Gram matrix is the smaller side squared)."""
-    a, b, c = coefficients
-    tall = g.size(0) > g.size(1)
-    x = g.to(dtype).T if tall else g.to(dtype)
-    x = x / x.norm().clamp(min=eps)  # not in place: for float32, to() returned g itself
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
 
 
 # ===============================================================================================
@@ -1655,6 +1622,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: G
         raise UserError(f"the checkpoint was trained with --optimizer "
                         f"{'muon' if 'muon' in saved else 'adamw'}: resume with it")
     if isinstance(optimizer, MuonAndAdamW):
+        splits = [[g.get("split", 1) for g in o["param_groups"]]
+                  for o in (saved["muon"], optimizer.muon.state_dict())]
+        if splits[0] != splits[1]:
+            raise UserError(f"the checkpoint was trained with --muon_qkv "
+                            f"{'split' if 3 in splits[0] else 'whole'}: resume with it")
         optimizer.muon.load_state_dict(saved["muon"])
         return load_optimizer_state(optimizer.adamw, saved["adamw"], model)
     groups = [{**g, **{k: ours[k] for k in OPTIMIZER_FLAGS if k in ours}}
@@ -1801,19 +1773,23 @@ def muon_settings(args) -> dict | None:
         raise UserError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
                         f"{torch.__version__}")
     return dict(muon_lr=args.muon_lr, momentum=args.muon_momentum,
-                weight_decay=args.muon_weight_decay)
+                weight_decay=args.muon_weight_decay, split_qkv=args.muon_qkv == "split")
 
 
 class MuonAndAdamW:
     """torch.optim.Muon for the blocks' matrices, AdamW for the rest, driven as one optimizer:
     one step, one zero_grad, their param_groups side by side (which is all GradScaler and the
     training loop touch), and one state_dict holding both. Muon's groups carry lr_scale, its
-    learning rate over AdamW's, so that one schedule drives both."""
+    learning rate over AdamW's, so that one schedule drives both. With split_qkv the c_attn
+    weights get a group of their own with "split": 3, which muon_step (below) honours."""
 
     def __init__(self, matrices: dict, adamw, lr: float, muon_lr: float, momentum: float,
-                 weight_decay: float):
-        self.muon = torch.optim.Muon(list(matrices.values()), lr=muon_lr, momentum=momentum,
-                                     nesterov=True, weight_decay=weight_decay)
+                 weight_decay: float, split_qkv: bool):
+        qkv = [p for n, p in matrices.items() if split_qkv and n.endswith("attn.c_attn.weight")]
+        rest = [p for p in matrices.values() if all(p is not q for q in qkv)]
+        groups = [{"params": rest}] + ([{"params": qkv, "split": 3}] if qkv else [])
+        self.muon = torch.optim.Muon(groups, lr=muon_lr, momentum=momentum, nesterov=True,
+                                     weight_decay=weight_decay)
         for group in self.muon.param_groups:
             group["lr_scale"] = muon_lr / lr
         self.adamw = adamw
@@ -1828,13 +1804,57 @@ class MuonAndAdamW:
 
     def step(self):
         if self.muon.param_groups[0]["params"][0].device.type == "cpu":
-            muon_step_on_cpu(self.muon)  # appendix A: bfloat16 matmuls are slow on most CPUs
+            muon_step(self.muon, torch.float32)  # bfloat16 matmuls are slow on most CPUs
+        elif any(group.get("split", 1) > 1 for group in self.muon.param_groups):
+            muon_step(self.muon, torch.bfloat16)  # torch's step, Q, K and V apart
         else:
             self.muon.step()
         self.adamw.step()
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+
+@torch.no_grad()
+def muon_step(muon: torch.optim.Muon, dtype: torch.dtype):
+    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon: the momentum buffer,
+    Nesterov by lerp, decoupled decay, its "original" lr adjustment), with two changes torch's
+    cannot make. A group's "split": k orthogonalizes each (k*n, m) update as k row blocks of
+    (n, m), as if they were k parameters: c_attn's Q, K and V (modded-nanogpt does the same;
+    on the README's recipe it lowered the val loss further). And the Newton-Schulz iteration
+    runs in `dtype`: on CPUs without bfloat16 matrix units (most, this project's among them) a
+    bfloat16 matmul runs ~16x slower than a float32 one, and a Muon step of the `small` preset
+    took 37 s through torch's step, 1.1-1.5 s in float32 (docs/performance.md). With split 1
+    and bfloat16 this is torch's step bit for bit; with split 3, three torch parameters (tested)."""
+    for group in muon.param_groups:
+        lr, momentum, k = group["lr"], group["momentum"], group.get("split", 1)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = muon.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+            p.mul_(1 - lr * group["weight_decay"])
+            for block, block_update in zip(p.chunk(k), update.chunk(k)):  # views: (n, m) each
+                o = newton_schulz(block_update, group["ns_coefficients"], group["ns_steps"],
+                                  group["eps"], dtype)
+                block.add_(o, alpha=-lr * math.sqrt(max(1, block.shape[0] / block.shape[1])))
+
+
+def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype) -> torch.Tensor:
+    """torch's _zeropower_via_newtonschulz in `dtype`: (n, m) -> the nearest orthogonal-ish
+    matrix, computed on the wide orientation (the Gram matrix is the smaller side squared)."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.to(dtype).T if tall else g.to(dtype)
+    x = x / x.norm().clamp(min=eps)  # not in place: for float32, to() returned g itself
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 def checkpoint_path(log_dir, step: int) -> Path:
@@ -2842,7 +2862,7 @@ def optimizer_step_times(model: GPT, runtime: Runtime, reps: int) -> dict[str, l
     optimizers = {"adamw": configure_optimizer(model, 1e-4, 0.1)}
     if torch_version() >= MUON_MIN_TORCH:
         optimizers["muon"] = configure_optimizer(model, 1e-4, 0.1, dict(
-            muon_lr=0.02, momentum=0.95, weight_decay=0.0))
+            muon_lr=0.02, momentum=0.95, weight_decay=0.0, split_qkv=True))
     return {name: measure(opt.step, runtime.device, reps) for name, opt in optimizers.items()}
 
 

@@ -1780,10 +1780,12 @@ def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path):
 def test_muon_takes_exactly_the_blocks_four_matrices_by_name_and_adamw_the_rest():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=16))
     optimizer = gpt2.configure_optimizer(model, 1e-3, 0.1, dict(muon_lr=0.02, momentum=0.95,
-                                                                weight_decay=0.0))
+                                                                weight_decay=0.0, split_qkv=True))
     names = {p: n for n, p in model.named_parameters()}
     muon = {names[p] for g in optimizer.muon.param_groups for p in g["params"]}
     assert muon == {f"transformer.h.{i}.{m}" for i in range(3) for m in gpt2.CONV1D_WEIGHTS}
+    split = {names[p] for g in optimizer.muon.param_groups if g.get("split") == 3 for p in g["params"]}
+    assert split == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(3)}
     adamw = [names[p] for g in optimizer.adamw.param_groups for p in g["params"]]
     assert "transformer.wte.weight" in adamw and "transformer.wpe.weight" in adamw  # 2-D, not Muon's
     assert len(adamw) + len(muon) == len(list(model.parameters()))  # the tied weight once
@@ -1791,7 +1793,7 @@ def test_muon_takes_exactly_the_blocks_four_matrices_by_name_and_adamw_the_rest(
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch >= 2.9")
-def test_muon_step_on_cpu_is_torchs_step_bit_for_bit_in_bfloat16_and_close_in_float32():
+def test_muon_step_is_torchs_step_bit_for_bit_in_bfloat16_and_close_in_float32():
     torch.manual_seed(0)
     weights = [torch.randn(96, 32), torch.randn(32, 128), torch.randn(48, 48)]  # tall, wide, square
     runs = {}
@@ -1804,7 +1806,7 @@ def test_muon_step_on_cpu_is_torchs_step_bit_for_bit_in_bfloat16_and_close_in_fl
             if name == "torch":
                 muon.step()
             else:
-                gpt2.muon_step_on_cpu(muon, getattr(torch, name))
+                gpt2.muon_step(muon, getattr(torch, name))
         runs[name] = [p.detach() for p in params]
     assert all(torch.equal(a, b) for a, b in zip(runs["bfloat16"], runs["torch"]))
     moved = [(a - w).abs().max() for a, w in zip(runs["torch"], weights)]
@@ -1812,11 +1814,31 @@ def test_muon_step_on_cpu_is_torchs_step_bit_for_bit_in_bfloat16_and_close_in_fl
         assert (a - b).abs().max() < 0.05 * m  # bfloat16's rounding, not another update
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon: torch >= 2.9")
+def test_muon_step_split_3_is_torchs_step_on_q_k_and_v_as_three_parameters():
+    torch.manual_seed(0)
+    qkv = torch.randn(96, 32)  # c_attn's shape for n_embd 32: Q, K, V stacked
+    fused = torch.nn.Parameter(qkv.clone())
+    parts = [torch.nn.Parameter(w.clone()) for w in qkv.chunk(3)]
+    settings = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+    ours = torch.optim.Muon([{"params": [fused], "split": 3}], **settings)
+    torchs = torch.optim.Muon(parts, **settings)
+    for step in range(3):
+        grad = torch.sin(qkv * (step + 1))
+        fused.grad = grad.clone()
+        for p, g in zip(parts, grad.chunk(3)):
+            p.grad = g.clone()
+        gpt2.muon_step(ours, torch.bfloat16)
+        torchs.step()
+    assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts]))
+
+
 MUON_RUN = [*TINY_RUN, "--optimizer", "muon", "--max_steps", "6", "--checkpoint_every", "3",
             "--keep_checkpoints", "5"]
 
 
-def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw(shakespeare, tmp_path, cli):
+def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw_or_with_qkv_whole(shakespeare, tmp_path,
+                                                                               cli):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--data_dir", shakespeare, *MUON_RUN, "--dropout", "0.1"]
     gpt2.main([*common, "--log_dir", full])
@@ -1829,6 +1851,9 @@ def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw(shakespeare, tmp_pa
     assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", full, *TINY_RUN,
                               "--dropout", "0.1", "--max_steps", "8", "--resume"),
                           "the checkpoint was trained with --optimizer muon: resume with it")
+    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", full, *MUON_RUN,
+                              "--dropout", "0.1", "--max_steps", "8", "--resume", "--muon_qkv",
+                              "whole"), "the checkpoint was trained with --muon_qkv split: resume with it")
 
 
 def test_muon_on_2_processes_matches_1_process(shakespeare, tmp_path):
