@@ -1856,6 +1856,16 @@ def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw_or_with_qkv_whole(s
                               "whole"), "the checkpoint was trained with --muon_qkv split: resume with it")
 
 
+def test_muon_trains_compiled_in_float16_with_a_gradient_scaler_and_in_bfloat16(shakespeare, tmp_path):
+    for dtype in ("float16", "bfloat16"):
+        gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / dtype, *MUON_RUN,
+                   "--max_steps", "3", "--dtype", dtype, "--loss_chunk", "0", "--compile", "on"])
+        losses = train_losses(tmp_path / dtype)
+        assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    scaler = torch.load(tmp_path / "float16" / "ckpt_00000003.pt", weights_only=True)["scaler"]
+    assert scaler["_growth_tracker"] == 3  # 3 scaled steps of both optimizers, none skipped
+
+
 def test_muon_on_2_processes_matches_1_process(shakespeare, tmp_path):
     common = ["--data_dir", shakespeare, *MUON_RUN, "--max_steps", "4", "--device", "cpu"]
     gpt2.main([*common, "--log_dir", tmp_path / "single"])
