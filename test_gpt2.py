@@ -1069,6 +1069,23 @@ def test_gpu_the_kv_cache_gives_the_full_forward_logits_in_bf16():
 
 @pytest.mark.gpu
 @needs_gpu
+def test_gpu_muon_split_and_whole_train_compiled_and_resume_with_the_same_losses(shakespeare,
+                                                                                tmp_path):
+    for qkv in ("split", "whole"):  # ours in bfloat16, torch's own step
+        full, resumed = tmp_path / qkv / "full", tmp_path / qkv / "resumed"
+        common = ["--data_dir", shakespeare, *GPU_RUN, "--optimizer", "muon", "--muon_qkv", qkv,
+                  "--max_steps", "6", "--compile", "on"]
+        gpt2.main([*common, "--log_dir", full])
+        resumed.mkdir(parents=True)
+        shutil.copy(gpt2.checkpoint_path(full, 3), resumed)
+        gpt2.main([*common, "--log_dir", resumed, "--resume"])
+        losses = train_losses(full)
+        assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+        np.testing.assert_allclose(train_losses(resumed), losses[3:], atol=2e-3, rtol=0)  # as above
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_two_processes_on_one_gpu_over_gloo_match_one_process(shakespeare, tmp_path):
     common = ["--data_dir", shakespeare, *GPU_RUN, "--max_steps", "4", "--compile", "off",
               "--dtype", "float32"]
