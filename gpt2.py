@@ -1622,11 +1622,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: G
         raise UserError(f"the checkpoint was trained with --optimizer "
                         f"{'muon' if 'muon' in saved else 'adamw'}: resume with it")
     if isinstance(optimizer, MuonAndAdamW):
-        splits = [[g.get("split", 1) for g in o["param_groups"]]
-                  for o in (saved["muon"], optimizer.muon.state_dict())]
-        if splits[0] != splits[1]:
+        saved_split = splits_qkv(saved["muon"]["param_groups"])
+        if saved_split != splits_qkv(optimizer.muon.param_groups):
             raise UserError(f"the checkpoint was trained with --muon_qkv "
-                            f"{'split' if 3 in splits[0] else 'whole'}: resume with it")
+                            f"{'split' if saved_split else 'whole'}: resume with it")
         optimizer.muon.load_state_dict(saved["muon"])
         return load_optimizer_state(optimizer.adamw, saved["adamw"], model)
     groups = [{**g, **{k: ours[k] for k in OPTIMIZER_FLAGS if k in ours}}
@@ -1785,9 +1784,10 @@ class MuonAndAdamW:
 
     def __init__(self, matrices: dict, adamw, lr: float, muon_lr: float, momentum: float,
                  weight_decay: float, split_qkv: bool):
-        qkv = [p for n, p in matrices.items() if split_qkv and n.endswith("attn.c_attn.weight")]
-        rest = [p for p in matrices.values() if all(p is not q for q in qkv)]
-        groups = [{"params": rest}] + ([{"params": qkv, "split": 3}] if qkv else [])
+        qkv = [n for n in matrices if split_qkv and n.endswith("attn.c_attn.weight")]  # in order
+        groups = [{"params": [p for n, p in matrices.items() if n not in qkv]}]
+        if qkv:
+            groups.append({"params": [matrices[n] for n in qkv], "split": 3})
         self.muon = torch.optim.Muon(groups, lr=muon_lr, momentum=momentum, nesterov=True,
                                      weight_decay=weight_decay)
         for group in self.muon.param_groups:
@@ -1805,7 +1805,7 @@ class MuonAndAdamW:
     def step(self):
         if self.muon.param_groups[0]["params"][0].device.type == "cpu":
             muon_step(self.muon, torch.float32)  # bfloat16 matmuls are slow on most CPUs
-        elif any(group.get("split", 1) > 1 for group in self.muon.param_groups):
+        elif splits_qkv(self.muon.param_groups):
             muon_step(self.muon, torch.bfloat16)  # torch's step, Q, K and V apart
         else:
             self.muon.step()
@@ -1813,6 +1813,11 @@ class MuonAndAdamW:
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+
+def splits_qkv(param_groups) -> bool:
+    """Whether Muon's groups (live, or a checkpoint's) orthogonalize c_attn in parts."""
+    return any(group.get("split", 1) > 1 for group in param_groups)
 
 
 @torch.no_grad()
