@@ -19,9 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tiktoken
 
 import fineweb
+import gpt2
+from fineweb import write_shard
 
 ROOT = Path(__file__).resolve().parent
 SAMPLES = ROOT / "samples"
@@ -243,3 +247,65 @@ def assert_one_error_line(result, *fragments, alone=True):
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
     return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# Training runs shared by the test files: Tiny Shakespeare's shards, a tiny recipe, and ways to
+# run gpt2.py under torchrun or in the background.
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def shakespeare_tokens(samples):
+    text = (samples / "tinyshakespeare.txt").read_text()
+    return np.array([gpt2.EOT] + tiktoken.get_encoding("gpt2").encode_ordinary(text))
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory, shakespeare_tokens):
+    """A val shard and a small train shard of Tiny Shakespeare, written with fineweb's writer."""
+    folder = tmp_path_factory.mktemp("shakespeare")
+    write_shard(folder / "shakespeare_val_000000.bin", shakespeare_tokens[:20_000])
+    write_shard(folder / "shakespeare_train_000001.bin", shakespeare_tokens[20_000:28_192])
+    return folder
+
+
+TINY_RUN = ["--model", "tiny", "--n_embd", "64", "--seq_len", "64", "--batch_size", "4",
+            "--total_batch_size", "512", "--max_lr", "1e-2", "--warmup_steps", "2",
+            "--eval_every", "4", "--val_tokens", "1024", "--hellaswag_every", "0",
+            "--num_samples", "0"]
+
+
+def train_losses(log_dir):
+    return [e["loss"] for e in gpt2.read_events(log_dir) if "loss" in e]
+
+
+def torchrun(*args, nproc=2, extra=()):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
+         str(ROOT / "gpt2.py"), *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process):
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out
+    return out
+
+
+def run_in_background(*args, env=None):
+    """`python gpt2.py ARGS` started in the background, as a user (or a cluster) runs it."""
+    return subprocess.Popen([sys.executable, str(ROOT / "gpt2.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for_step(log_dir, step, process, timeout=300):
+    """Wait until the run in `process` has logged training step `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if (log_dir / "log.jsonl").exists() and any(
+                e.get("step", -1) >= step and "loss" in e for e in gpt2.read_events(log_dir)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"no step {step} in {log_dir}")

@@ -26,8 +26,7 @@ import torch
 import transformers
 
 import gpt2
-from conftest import assert_one_error_line, free_port, run_script
-from test_gpt2 import TINY_RUN, shakespeare, shakespeare_tokens, torchrun, finish  # noqa: F401
+from conftest import TINY_RUN, assert_one_error_line, finish, free_port, run_script, torchrun
 
 HERE = Path(__file__).resolve().parent
 HELLASWAG = HERE / "samples" / "hellaswag_val_1000.jsonl"

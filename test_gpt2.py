@@ -31,7 +31,8 @@ import transformers
 
 import fineweb
 import gpt2
-from conftest import assert_one_error_line, free_port, run_script
+from conftest import (TINY_RUN, assert_one_error_line, finish, free_port, run_in_background, run_script,
+                      torchrun, train_losses, wait_for_step)
 from gpt2 import GPT, GPTConfig
 
 HERE = Path(__file__).resolve().parent
@@ -539,31 +540,6 @@ def test_weight_decay_applies_to_matrices_only():
 
 # -- 7. Training end to end, on Tiny Shakespeare --------------------------------------------------
 
-@pytest.fixture(scope="session")
-def shakespeare_tokens(samples):
-    text = (samples / "tinyshakespeare.txt").read_text()
-    return np.array([gpt2.EOT] + tiktoken.get_encoding("gpt2").encode_ordinary(text))
-
-
-@pytest.fixture(scope="session")
-def shakespeare(tmp_path_factory, shakespeare_tokens):
-    """A val shard and a small train shard of Tiny Shakespeare, written with fineweb's writer."""
-    folder = tmp_path_factory.mktemp("shakespeare")
-    write_shard(folder / "shakespeare_val_000000.bin", shakespeare_tokens[:20_000])
-    write_shard(folder / "shakespeare_train_000001.bin", shakespeare_tokens[20_000:28_192])
-    return folder
-
-
-TINY_RUN = ["--model", "tiny", "--n_embd", "64", "--seq_len", "64", "--batch_size", "4",
-            "--total_batch_size", "512", "--max_lr", "1e-2", "--warmup_steps", "2",
-            "--eval_every", "4", "--val_tokens", "1024", "--hellaswag_every", "0",
-            "--num_samples", "0"]
-
-
-def train_losses(log_dir):
-    return [e["loss"] for e in gpt2.read_events(log_dir) if "loss" in e]
-
-
 def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
     gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--n_embd", "128",
                "--max_steps", "120", "--eval_every", "120", "--val_tokens", "4096"])
@@ -589,20 +565,6 @@ def test_resume_continues_bit_exactly(shakespeare, tmp_path):
     b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["loader"] == b["loader"]
-
-
-def torchrun(*args, nproc=2, extra=()):
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
-         str(HERE / "gpt2.py"), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def finish(process):
-    out, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, out
-    return out
 
 
 def test_ddp_on_two_processes_matches_one_process_with_twice_the_accumulation(shakespeare, tmp_path):
@@ -1230,25 +1192,6 @@ def test_dropout_changes_training_but_not_evaluation_or_greedy_generation(shakes
 
 
 # -- Nothing lost, nothing silently wrong: preemption, reruns, bad flags, bad files, faults -------
-
-def run_in_background(*args, env=None):
-    """`python gpt2.py ARGS` started in the background, as a user (or a cluster) runs it."""
-    return subprocess.Popen([sys.executable, str(HERE / "gpt2.py"), *map(str, args)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def wait_for_step(log_dir, step, process, timeout=300):
-    """Wait until the run in `process` has logged training step `step`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        if (log_dir / "log.jsonl").exists() and any(
-                e.get("step", -1) >= step and "loss" in e for e in gpt2.read_events(log_dir)):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"no step {step} in {log_dir}")
-
 
 def final_weights(log_dir, step):
     return torch.load(gpt2.checkpoint_path(log_dir, step), weights_only=True)["model"]
