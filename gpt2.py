@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib.util
 import json
@@ -2534,15 +2535,23 @@ def merged_from(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]
     return parts
 
 
-def tokenizer_files(block_size: int) -> dict[str, bytes]:
-    """GPT-2's tokenizer as transformers' GPT2Tokenizer reads it, for contexts of block_size.
-    Token r >= 256 of tiktoken's encoding was made by merge r - 256 of merges.txt."""
+@functools.cache  # ~2 s of Python: made once per process, however many exports it writes
+def bpe_files() -> tuple[bytes, bytes]:
+    """vocab.json and merges.txt, rebuilt from tiktoken's encoding. Token r >= 256 of it was
+    made by merge r - 256 of merges.txt."""
     enc = gpt2_tokenizer()
     chars = byte_characters()
     text = lambda token: "".join(chars[b] for b in token)  # noqa: E731
     ranks = {enc.decode_single_token_bytes(r): r for r in range(EOT)}
     merges = [" ".join(map(text, merged_from(t, r, ranks))) for t, r in ranks.items() if len(t) > 1]
     vocab = {text(t): r for t, r in ranks.items()} | {"<|endoftext|>": EOT}
+    return (json.dumps(vocab).encode(),  # OpenAI's layout, to the byte
+            ("#version: 0.2\n" + "\n".join(merges) + "\n").encode())
+
+
+def tokenizer_files(block_size: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as transformers' GPT2Tokenizer reads it, for contexts of block_size."""
+    vocab, merges = bpe_files()
     special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                    unk_token="<|endoftext|>")
     # Transformers' GPT-2 defaults, written out: older releases tidy " ," into "," when they
@@ -2551,8 +2560,7 @@ def tokenizer_files(block_size: int) -> dict[str, bytes]:
                   add_prefix_space=False, add_bos_token=False, errors="replace",
                   clean_up_tokenization_spaces=False, **special)
     as_json = lambda d: json.dumps(d, indent=2).encode()  # noqa: E731
-    return {"vocab.json": json.dumps(vocab).encode(),  # OpenAI's layout, to the byte
-            "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode(),
+    return {"vocab.json": vocab, "merges.txt": merges,
             "tokenizer_config.json": as_json(config),
             "special_tokens_map.json": as_json(special),
             "generation_config.json": as_json(dict(bos_token_id=EOT, eos_token_id=EOT))}

@@ -1207,32 +1207,73 @@ def run_to_the_end(*args):
     assert run.returncode == 0, err
 
 
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """torch on one thread in this process, as in the runs in the background (OMP_NUM_THREADS=1):
+    the same kernels, so the same arithmetic to the bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(shakespeare, tmp_path_factory):
     """LONG_RUN's final weights, uninterrupted (with dropout: the random generators count)."""
     log_dir = tmp_path_factory.mktemp("uninterrupted")
-    run_to_the_end("--data_dir", shakespeare, "--log_dir", log_dir, *LONG_RUN)
+    with torch_on_one_thread():
+        gpt2.main(["--data_dir", shakespeare, "--log_dir", log_dir, *LONG_RUN])
     return final_weights(log_dir, 8)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1", "SIGINT"])
-def test_a_signal_mid_run_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
-        shakespeare, tmp_path, uninterrupted, signal_name):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN]
-    run = run_in_background(*common)
-    wait_for_step(tmp_path, 2, run)
-    run.send_signal(getattr(signal, signal_name))
-    _, err = run.communicate(timeout=300)
-    assert run.returncode == 128 + getattr(signal, signal_name), err
+def assert_stopped_then_resumed(stopped, signal_name, data_dir, log_dir, uninterrupted, cli):
+    """`stopped` (exit code, stdout, stderr) is a run of LONG_RUN stopped by `signal_name` after
+    step 2 or later: it says so in one line naming its checkpoint, and --resume from that
+    checkpoint ends with the uninterrupted run's weights, each step logged once."""
+    code, _, err = stopped
+    assert code == 128 + getattr(signal, signal_name), err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stopped: {signal_name} after step "), err
-    stopped_at = gpt2.checkpoint_step(gpt2.list_checkpoints(tmp_path)[-1])
-    assert 3 <= stopped_at < 8 and f"saved {gpt2.checkpoint_path(tmp_path, stopped_at)}" in lines[0]
-    run_to_the_end(*common, "--resume")
-    resumed = final_weights(tmp_path, 8)
+    stopped_at = gpt2.checkpoint_step(gpt2.list_checkpoints(log_dir)[-1])
+    assert 3 <= stopped_at < 8 and f"saved {gpt2.checkpoint_path(log_dir, stopped_at)}" in lines[0]
+    with torch_on_one_thread():
+        assert cli(gpt2.main, "--data_dir", data_dir, "--log_dir", log_dir, *LONG_RUN,
+                   "--resume")[0] == 0
+    resumed = final_weights(log_dir, 8)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    steps = [e["step"] for e in gpt2.read_events(tmp_path) if "loss" in e]
+    steps = [e["step"] for e in gpt2.read_events(log_dir) if "loss" in e]
     assert steps == list(range(8))  # each step logged once, across the stop
+
+
+def test_sigterm_to_a_running_gpt2_py_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
+        shakespeare, tmp_path, uninterrupted, cli):
+    # The whole way, as a cluster does it: another process sends the signal to a running run.
+    run = run_in_background("--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN)
+    wait_for_step(tmp_path, 2, run)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    assert_stopped_then_resumed((run.returncode, "", err), "SIGTERM", shakespeare, tmp_path,
+                                uninterrupted, cli)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGINT"])
+def test_sigusr1_or_one_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
+        shakespeare, tmp_path, uninterrupted, cli, monkeypatch, signal_name):
+    # The same handler, in this process: the run signals itself during step 2.
+    get_lr = gpt2.get_lr
+
+    def get_lr_and_signal(step, *args):
+        if step == 2:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return get_lr(step, *args)
+
+    monkeypatch.setattr(gpt2, "get_lr", get_lr_and_signal)
+    with torch_on_one_thread():
+        stopped = cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN)
+    monkeypatch.setattr(gpt2, "get_lr", get_lr)
+    assert_stopped_then_resumed(stopped, signal_name, shakespeare, tmp_path, uninterrupted, cli)
 
 
 def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_deletes_nothing(
@@ -1256,11 +1297,20 @@ def test_rotation_keeps_the_newest_and_never_a_checkpoint_of_a_later_step(tmp_pa
         "ckpt_00000004.pt", "ckpt_00000006.pt", "ckpt_00000010.pt"]
 
 
+HOLD_THE_LOCK = """import sys, time, fineweb
+with fineweb.exclusive_lock(sys.argv[1], busy="held by another"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
 def test_a_second_run_on_the_same_log_dir_is_refused_while_the_first_runs(shakespeare, tmp_path, cli):
-    first = run_in_background("--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN,
-                              "--max_steps", "1000")
+    # The first run, as far as the log_dir is concerned: a process holding its lock (one that
+    # imports no torch, so it starts in a moment), killed as a crash would kill it.
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, tmp_path / ".lock"], cwd=HERE,
+                             stdout=subprocess.PIPE, text=True)
     try:
-        wait_for_step(tmp_path, 0, first)
+        assert first.stdout.readline() == "held\n"
         assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                                   *TINY_RUN, "--resume"), f"another run is using {tmp_path}")
     finally:
