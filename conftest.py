@@ -12,6 +12,7 @@ import errno
 import http.server
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -274,14 +275,40 @@ TINY_RUN = ["--model", "tiny", "--n_embd", "64", "--seq_len", "64", "--batch_siz
             "--num_samples", "0"]
 
 
+# One run trained once for the session, for the tests that need a run to resume, damage or
+# refuse: they copy it (copy_run) rather than train their own. Its checkpoints: steps 2, 4, 6;
+# its evaluations: steps 0, 4 and 6.
+SHARED_RUN = [*TINY_RUN, "--max_steps", "6", "--checkpoint_every", "2", "--keep_checkpoints", "10"]
+
+
+@pytest.fixture(scope="session")
+def shared_run(shakespeare, tmp_path_factory) -> Path:
+    """SHARED_RUN's log_dir, on Tiny Shakespeare. Read it; copy it to change it."""
+    log_dir = tmp_path_factory.mktemp("shared_run")
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN])
+    return log_dir
+
+
+def copy_run(log_dir, to, until: int | None = None) -> Path:
+    """A copy of a run's log_dir at `to`; with `until`, only its checkpoints up to that step
+    (as if it had been stopped after it, its log.jsonl whole)."""
+    shutil.copytree(log_dir, to)
+    for path in gpt2.list_checkpoints(to):
+        if until is not None and gpt2.checkpoint_step(path) > until:
+            path.unlink()
+    return to
+
+
 def train_losses(log_dir):
     return [e["loss"] for e in gpt2.read_events(log_dir) if "loss" in e]
 
 
-def torchrun(*args, nproc=2, extra=()):
+def torchrun(*args, nproc=2, extra=(), script=ROOT / "gpt2.py"):
+    """`torchrun [EXTRA] --nproc_per_node=NPROC SCRIPT ARGS` started, one thread a process; its
+    output (stdout and stderr together) to read with finish()."""
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
-         str(ROOT / "gpt2.py"), *map(str, args)],
+         str(script), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import tiktoken
 import torch
 import transformers
 
 import fineweb
 import gpt2
-from conftest import (TINY_RUN, assert_one_error_line, finish, free_port, run_in_background, run_script,
-                      torchrun, train_losses, wait_for_step)
+from conftest import (SHARED_RUN, TINY_RUN, assert_one_error_line, copy_run, finish, free_port,
+                      run_in_background, run_script, torchrun, train_losses, wait_for_step)
 from gpt2 import GPT, GPTConfig
 
 HERE = Path(__file__).resolve().parent
@@ -276,20 +277,25 @@ def test_tokenizer_works_offline():
     assert tiktoken.get_encoding("gpt2").encode("Hello world") == [15496, 995]
 
 
-@pytest.mark.parametrize("script", ["fineweb.py", "hellaswag.py", "gpt2.py sample"])
 def test_without_the_tokenizer_files_and_offline_each_script_says_so_in_one_line(
-        script, samples, tmp_path):
+        samples, tmp_path, cli, monkeypatch):
     folder = tmp_path / "model"
     gpt2.save_pretrained(GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)), folder)
-    args = {"fineweb.py": ["--input", samples / "tinyshakespeare.txt", "--out_dir", tmp_path / "out"],
-            "hellaswag.py": ["--model", folder, "--file", samples / "hellaswag_val_1000.jsonl"],
-            "gpt2.py sample": ["--model", folder, "--max_new_tokens", 2]}[script]
-    # An empty tokenizer cache, and a proxy nobody listens on: tiktoken's download fails at once.
+    # fineweb.py, as a user runs it (it imports no torch: a quick process): an empty tokenizer
+    # cache, and a proxy nobody listens on, so tiktoken's download fails at once.
     dead = f"http://127.0.0.1:{free_port()}"
     offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": dead,
                "https_proxy": dead, "NO_PROXY": "", "no_proxy": ""}
-    result = run_script(*script.split(), *args, env=offline, timeout=120)
+    result = run_script("fineweb.py", "--input", samples / "tinyshakespeare.txt",
+                        "--out_dir", tmp_path / "out", env=offline, timeout=120)
     assert_one_error_line(result, "GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
+    # The other scripts load it through the same call; here tiktoken fails as it did there.
+    def offline_tiktoken(name):
+        raise requests.exceptions.ProxyError(f"Unable to connect to proxy {dead}")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline_tiktoken)
+    for args in (["hellaswag", "--model", folder, "--file", samples / "hellaswag_val_1000.jsonl"],
+                 ["sample", "--model", folder, "--max_new_tokens", 2]):  # hellaswag.py runs the first
+        assert_one_error_line(cli(gpt2.main, *args), "GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
 
 
 # -- 1c. Downloading OpenAI's weights from the hub (a local server stands in for it) ------------
@@ -550,46 +556,18 @@ def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
     assert val[-1] < val[0] - 3.5  # and it generalizes to unseen Shakespeare
 
 
-def test_resume_continues_bit_exactly(shakespeare, tmp_path):
-    # One run of 6 steps checkpoints at 3 and 6. A second run resumes from the step-3
-    # checkpoint alone: its last 3 losses and final weights must equal the first run's.
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "6", "--checkpoint_every", "3",
-              "--keep_checkpoints", "5"]
-    gpt2.main([*common, "--log_dir", full])
+def test_resume_continues_bit_exactly(shakespeare, shared_run, tmp_path):
+    # The shared run of 6 steps checkpoints at 2, 4 and 6. A second run resumes from the
+    # step-2 checkpoint alone: its last 4 losses and final weights must equal the first run's.
+    resumed = tmp_path / "resumed"
     resumed.mkdir()
-    (resumed / "ckpt_00000003.pt").write_bytes((full / "ckpt_00000003.pt").read_bytes())
-    gpt2.main([*common, "--log_dir", resumed, "--resume"])
-    assert train_losses(resumed) == train_losses(full)[3:]
-    a = torch.load(full / "ckpt_00000006.pt", weights_only=True)
+    shutil.copy(gpt2.checkpoint_path(shared_run, 2), resumed)
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", resumed, *SHARED_RUN, "--resume"])
+    assert train_losses(resumed) == train_losses(shared_run)[2:]
+    a = torch.load(shared_run / "ckpt_00000006.pt", weights_only=True)
     b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["loader"] == b["loader"]
-
-
-def test_ddp_on_two_processes_matches_one_process_with_twice_the_accumulation(shakespeare, tmp_path):
-    # 512 tokens a step: 2 ranks x 4 x 64, or 1 process x 2 micro-batches x 4 x 64.
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--device", "cpu"]
-    gpt2.main([*common, "--log_dir", tmp_path / "single"])
-    finish(torchrun(*common, "--log_dir", tmp_path / "ddp", extra=["--standalone"]))
-    single, ddp = gpt2.read_events(tmp_path / "single"), gpt2.read_events(tmp_path / "ddp")
-    assert [e["step"] for e in ddp] == [e["step"] for e in single]
-    for key in ("loss", "val_loss"):
-        np.testing.assert_allclose([e[key] for e in ddp if key in e],
-                                   [e[key] for e in single if key in e], atol=1e-5, rtol=0)
-
-
-def test_ddp_across_two_nodes_on_localhost_matches_one_process(shakespeare, tmp_path):
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "3", "--device", "cpu"]
-    gpt2.main([*common, "--log_dir", tmp_path / "single"])
-    rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
-    nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
-                      extra=[*rendezvous, f"--node_rank={rank}"]) for rank in (0, 1)]
-    for node in nodes:
-        finish(node)
-    assert not (tmp_path / "node1/log.jsonl").exists()  # only global rank 0 writes logs
-    np.testing.assert_allclose(train_losses(tmp_path / "node0"), train_losses(tmp_path / "single"),
-                               atol=1e-5, rtol=0)
 
 
 # -- 7b. Errors a user can cause when training --------------------------------------------------
@@ -613,10 +591,10 @@ def test_a_total_batch_not_divisible_by_the_micro_batch_is_refused(shakespeare, 
     assert "--total_batch_size 1000 is not divisible by batch_size * seq_len * world_size" in err
 
 
-def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, tmp_path, cli):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
-    gpt2.main(common)
-    ckpt = tmp_path / "ckpt_00000002.pt"
+def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, shared_run, tmp_path, cli):
+    log_dir = copy_run(shared_run, tmp_path / "run")
+    common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
+    ckpt = log_dir / "ckpt_00000006.pt"
     damaged = ckpt.read_bytes()[:5000]
     ckpt.write_bytes(damaged)
     err = assert_one_error_line(cli(gpt2.main, *common, "--resume"))
@@ -624,12 +602,12 @@ def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, tmp_path, cli
     assert ckpt.read_bytes() == damaged
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, tmp_path, cli):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
-    gpt2.main(common)
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, shared_run, tmp_path, cli):
+    log_dir = copy_run(shared_run, tmp_path / "run", until=2)
+    common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
     err = assert_one_error_line(cli(gpt2.main, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30"))
     assert "loss is nan" in err and "ckpt_00000002.pt" in err
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in gpt2.list_checkpoints(log_dir)] == ["ckpt_00000002.pt"]
 
 
 # -- 5. Device and precision choice ---------------------------------------------------------------
@@ -735,9 +713,8 @@ def test_compile_defaults_to_on_for_cuda_and_off_elsewhere(monkeypatch):
     assert args.compile == "off"
 
 
-def test_checkpoints_load_onto_the_cpu_and_restore_the_rng_states(shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "1"])
-    state = gpt2.load_checkpoint(tmp_path / "ckpt_00000001.pt")
+def test_checkpoints_load_onto_the_cpu_and_restore_the_rng_states(shared_run):
+    state = gpt2.load_checkpoint(shared_run / "ckpt_00000002.pt")
     tensors = [state["rng"][0]["torch"], *state["model"].values()]
     assert all(t.device.type == "cpu" for t in tensors)
     gpt2.set_rng_state(state["rng"][0])
@@ -782,18 +759,6 @@ def test_fp16_autocast_with_a_gradient_scaler_trains_on_the_cpu(shakespeare, tmp
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path))
     scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
     assert scaler["scale"] > 1 and scaler["_growth_tracker"] == 3  # 3 unskipped scaled steps
-
-
-def test_compiled_training_saves_plain_keys_and_still_evaluates_and_samples(shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2",
-               "--eval_every", "2", "--num_samples", "1", "--compile"])
-    state = torch.load(tmp_path / "ckpt_00000002.pt", weights_only=True)
-    assert not [k for k in state["model"] if "_orig_mod" in k]
-    evals = [e for e in gpt2.read_events(tmp_path) if "val_loss" in e]
-    assert [e["step"] for e in evals] == [0, 2] and all(e["samples"] for e in evals)
-    code, out, err = run_script("gpt2.py", "sample", "--checkpoint", tmp_path / "ckpt_00000002.pt",
-                                "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
-    assert code == 0 and out.startswith("-" * 80), err
 
 
 # -- 8. Tools -------------------------------------------------------------------------------------
@@ -857,13 +822,14 @@ def test_the_story_ends_before_line_1000_and_the_readme_within_300_lines_naming_
         assert not history.search(path.read_text()), path.name
 
 
-def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shakespeare, tmp_path):
+def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shakespeare, shared_run,
+                                                                            tmp_path):
     # Two "nodes" without a shared filesystem: node 0's log_dir has the checkpoint, node 1's
     # does not. Every rank must stop with the same line, promptly, not wait for a timeout.
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "3", "--device", "cpu",
               "--resume", "--dist_timeout", "120"]
-    gpt2.main(["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "2",
-               "--log_dir", tmp_path / "node0"])
+    (tmp_path / "node0").mkdir()
+    shutil.copy(gpt2.checkpoint_path(shared_run, 2), tmp_path / "node0")
     (tmp_path / "node1").mkdir()
     rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
@@ -876,17 +842,30 @@ def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shak
     assert [p.name for p in gpt2.list_checkpoints(tmp_path / "node0")] == ["ckpt_00000002.pt"]
 
 
-def test_a_run_resumes_on_a_different_number_of_processes(shakespeare, tmp_path):
-    # The loader's position at a step boundary does not depend on the world size: a 1-process
-    # checkpoint continued by 2 processes gives the losses the 1-process run gave.
-    single, moved = tmp_path / "single", tmp_path / "moved"
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2",
-              "--keep_checkpoints", "5", "--device", "cpu"]
-    gpt2.main([*common, "--log_dir", single])
-    moved.mkdir()
-    (moved / "ckpt_00000002.pt").write_bytes((single / "ckpt_00000002.pt").read_bytes())
-    finish(torchrun(*common, "--log_dir", moved, "--resume", extra=["--standalone"]))
-    np.testing.assert_allclose(train_losses(moved), train_losses(single)[2:], atol=1e-5, rtol=0)
+def test_two_nodes_resuming_a_1_process_checkpoint_take_the_1_process_runs_steps(
+        shakespeare, shared_run, tmp_path):
+    # 512 tokens a step: 1 process x 2 micro-batches x 4 x 64 in the shared run; 2 processes x
+    # 1 x 4 x 64 here, one on each of two "nodes" on localhost (torchrun's multi-node rendezvous).
+    # DDP on 2 processes computes what one process does with twice the accumulation, and the
+    # loader's position at a step boundary does not depend on the world size: so a 1-process
+    # checkpoint continued by 2 processes gives the losses and val losses the 1-process run gave.
+    for rank in (0, 1):  # no shared filesystem: each node has its own copy
+        (tmp_path / f"node{rank}").mkdir()
+        shutil.copy(gpt2.checkpoint_path(shared_run, 2), tmp_path / f"node{rank}")
+    common = ["--data_dir", shakespeare, *SHARED_RUN, "--device", "cpu", "--resume"]
+    rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
+                      extra=[*rendezvous, f"--node_rank={rank}"]) for rank in (0, 1)]
+    for node in nodes:
+        finish(node)
+    later = [e for e in gpt2.read_events(shared_run) if e.get("step", -1) >= 2]
+    ddp = gpt2.read_events(tmp_path / "node0")
+    for key in ("loss", "val_loss"):
+        assert [e["step"] for e in ddp if key in e] == [e["step"] for e in later if key in e]
+        np.testing.assert_allclose([e[key] for e in ddp if key in e],
+                                   [e[key] for e in later if key in e], atol=1e-5, rtol=0)
+    # only global rank 0 writes logs and checkpoints
+    assert [p.name for p in (tmp_path / "node1").iterdir()] == ["ckpt_00000002.pt"]
 
 
 # -- On a CUDA GPU (skipped elsewhere; run them alone with `python -m pytest -q -m gpu`) ----------
@@ -1277,9 +1256,9 @@ def test_sigusr1_or_one_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_unint
 
 
 def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_deletes_nothing(
-        shakespeare, tmp_path, cli):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
-    gpt2.main(common)
+        shakespeare, shared_run, tmp_path, cli):
+    tmp_path = copy_run(shared_run, tmp_path / "run")
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *SHARED_RUN]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert_one_error_line(cli(gpt2.main, *common), f"{tmp_path} holds a run", "--resume",
                           "--overwrite")
@@ -1344,9 +1323,9 @@ def test_an_inf_gradient_stops_before_the_optimizer_step_and_writes_no_checkpoin
 
 
 def test_a_checkpoint_with_a_flipped_byte_or_nan_weights_is_refused_with_one_line(
-        shakespeare, tmp_path, cli):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
-    gpt2.main(common)
+        shakespeare, shared_run, tmp_path, cli):
+    tmp_path = copy_run(shared_run, tmp_path / "run", until=2)
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *SHARED_RUN]
     path = gpt2.checkpoint_path(tmp_path, 2)
     good = path.read_bytes()
     flipped = bytearray(good)
@@ -1397,11 +1376,12 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_file_and_the_intact_one
     gpt2.load_checkpoint(gpt2.checkpoint_path(tmp_path, 2))
 
 
-def test_resuming_on_other_data_under_the_same_shard_names_is_refused(shakespeare, tmp_path, cli):
+def test_resuming_on_other_data_under_the_same_shard_names_is_refused(shakespeare, shared_run,
+                                                                     tmp_path, cli):
     data = tmp_path / "data"
     shutil.copytree(shakespeare, data)
-    common = ["--data_dir", data, "--log_dir", tmp_path / "log", *TINY_RUN, "--max_steps", "2"]
-    gpt2.main(common)
+    common = ["--data_dir", data, "--log_dir", copy_run(shared_run, tmp_path / "log", until=2),
+              *SHARED_RUN]
     train = data / "shakespeare_train_000001.bin"
     write_shard(train, gpt2.read_shard(train)[::-1].copy())  # same name, same size, other text
     assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"),
@@ -1459,14 +1439,10 @@ def test_a_flag_out_of_its_range_is_one_line(cli, argv):
     assert_one_error_line(cli(gpt2.main, *argv), f"argument {flag}")
 
 
-def test_after_a_resume_the_log_holds_each_step_and_evaluation_once(shakespeare, tmp_path):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "8", "--checkpoint_every", "4",
-              "--keep_checkpoints", "5"]
-    gpt2.main([*common, "--log_dir", full])
-    shutil.copytree(full, resumed)
-    gpt2.checkpoint_path(resumed, 8).unlink()  # as if killed after step 8's log line
-    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+def test_after_a_resume_the_log_holds_each_step_and_evaluation_once(shakespeare, shared_run, tmp_path):
+    full = shared_run  # evaluated at steps 0, 4 and 6
+    resumed = copy_run(full, tmp_path / "resumed", until=4)  # as if killed after step 6's log line
+    gpt2.main(["--data_dir", shakespeare, *SHARED_RUN, "--log_dir", resumed, "--resume"])
     strip = lambda events: [{k: v for k, v in e.items() if k not in ("ms", "tokens_per_s")}
                             for e in events]
     assert strip(gpt2.read_events(resumed)) == strip(gpt2.read_events(full))
@@ -1530,24 +1506,10 @@ def test_nodes_with_other_data_stop_with_one_line(shakespeare, tmp_path):
         assert code == 1 and "rank(s) [1] see other training shards" in out, out
 
 
-def test_with_dropout_each_rank_draws_its_own_masks_and_a_2_process_resume_is_exact(
-        shakespeare, tmp_path):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2",
-              "--keep_checkpoints", "5", "--dropout", "0.1", "--device", "cpu"]
-    finish(torchrun(*common, "--log_dir", full, extra=["--standalone"]))
-    rng = torch.load(gpt2.checkpoint_path(full, 2), weights_only=True)["rng"]
-    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(full, 2), resumed)
-    finish(torchrun(*common, "--log_dir", resumed, "--resume", extra=["--standalone"]))
-    a, b = final_weights(full, 4), final_weights(resumed, 4)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, tmp_path, monkeypatch):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"]
-    gpt2.main(common)
+def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, shared_run, tmp_path,
+                                                             monkeypatch):
+    log_dir = copy_run(shared_run, tmp_path / "run", until=2)
+    common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
     load, loaded, alive_at_step = gpt2.load_checkpoint, [], []
 
     def load_and_watch(path, *args, **kwargs):
@@ -1566,7 +1528,7 @@ def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, tmp_pa
     monkeypatch.setattr(gpt2, "load_checkpoint", load_and_watch)
     monkeypatch.setattr(gpt2.EventLog, "write", write_and_look)
     gpt2.main([*common, "--max_steps", "3", "--resume"])
-    assert alive_at_step == [False]
+    assert alive_at_step == [False]  # one step after the resume, the loaded copy is gone
 
 
 # -- The first GPU run: what a CPU can show of it ------------------------------------------------
@@ -1598,24 +1560,50 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused_with_one_that_do
     assert err.endswith("--batch_size 2 divides it (or --batch_size auto)")
 
 
-def test_batch_size_auto_keeps_the_total_and_agrees_across_2_gloo_ranks(shakespeare, tmp_path):
-    script = tmp_path / "two_gpus_of_two_sizes.py"
-    script.write_text(f"""import os, sys
-sys.path.insert(0, {str(HERE)!r})
+TWO_GPUS_OF_TWO_SIZES = """import os, sys
+sys.path.insert(0, {here!r})
 import gpt2
 limit = 4 if os.environ["RANK"] == "0" else 2  # rank 1's GPU holds less
 gpt2.micro_batch_fits = lambda model, batch_size, args, runtime: batch_size <= limit
 gpt2.main(sys.argv[1:])
-""")
-    out = finish(subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), "--data_dir", shakespeare, "--log_dir", tmp_path / "log", *TINY_RUN,
-         "--batch_size", "auto", "--max_steps", "2", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}))
+"""
+
+
+@pytest.fixture(scope="module")
+def two_ranks_with_dropout(shakespeare, tmp_path_factory):
+    """4 steps on 2 gloo processes with dropout and --batch_size auto, where rank 0's "GPU" holds
+    micro-batches of up to 4 and rank 1's of 2; then the same run resumed from its step-2
+    checkpoint by 2 processes: (the first run's output, its log_dir, the resumed log_dir)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    script = root / "two_gpus_of_two_sizes.py"
+    script.write_text(TWO_GPUS_OF_TWO_SIZES.format(here=str(HERE)))
+    full, resumed = root / "full", root / "resumed"
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--batch_size", "auto", "--max_steps", "4",
+              "--checkpoint_every", "2", "--keep_checkpoints", "5", "--dropout", "0.1",
+              "--device", "cpu"]
+    out = finish(torchrun(*common, "--log_dir", full, script=script, extra=["--standalone"]))
+    resumed.mkdir()
+    shutil.copy(gpt2.checkpoint_path(full, 2), resumed)
+    finish(torchrun(*common, "--log_dir", resumed, "--resume", script=script,
+                    extra=["--standalone"]))
+    return out, full, resumed
+
+
+def test_batch_size_auto_keeps_the_total_and_agrees_across_2_gloo_ranks(two_ranks_with_dropout):
+    out, full, _ = two_ranks_with_dropout
     assert "--batch_size auto: 2 sequences per micro-batch" in out, out
     assert "512 tokens/step = 2 x 64 x 2 accum x 2" in out, out  # the step stays 512 tokens
-    assert len(train_losses(tmp_path / "log")) == 2
+    assert len(train_losses(full)) == 4
+
+
+def test_with_dropout_each_rank_draws_its_own_masks_and_a_2_process_resume_is_exact(
+        two_ranks_with_dropout):
+    _, full, resumed = two_ranks_with_dropout
+    rng = torch.load(gpt2.checkpoint_path(full, 2), weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    a, b = final_weights(full, 4), final_weights(resumed, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(resumed) == train_losses(full)[2:]
 
 
 def test_a_gpu_out_of_memory_is_one_line_that_names_the_batch_size(shakespeare, tmp_path, cli,
@@ -1777,12 +1765,11 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_with_dropo
     assert runs[True] == runs[False]
 
 
-def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=1", str(HERE / "gpt2.py"), "--data_dir", shakespeare,
-                          "--log_dir", tmp_path, *TINY_RUN, "--batch_size", "auto", "--fsdp",
-                          "--device", "cpu"], capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert out.returncode != 0 and "error: --fsdp needs a --batch_size" in out.stderr, out.stderr
+def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path, cli):
+    # refused before any collective: one process shows it
+    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
+                              "--batch_size", "auto", "--fsdp", "--device", "cpu"),
+                          "--fsdp needs a --batch_size")
 
 
 # -- Muon for the blocks' matrices (--optimizer muon) --------------------------------------------
@@ -1866,14 +1853,29 @@ def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw_or_with_qkv_whole(s
                               "whole"), "the checkpoint was trained with --muon_qkv split: resume with it")
 
 
-def test_muon_trains_compiled_in_float16_with_a_gradient_scaler_and_in_bfloat16(shakespeare, tmp_path):
-    for dtype in ("float16", "bfloat16"):
-        gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / dtype, *MUON_RUN,
-                   "--max_steps", "3", "--dtype", dtype, "--loss_chunk", "0", "--compile", "on"])
-        losses = train_losses(tmp_path / dtype)
-        assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    scaler = torch.load(tmp_path / "float16" / "ckpt_00000003.pt", weights_only=True)["scaler"]
-    assert scaler["_growth_tracker"] == 3  # 3 scaled steps of both optimizers, none skipped
+def test_compiled_muon_training_in_float16_scales_saves_plain_keys_evaluates_and_samples(
+        shakespeare, tmp_path, cli):
+    # The one CPU compile of the suite (tens of seconds), for every fact that needs one.
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
+               "--eval_every", "3", "--num_samples", "1", "--dtype", "float16", "--loss_chunk", "0",
+               "--compile", "on"])
+    losses = train_losses(tmp_path)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    state = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)
+    assert state["scaler"]["_growth_tracker"] == 3  # 3 scaled steps of both optimizers, none skipped
+    assert not [k for k in state["model"] if "_orig_mod" in k]
+    evals = [e for e in gpt2.read_events(tmp_path) if "val_loss" in e]
+    assert [e["step"] for e in evals] == [0, 3] and all(e["samples"] for e in evals)
+    code, out, err = cli(gpt2.main, "sample", "--checkpoint", tmp_path / "ckpt_00000003.pt",
+                         "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
+    assert code == 0 and out.startswith("-" * 80), err
+
+
+def test_muon_trains_in_bfloat16(shakespeare, tmp_path):
+    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
+               "--dtype", "bfloat16", "--loss_chunk", "0"])
+    losses = train_losses(tmp_path)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
 
 
 def test_muon_on_2_processes_matches_1_process(shakespeare, tmp_path):

@@ -65,18 +65,21 @@ def model(model_folder) -> gpt2.GPT:
     return gpt2.load_pretrained(str(model_folder))
 
 
+ORACLE_ROWS = 250  # of the 1,000: as many near-ties and labels in each position as one needs
+
+
 @pytest.fixture(scope="session")
-def scored_1000(model, val_1000):
-    """(labels, pred, pred_norm) of our scoring on the 1,000 real rows, computed once.
+def scored(model, val_1000):
+    """(labels, pred, pred_norm) of our scoring on the first 250 real rows, computed once.
 
     Scoring is per example (a test checks that batching changes nothing), so the first n
     entries are also what scoring only the first n examples gives.
     """
-    return hellaswag.predict(model, val_1000, "cpu", batch_size=16)
+    return hellaswag.predict(model, val_1000[:ORACLE_ROWS], "cpu", batch_size=16)
 
 
 def counts(scored, n: int) -> dict:
-    """The counts `evaluate` reports for the first n examples, from `scored_1000`."""
+    """The counts `evaluate` reports for the first n examples, from `scored`."""
     labels, pred, pred_norm = (t[:n] for t in scored)
     return {"n": n, "correct": (pred == labels).sum().item(),
             "correct_norm": (pred_norm == labels).sum().item()}
@@ -146,13 +149,14 @@ def transformers_losses(hf: GPT2LMHeadModel, examples: list[dict]) -> torch.Tens
     return torch.tensor(losses).view(-1, 4, 2)
 
 
-def test_predicted_endings_match_transformers_on_1000_real_rows(hf_model, val_1000, scored_1000):
+def test_predicted_endings_match_transformers_on_250_real_rows(hf_model, val_1000, scored):
+    rows = val_1000[:ORACLE_ROWS]
     with torch.no_grad():
-        losses = torch.cat([transformers_losses(hf_model, val_1000[i:i + 25])
-                            for i in range(0, len(val_1000), 25)])  # (1000, 4, 2)
-    labels, pred, pred_norm = scored_1000
-    assert labels.tolist() == [ex["label"] for ex in val_1000]
-    for ours, loss in ((pred, losses[..., 0]), (pred_norm, losses[..., 1])):  # (1000,), (1000, 4)
+        losses = torch.cat([transformers_losses(hf_model, rows[i:i + 25])
+                            for i in range(0, len(rows), 25)])  # (250, 4, 2)
+    labels, pred, pred_norm = scored
+    assert labels.tolist() == [ex["label"] for ex in rows]
+    for ours, loss in ((pred, losses[..., 0]), (pred_norm, losses[..., 1])):  # (250,), (250, 4)
         # The two implementations round differently (about 1e-6), so where two endings tie to
         # that precision either answer is right. Our choice must be transformers' best up to
         # rounding everywhere, and exactly its best but for such rare near-ties.
@@ -161,21 +165,21 @@ def test_predicted_endings_match_transformers_on_1000_real_rows(hf_model, val_10
         assert (ours != loss.argmin(dim=1)).sum() <= 2
 
 
-def test_a_random_model_scores_near_chance_without_favouring_a_position(scored_1000):
-    labels, pred, pred_norm = scored_1000
+def test_a_random_model_scores_near_chance_without_favouring_a_position(scored):
+    labels, pred, pred_norm = scored
     for p in (pred, pred_norm):
-        assert abs((p == labels).float().mean().item() - 0.25) < 0.05
+        assert abs((p == labels).float().mean().item() - 0.25) < 0.08  # 3 sigma at 250 rows
         # A scorer whose losses came out equal (a mask that missed the ending) would always
         # answer 0; one that counted padding would favour the shortest or longest row. Labels
-        # sit at each position 23-27% of the time in these rows, so answers should too.
+        # sit at each position 24-27% of the time in these 250 rows, so answers should too.
         share = torch.bincount(p, minlength=4) / len(p)  # (4,)
         assert share.min() > 0.15 and share.max() < 0.35, share
 
 
-def test_predictions_do_not_depend_on_the_batch_size(model, val_1000, scored_1000):
+def test_predictions_do_not_depend_on_the_batch_size(model, val_1000, scored):
     for batch_size in (1, 7):
         predicted = hellaswag.predict(model, val_1000[:24], "cpu", batch_size=batch_size)
-        assert all(torch.equal(a, b[:24]) for a, b in zip(predicted, scored_1000))
+        assert all(torch.equal(a, b[:24]) for a, b in zip(predicted, scored))
 
 
 class PaddedVocab(torch.nn.Module):
@@ -190,9 +194,9 @@ class PaddedVocab(torch.nn.Module):
         return torch.cat([logits, torch.full((*logits.shape[:2], 47), 1e4)], dim=-1)
 
 
-def test_padded_vocabulary_columns_are_never_scored(model, val_1000, scored_1000):
+def test_padded_vocabulary_columns_are_never_scored(model, val_1000, scored):
     padded = hellaswag.predict(PaddedVocab(model), val_1000[:24], "cpu")  # logits, no tuple
-    assert all(torch.equal(a, b[:24]) for a, b in zip(padded, scored_1000))
+    assert all(torch.equal(a, b[:24]) for a, b in zip(padded, scored))
 
 
 class LogitsOnly(torch.nn.Module):
@@ -238,12 +242,12 @@ def test_the_lm_head_runs_only_at_the_positions_that_predict_an_ending_token(mod
     assert len(rows) == 2 and sum(rows) == ending_tokens
 
 
-def test_fp32_scoring_enters_no_autocast_context(model, val_1000, scored_1000, monkeypatch):
+def test_fp32_scoring_enters_no_autocast_context(model, val_1000, scored, monkeypatch):
     def refuse(*args, **kwargs):  # as torch < 2.5 does on mps, even for enabled=False
         raise RuntimeError("autocast was entered")
     monkeypatch.setattr(torch, "autocast", refuse)
     predicted = hellaswag.predict(model, val_1000[:8], "cpu")
-    assert all(torch.equal(a, b[:8]) for a, b in zip(predicted, scored_1000))
+    assert all(torch.equal(a, b[:8]) for a, b in zip(predicted, scored))
 
 
 class Dtypes(TorchFunctionMode):
@@ -298,10 +302,10 @@ def test_evaluate_runs_without_grad_in_eval_mode_and_restores_training_mode(mode
     assert result["n"] == 5 and result["acc"] == result["correct"] / 5
 
 
-def test_bf16_autocast_gives_nearly_the_same_accuracy(model, val_1000, scored_1000):
+def test_bf16_autocast_gives_nearly_the_same_accuracy(model, val_1000, scored):
     bf16 = hellaswag.evaluate(model, val_1000[:40], "cpu", autocast_dtype=torch.bfloat16)
     assert bf16["n"] == 40
-    assert abs(bf16["correct_norm"] - counts(scored_1000, 40)["correct_norm"]) <= 4
+    assert abs(bf16["correct_norm"] - counts(scored, 40)["correct_norm"]) <= 4
 
 
 class ConstantLogits(torch.nn.Module):
@@ -345,28 +349,12 @@ def test_cli_on_a_diverged_checkpoint_is_one_error_line_not_an_accuracy(val_file
 
 # -- Two ranks --------------------------------------------------------------------------------
 
-def test_two_ranks_shares_sum_to_the_single_process_counts(model, val_1000, scored_1000):
+def test_two_ranks_shares_sum_to_the_single_process_counts(model, val_1000, scored):
     examples = val_1000[:41]  # odd: rank 0 scores 21 examples, rank 1 scores 20
     shares = [hellaswag.evaluate(model, examples, "cpu", rank=r, world_size=2) for r in (0, 1)]
     assert [s["n"] for s in shares] == [21, 20]
-    for key, total in counts(scored_1000, 41).items():
+    for key, total in counts(scored, 41).items():
         assert shares[0][key] + shares[1][key] == total
-
-
-WORKER = """
-import json, sys
-from pathlib import Path
-import torch.distributed as dist
-import gpt2, hellaswag
-model_folder, data_file, limit, out = sys.argv[1:]
-dist.init_process_group("gloo")  # torchrun's environment says where rank 0 listens
-model = gpt2.load_pretrained(model_folder)
-examples = hellaswag.load_examples(file=data_file, limit=int(limit))
-rank, world_size = dist.get_rank(), dist.get_world_size()
-result = hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
-Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-dist.destroy_process_group()
-"""
 
 
 def torchrun_two(script: Path, *args) -> subprocess.CompletedProcess:
@@ -378,24 +366,13 @@ def torchrun_two(script: Path, *args) -> subprocess.CompletedProcess:
         env={**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"})
 
 
-def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(
-        model_folder, val_file, scored_1000, tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    run = torchrun_two(script, model_folder, val_file, "41", tmp_path)
-    assert run.returncode == 0, run.stderr
-    for rank in (0, 1):  # after the all_reduce, each rank holds the sum of both shares
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert {k: result[k] for k in ("n", "correct", "correct_norm")} == counts(scored_1000, 41)
-
-
 SHARES_WORKER = """
 import json, sys
 from datetime import timedelta
 from pathlib import Path
 import torch, torch.distributed as dist
-import hellaswag
-data_file, out, model_file, nan_model_file = sys.argv[1:]
+import gpt2, hellaswag
+data_file, out, model_file, nan_model_file, model_folder = sys.argv[1:]
 # A rank left waiting in a collective fails within a minute, not gloo's default 30.
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -404,6 +381,10 @@ results = {}
 for limit in (1, 3):  # shares of 1 and 0 examples, then 2 and 1
     examples = hellaswag.load_examples(file=data_file, limit=limit)
     results[limit] = hellaswag.evaluate(model, examples, "cpu", rank=rank, world_size=world_size)
+# Our GPT, as `hellaswag.py --model FOLDER` loads it, on 41 rows: shares of 21 and 20
+gpt = gpt2.load_pretrained(model_folder)
+rows = hellaswag.load_examples(file=data_file, limit=41)
+results[41] = hellaswag.evaluate(gpt, rows, "cpu", rank=rank, world_size=world_size)
 Path(out, f"shares{rank}.json").write_text(json.dumps(results))
 # Rank 1's losses are NaN, rank 0's are fine: both must stop, neither wait for the other.
 if rank == 1:
@@ -424,7 +405,7 @@ def tiny_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(val_file, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+def two_ranks(val_file, model_folder, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """SHARES_WORKER under torchrun with 2 gloo processes: the run, and the folder where each
     rank wrote its results (shares0.json, ...) and its error (error0.json, ...)."""
     folder = tmp_path_factory.mktemp("two_ranks")
@@ -435,7 +416,7 @@ def two_ranks(val_file, tmp_path_factory) -> tuple[subprocess.CompletedProcess, 
     torch.save(model, folder / "nan_model.pt")
     (folder / "worker.py").write_text(SHARES_WORKER)
     run = torchrun_two(folder / "worker.py", val_file, folder, folder / "model.pt",
-                       folder / "nan_model.pt")
+                       folder / "nan_model.pt", model_folder)
     return run, folder
 
 
@@ -454,6 +435,14 @@ def test_two_ranks_with_an_empty_or_uneven_share_count_what_one_process_counts(t
         alone = hellaswag.evaluate(model, val_1000[:limit], "cpu")
         assert alone["n"] == limit
         assert ranks[0][str(limit)] == ranks[1][str(limit)] == alone
+
+
+def test_two_gloo_processes_under_torchrun_count_what_one_process_counts(two_ranks, scored):
+    run, folder = two_ranks
+    ranks = per_rank(folder, "shares")
+    assert None not in ranks, run.stderr
+    for result in ranks:  # after the all_reduce, each rank holds the sum of both shares
+        assert {k: result["41"][k] for k in ("n", "correct", "correct_norm")} == counts(scored, 41)
 
 
 def test_an_error_on_one_rank_stops_every_rank_instead_of_leaving_one_waiting(two_ranks):
@@ -560,7 +549,7 @@ def report_lines(scored, n: int) -> list[str]:
 
 
 def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
-        github, model_folder, scored_1000, cli, monkeypatch):
+        github, model_folder, scored, cli, monkeypatch):
     # In this process, where our 1,000 rows are pinned as the val split (a subprocess would
     # expect the real file's 10,042).
     monkeypatch.setenv("HELLASWAG_URL", "http://127.0.0.1:9/nothing")  # --base_url wins over it
@@ -568,7 +557,7 @@ def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
                          "--device", "cpu", "--base_url", github.url)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[:3] == [*report_lines(scored_1000, 12), "n        12"]
+    assert lines[:3] == [*report_lines(scored, 12), "n        12"]
     assert lines[3].startswith("elapsed") and "examples/s on cpu" in lines[3]
 
 
@@ -619,9 +608,9 @@ def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
     assert (code, err) == (1, f"error: {tmp_path / 'nope.jsonl'}: no such file\n")
 
 
-def test_cli_scores_a_training_checkpoint(model, val_file, scored_1000, tmp_path, capsys):
+def test_cli_scores_a_training_checkpoint(model, val_file, scored, tmp_path, capsys):
     path = gpt2.checkpoint_path(tmp_path, 0)
     torch.save(dict(model=model.state_dict(), config=asdict(model.config)), path)
     gpt2.main(["hellaswag", "--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
                "--device", "cpu"])
-    assert capsys.readouterr().out.splitlines()[:2] == report_lines(scored_1000, 12)
+    assert capsys.readouterr().out.splitlines()[:2] == report_lines(scored, 12)
