@@ -47,6 +47,10 @@ def samples() -> Path:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none "
                                        "(run them alone with `python -m pytest -q -m gpu`)")
+    config.addinivalue_line("markers", "slow: a long end-to-end check (minutes on 2 cores), left "
+                                       "out of the default run: `python -m pytest -q -m slow`")
+    if not config.option.markexpr:  # the default run; any -m given chooses for itself
+        config.option.markexpr = "not slow"
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,14 +307,15 @@ def train_losses(log_dir):
     return [e["loss"] for e in gpt2.read_events(log_dir) if "loss" in e]
 
 
-def torchrun(*args, nproc=2, extra=(), script=ROOT / "gpt2.py"):
-    """`torchrun [EXTRA] --nproc_per_node=NPROC SCRIPT ARGS` started, one thread a process; its
-    output (stdout and stderr together) to read with finish()."""
+def torchrun(*args, nproc=2, extra=(), script=ROOT / "gpt2.py", env=None):
+    """`torchrun [EXTRA] --nproc_per_node=NPROC SCRIPT ARGS` started, one thread a process, with
+    `env` added to this process's environment; its output (stdout and stderr together) to read
+    with finish()."""
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *extra, f"--nproc_per_node={nproc}",
          str(script), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def finish(process):
@@ -336,3 +341,35 @@ def wait_for_step(log_dir, step, process, timeout=300):
             return
         time.sleep(0.2)
     raise TimeoutError(f"no step {step} in {log_dir}")
+
+
+TWO_GPUS_OF_TWO_SIZES = """import os, sys
+sys.path.insert(0, {root!r})
+import gpt2
+limit = 4 if os.environ["RANK"] == "0" else 2  # rank 1's GPU holds less
+gpt2.micro_batch_fits = lambda model, batch_size, args, runtime: batch_size <= limit
+gpt2.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="session")
+def two_ranks_run(shakespeare, tmp_path_factory):
+    """4 steps on 2 gloo processes with dropout and --batch_size auto, where rank 0's "GPU" holds
+    micro-batches of up to 4 and rank 1's of 2; then the same run resumed from its step-2
+    checkpoint by 2 processes: (the first run's output, its log_dir, the resumed log_dir). The
+    first mirrors its log to TensorBoard (tb/ beside the log_dirs) and to wandb (offline)."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    script = root / "two_gpus_of_two_sizes.py"
+    script.write_text(TWO_GPUS_OF_TWO_SIZES.format(root=str(ROOT)))
+    full, resumed = root / "full", root / "resumed"
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--batch_size", "auto", "--max_steps", "4",
+              "--checkpoint_every", "2", "--keep_checkpoints", "5", "--dropout", "0.1",
+              "--device", "cpu"]
+    out = finish(torchrun(*common, "--log_dir", full, "--tensorboard", root / "tb", "--wandb",
+                          "gpt2-tests", script=script, extra=["--standalone"],
+                          env={"WANDB_MODE": "offline"}))
+    resumed.mkdir()
+    shutil.copy(gpt2.checkpoint_path(full, 2), resumed)
+    finish(torchrun(*common, "--log_dir", resumed, "--resume", script=script,
+                    extra=["--standalone"]))
+    return out, full, resumed

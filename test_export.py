@@ -26,7 +26,7 @@ import torch
 import transformers
 
 import gpt2
-from conftest import TINY_RUN, assert_one_error_line, finish, free_port, run_script, torchrun
+from conftest import TINY_RUN, assert_one_error_line, free_port, run_script
 
 HERE = Path(__file__).resolve().parent
 HELLASWAG = HERE / "samples" / "hellaswag_val_1000.jsonl"
@@ -454,12 +454,10 @@ def test_wandb_online_without_a_login_is_one_line(shakespeare, tmp_path, monkeyp
                           alone=False)
 
 
-def test_with_two_processes_only_rank_0_writes_tensorboard_and_wandb(shakespeare, tmp_path):
-    finish(torchrun("--data_dir", shakespeare, "--log_dir", tmp_path / "log", *TINY_RUN,
-                    "--max_steps", "2", "--device", "cpu", "--tensorboard", tmp_path / "tb",
-                    "--wandb", "gpt2-tests", extra=["--standalone"]))
-    assert len(list((tmp_path / "tb").iterdir())) == 1  # one events file
-    board = tensorboard_run(tmp_path / "tb")
-    loss = scalars_by_key(gpt2.read_events(tmp_path / "log"))["loss"]
+def test_with_two_processes_only_rank_0_writes_tensorboard_and_wandb(two_ranks_run):
+    _, log_dir, _ = two_ranks_run
+    assert len(list((log_dir.parent / "tb").iterdir())) == 1  # one events file
+    board = tensorboard_run(log_dir.parent / "tb")
+    loss = scalars_by_key(gpt2.read_events(log_dir))["loss"]
     assert tensorboard_scalars(board, "loss") == float32(loss)
-    assert len(list((tmp_path / "log/wandb").glob("offline-run-*"))) == 1
+    assert len(list((log_dir / "wandb").glob("offline-run-*"))) == 1

@@ -546,6 +546,7 @@ def test_weight_decay_applies_to_matrices_only():
 
 # -- 7. Training end to end, on Tiny Shakespeare --------------------------------------------------
 
+@pytest.mark.slow  # a learning run end to end: minutes on 2 cores
 def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
     gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--n_embd", "128",
                "--max_steps", "120", "--eval_every", "120", "--val_tokens", "4096"])
@@ -795,6 +796,7 @@ def quickstart_commands() -> list[str]:
     return [line for line in block.splitlines() if line.startswith("python ")]
 
 
+@pytest.mark.slow  # the README's commands as a user runs them: four processes
 def test_readme_quick_start_runs_as_written(tmp_path):
     commands = quickstart_commands()
     assert [c.split()[1] for c in commands] == ["fineweb.py", "gpt2.py", "gpt2.py", "gpt2.py"]
@@ -1180,12 +1182,6 @@ LONG_RUN = [*TINY_RUN, "--max_steps", "8", "--checkpoint_every", "100", "--eval_
             "--dropout", "0.1", "--device", "cpu"]
 
 
-def run_to_the_end(*args):
-    run = run_in_background(*args)  # one thread, as the interrupted runs: the same arithmetic
-    _, err = run.communicate(timeout=600)
-    assert run.returncode == 0, err
-
-
 @contextlib.contextmanager
 def torch_on_one_thread():
     """torch on one thread in this process, as in the runs in the background (OMP_NUM_THREADS=1):
@@ -1560,45 +1556,16 @@ def test_a_micro_batch_that_does_not_divide_the_step_is_refused_with_one_that_do
     assert err.endswith("--batch_size 2 divides it (or --batch_size auto)")
 
 
-TWO_GPUS_OF_TWO_SIZES = """import os, sys
-sys.path.insert(0, {here!r})
-import gpt2
-limit = 4 if os.environ["RANK"] == "0" else 2  # rank 1's GPU holds less
-gpt2.micro_batch_fits = lambda model, batch_size, args, runtime: batch_size <= limit
-gpt2.main(sys.argv[1:])
-"""
-
-
-@pytest.fixture(scope="module")
-def two_ranks_with_dropout(shakespeare, tmp_path_factory):
-    """4 steps on 2 gloo processes with dropout and --batch_size auto, where rank 0's "GPU" holds
-    micro-batches of up to 4 and rank 1's of 2; then the same run resumed from its step-2
-    checkpoint by 2 processes: (the first run's output, its log_dir, the resumed log_dir)."""
-    root = tmp_path_factory.mktemp("two_ranks")
-    script = root / "two_gpus_of_two_sizes.py"
-    script.write_text(TWO_GPUS_OF_TWO_SIZES.format(here=str(HERE)))
-    full, resumed = root / "full", root / "resumed"
-    common = ["--data_dir", shakespeare, *TINY_RUN, "--batch_size", "auto", "--max_steps", "4",
-              "--checkpoint_every", "2", "--keep_checkpoints", "5", "--dropout", "0.1",
-              "--device", "cpu"]
-    out = finish(torchrun(*common, "--log_dir", full, script=script, extra=["--standalone"]))
-    resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(full, 2), resumed)
-    finish(torchrun(*common, "--log_dir", resumed, "--resume", script=script,
-                    extra=["--standalone"]))
-    return out, full, resumed
-
-
-def test_batch_size_auto_keeps_the_total_and_agrees_across_2_gloo_ranks(two_ranks_with_dropout):
-    out, full, _ = two_ranks_with_dropout
+def test_batch_size_auto_keeps_the_total_and_agrees_across_2_gloo_ranks(two_ranks_run):
+    out, full, _ = two_ranks_run
     assert "--batch_size auto: 2 sequences per micro-batch" in out, out
     assert "512 tokens/step = 2 x 64 x 2 accum x 2" in out, out  # the step stays 512 tokens
     assert len(train_losses(full)) == 4
 
 
 def test_with_dropout_each_rank_draws_its_own_masks_and_a_2_process_resume_is_exact(
-        two_ranks_with_dropout):
-    _, full, resumed = two_ranks_with_dropout
+        two_ranks_run):
+    _, full, resumed = two_ranks_run
     rng = torch.load(gpt2.checkpoint_path(full, 2), weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     a, b = final_weights(full, 4), final_weights(resumed, 4)
@@ -1691,7 +1658,7 @@ def sharded_and_plain(shakespeare, tmp_path_factory):
     process (4 micro-batches of 2): their log folders."""
     root = tmp_path_factory.mktemp("fsdp")
     common = ["--data_dir", shakespeare, *SHARDED_RUN]
-    run_to_the_end(*common, "--log_dir", root / "plain")
+    gpt2.main([*common, "--log_dir", root / "plain"])
     finish(torchrun(*common, "--log_dir", root / "fsdp", "--fsdp", extra=["--standalone"]))
     return root
 
@@ -1730,7 +1697,7 @@ def test_an_fsdp_checkpoint_resumes_exactly_under_fsdp_and_alike_in_1_process_or
         (tmp_path / mode).mkdir()
         shutil.copy(gpt2.checkpoint_path(fsdp, 3), tmp_path / mode)
     finish(torchrun(*common, "--log_dir", tmp_path / "fsdp", "--fsdp", "--resume", extra=["--standalone"]))
-    run_to_the_end(*common, "--log_dir", tmp_path / "single", "--resume")
+    gpt2.main([*common, "--log_dir", tmp_path / "single", "--resume"])
     finish(torchrun(*common, "--log_dir", tmp_path / "ddp", "--resume", extra=["--standalone"]))
     uninterrupted = final_weights(fsdp, 6)
     resumed = final_weights(tmp_path / "fsdp", 6)
