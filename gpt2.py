@@ -771,13 +771,14 @@ class TrainState:
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (and empty) otherwise
     loader: ShardedDataLoader | None = None  # made once the micro-batch is known (chapter 9)
     step: int = 0  # optimizer steps taken
+    spikes: dict = dataclasses.field(default_factory=dict)  # --skip_spikes' statistics
 
     def state_dict(self, args, rng: list[dict]) -> dict:  # rng: every rank's generators
         # The model's and the optimizer's in one format, sharded (--fsdp) or not: appendix B.
         return dict(step=self.step, model=model_state(self.model),
                     optimizer=optimizer_state(self.model, self.optimizer),
                     scaler=self.scaler.state_dict(), loader=self.loader.state_dict(), rng=rng,
-                    config=asdict(self.model.config), args=vars(args))
+                    config=asdict(self.model.config), args=vars(args), spikes=self.spikes)
 
     def load_state_dict(self, saved: dict, source, runtime: Runtime):
         if GPTConfig(**saved["config"]) != self.model.config:
@@ -787,7 +788,7 @@ class TrainState:
         load_optimizer_state(self.optimizer, saved["optimizer"], self.model)
         load_scaler_state(self.scaler, saved["scaler"])
         restore_rng_states(saved["rng"], runtime, self.model.config.dropout)
-        self.step = saved["step"]
+        self.step, self.spikes = saved["step"], saved.get("spikes", {})
 
 
 def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None]:
@@ -970,13 +971,14 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
         # One read-back from the GPU: the mean loss, the norm, and whether a rank must stop.
         loss, norm, stopping = (all_reduce_sum(torch.stack([loss_sum, norm, stop.flag(norm)]),
                                                runtime) / runtime.world_size).tolist()
-        check_finite(loss, norm, state, args)  # appendix B: a bad step is neither taken nor saved
-        state.scaler.step(state.optimizer)
+        # Appendix B: a bad step is neither taken nor saved; an outlier (--skip_spikes) skipped.
+        if not (skipped := check_finite(loss, norm, state, args)):
+            state.scaler.step(state.optimizer)
         state.scaler.update()
         dt = time.perf_counter() - t0
         state.step += 1
         log.write(step=state.step - 1, loss=loss, lr=lr, norm=norm, ms=1000 * dt,
-                  tokens_per_s=args.total_batch_size / dt)
+                  tokens_per_s=args.total_batch_size / dt, **skipped)
 
         # Once in a while, at the end, and when asked to stop, a checkpoint.
         if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
@@ -2037,8 +2039,7 @@ def load_checkpoint(path, for_training: bool = True) -> dict:
             or not isinstance(state["config"], dict) or set(state["config"]) != fields):
         raise UserError(f"{path}: not a checkpoint of gpt2.py (another program's, or "
                         f"damaged): expected {', '.join(needed)} and a GPT-2 config in it")
-    tensors = [*state["model"].values(), *(
-        t for s in (state.get("optimizer") or {}).get("state", {}).values() for t in s.values())]
+    tensors = [*state["model"].values(), *optimizer_tensors(state.get("optimizer") or {})]
     if not all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
         raise UserError(f"{path}: holds NaN or infinite weights; move it away to resume from "
                         f"an older one")
@@ -2159,6 +2160,8 @@ def print_event(event: dict, runtime: Runtime):
         if memory := event.get("memory_mib"):
             say(runtime, "memory per process, MiB: " + " | ".join(f"{k} {v:,.1f}" for k, v in memory.items()
                                                                 if v is not None))
+        if "skipped" in event:
+            say(runtime, f"step {event['step']} skipped (--skip_spikes): {event['skipped']}")
         return
     parts = [f"{k} {v:.4f}" for k, v in event.items() if isinstance(v, float)]
     say(runtime, f"step {event['step']:6d} | eval | " + " | ".join(parts))
@@ -2217,17 +2220,59 @@ def read_events(log_dir) -> list[dict]:
             if _event_step(line) is not None]
 
 
-def check_finite(loss: float, norm: float, state: TrainState, args):
+def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
     """Stop before the optimizer applies a non-finite loss or gradient, so that no NaN weight
     is ever stepped, saved, or rotated in place of a good checkpoint. (fp16's gradient scaler
-    skips a step with an inf gradient itself and lowers its scale: that is its job.)"""
+    skips a step with an inf gradient itself and lowers its scale: that is its job.) Then the
+    spike guard: {} for a step to take, or what log.jsonl says of a skipped one."""
     bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-    if math.isfinite(bad[1]) or bad[0] == "gradient norm" and state.scaler.is_enabled():
-        return
+    if bad[0] == "gradient norm" and not math.isfinite(norm) and state.scaler.is_enabled():
+        return {}
+    if math.isfinite(bad[1]):
+        return skip_spike(loss, norm, state.spikes, state.step, args)
     last = list_checkpoints(args.log_dir)
     raise UserError(f"{bad[0]} is {bad[1]} at step {state.step}: stopping before the optimizer "
                     f"step. Lower --max_lr or check the data; last good checkpoint: "
                     f"{last[-1] if last else 'none'}")
+
+
+# The spike guard, --skip_spikes Z (llm.c's outlier detector): a step whose loss or gradient
+# norm lies more than Z standard deviations above the mean of the last SPIKE_WINDOW taken
+# steps' is not taken (its batch is spent, the step counted, and log.jsonl's step event says
+# "skipped" and why). No step is skipped before SPIKE_WARMUP taken steps of statistics: early
+# on the mean and deviation of a few steps say little, and the first steps' norms move fast.
+# A skipped step's values stay out of the statistics, or one spike would widen them for the
+# next. --skip_spikes_limit K skips in a row stop the run with one line: then it is the run,
+# not a batch, that changed (it diverges, or the data did), and skipping would only stall it.
+# The statistics are the training state's (a checkpoint holds them), so resume is exact.
+SPIKE_WINDOW, SPIKE_WARMUP = 128, 32
+
+
+def skip_spike(loss: float, norm: float, stats: dict, step: int, args) -> dict:
+    if not args.skip_spikes:
+        return {}
+    values = {"loss": loss, "gradient norm": norm}
+    outliers = [f"{name} {value:.4g} is {z:.1f} standard deviations above the mean "
+                f"{np.mean(stats[name]):.4g} of the last {len(stats[name])} steps"
+                for name, value in values.items()
+                if (z := spike_z(stats.get(name, []), value)) > args.skip_spikes]
+    if not outliers:
+        for name, value in values.items():
+            stats[name] = [*stats.get(name, []), value][-SPIKE_WINDOW:]
+        stats["in_a_row"] = 0
+        return {}
+    stats["in_a_row"] = stats.get("in_a_row", 0) + 1
+    if stats["in_a_row"] >= args.skip_spikes_limit:
+        raise UserError(f"step {step}: {stats['in_a_row']} steps in a row skipped as spikes "
+                        f"(--skip_spikes {args.skip_spikes}), the last as its {outliers[0]}: "
+                        f"the run itself has changed; lower --max_lr, or check the data")
+    return {"skipped": "; ".join(outliers)}
+
+
+def spike_z(history: list[float], value: float) -> float:
+    """How many standard deviations value lies above history's mean (0 while warming up)."""
+    std = float(np.std(history)) if len(history) >= SPIKE_WARMUP else 0.0
+    return (value - float(np.mean(history))) / std if std > 0 else 0.0
 
 
 class Stopped(Exception):
@@ -3193,6 +3238,12 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_timeout", type=positive_float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
                         "gpt2-xl checkpoint (19 GB) can outlast NCCL's default 10 minutes")
+    g.add_argument("--skip_spikes", type=float_at_least_0, default=0, metavar="Z",
+                   help="skip an update whose loss or gradient norm is more than Z standard "
+                        "deviations above the mean of the last 128 steps' (after 32 steps of "
+                        "them; appendix B); 0: never")
+    g.add_argument("--skip_spikes_limit", type=int_at_least(1), default=5, metavar="K",
+                   help="stop after K updates in a row skipped: the run, not a batch, changed")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and AdamW's moments over the GPUs (FSDP2, "
                         "ZeRO-3): for gpt2-large and -xl on GPUs that cannot hold 16 bytes a "
