@@ -3016,15 +3016,49 @@ def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
 
 def optimizer_step_times(model: GPT, runtime: Runtime, reps: int) -> dict[str, list[float]]:
     """Seconds of one optimizer step, AdamW alone and Muon (the blocks' matrices) + AdamW, on
-    the same random gradients, one after the other in this process. (The weights move a little:
-    what bench measures after this is speed, which does not depend on them.)"""
+    the same random gradients, one after the other in this process; over several processes
+    (bench under torchrun) also Muon shared over them. On a CPU also the Muon steps' CPU
+    seconds in Newton-Schulz (`..._newton_schulz_cpu`), this process's share of the work. (The
+    weights move a little: what bench measures after this is speed, which does not depend on
+    them.)"""
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"adamw": configure_optimizer(model, 1e-4, 0.1)}
     if torch_version() >= MUON_MIN_TORCH:
-        optimizers["muon"] = configure_optimizer(model, 1e-4, 0.1, dict(
-            muon_lr=0.02, momentum=0.95, weight_decay=0.0, split_qkv=True))
-    return {name: measure(opt.step, runtime.device, reps) for name, opt in optimizers.items()}
+        muon = dict(muon_lr=0.02, momentum=0.95, weight_decay=0.0, split_qkv=True)
+        optimizers["muon"] = configure_optimizer(model, 1e-4, 0.1, {**muon, "share": False})
+        if runtime.world_size > 1:
+            optimizers[f"muon_shared_over_{runtime.world_size}"] = configure_optimizer(
+                model, 1e-4, 0.1, muon)
+    times = {}
+    for name, optimizer in optimizers.items():
+        newton_schulz_s = []
+
+        def step():
+            optimizer.step()
+            newton_schulz_s.append(getattr(optimizer, "orthogonalize_s", None))
+
+        times[name] = measure(step, runtime.device, reps)
+        if name != "adamw" and runtime.device.type == "cpu":
+            times[f"{name}_newton_schulz_cpu"] = newton_schulz_s[-reps:]
+    return times
+
+
+def bench_optimizer_per_process(args):
+    """`bench` under torchrun: the optimizer step alone, timed in every process at once (the
+    rest of bench is one process's business): each rank's medians, printed by rank 0."""
+    runtime = setup_distributed(args.device, args.dtype, backend=args.dist_backend)
+    torch.manual_seed(0)  # the same weights and gradients in every process
+    model = GPT(model_config(args)).to(runtime.device)
+    medians = {k: float(np.median(v)) for k, v in optimizer_step_times(model, runtime, args.reps).items()}
+    every = [None] * runtime.world_size
+    dist.all_gather_object(every, medians)
+    result = {f"opt_step_{k}_s": [m[k] for m in every] for k in medians}
+    rows = [(f"optimizer step, {k} (s), rank 0 .. {runtime.world_size - 1}",
+             " / ".join(f"{m[k]:.3f}" for m in every)) for k in medians]
+    if runtime.is_main:
+        print_bench(rows, result)
+    dist.destroy_process_group()
 
 
 def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
@@ -3052,6 +3086,8 @@ def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
 
 
 def bench(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return bench_optimizer_per_process(args)
     runtime = tool_runtime(args.device, args.dtype)
     device = runtime.device
     apply_speed_settings(args, device)
@@ -3067,6 +3103,10 @@ def bench(args):
     peak = peak_memory_mib(device)
     result.update(peak)
     rows += [(k.replace("_", " "), f"{v:,.0f}") for k, v in peak.items() if v is not None]
+    print_bench(rows, result)
+
+
+def print_bench(rows: list, result: dict):
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -3331,6 +3371,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="as in training: time the step, and measure what it keeps, with it")
     add_device_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="as in training")
+    p.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="under torchrun, which times the optimizer step alone in every "
+                        "process: as in training")
     add_compile_flag(p)
     p.add_argument("--hellaswag_examples", type=int_at_least(1), default=40,
                    help="HellaSwag val rows scored for its examples/s (from samples/)")
