@@ -772,13 +772,14 @@ class TrainState:
     scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (and empty) otherwise
     loader: ShardedDataLoader | None = None  # made once the micro-batch is known (chapter 9)
     step: int = 0  # optimizer steps taken
+    spikes: dict = dataclasses.field(default_factory=dict)  # --skip_spikes' statistics
 
     def state_dict(self, args, rng: list[dict]) -> dict:  # rng: every rank's generators
         # The model's and the optimizer's in one format, sharded (--fsdp) or not: appendix B.
         return dict(step=self.step, model=model_state(self.model),
                     optimizer=optimizer_state(self.model, self.optimizer),
                     scaler=self.scaler.state_dict(), loader=self.loader.state_dict(), rng=rng,
-                    config=asdict(self.model.config), args=vars(args))
+                    config=asdict(self.model.config), args=vars(args), spikes=self.spikes)
 
     def load_state_dict(self, saved: dict, source, runtime: Runtime):
         if GPTConfig(**saved["config"]) != self.model.config:
@@ -788,7 +789,7 @@ class TrainState:
         load_optimizer_state(self.optimizer, saved["optimizer"], self.model)
         load_scaler_state(self.scaler, saved["scaler"])
         restore_rng_states(saved["rng"], runtime, self.model.config.dropout)
-        self.step = saved["step"]
+        self.step, self.spikes = saved["step"], saved.get("spikes", {})
 
 
 def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None]:
@@ -971,13 +972,14 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
         # One read-back from the GPU: the mean loss, the norm, and whether a rank must stop.
         loss, norm, stopping = (all_reduce_sum(torch.stack([loss_sum, norm, stop.flag(norm)]),
                                                runtime) / runtime.world_size).tolist()
-        check_finite(loss, norm, state, args)  # appendix B: a bad step is neither taken nor saved
-        state.scaler.step(state.optimizer)
+        # Appendix B: a bad step is neither taken nor saved; an outlier (--skip_spikes) skipped.
+        if not (skipped := check_finite(loss, norm, state, args)):
+            state.scaler.step(state.optimizer)
         state.scaler.update()
         dt = time.perf_counter() - t0
         state.step += 1
         log.write(step=state.step - 1, loss=loss, lr=lr, norm=norm, ms=1000 * dt,
-                  tokens_per_s=args.total_batch_size / dt)
+                  tokens_per_s=args.total_batch_size / dt, **skipped)
 
         # Once in a while, at the end, and when asked to stop, a checkpoint.
         if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
@@ -1627,7 +1629,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: G
         if saved_split != splits_qkv(optimizer.muon.param_groups):
             raise UserError(f"the checkpoint was trained with --muon_qkv "
                             f"{'split' if saved_split else 'whole'}: resume with it")
-        optimizer.muon.load_state_dict(saved["muon"])
+        optimizer.muon.load_state_dict(saved["muon"])  # whole momentum; under --fsdp, our rows
+        for p, state in optimizer.muon.state.items():
+            if hasattr(p, "to_local") and "momentum_buffer" in state:
+                rows, per = torch.zeros_like(p), shard_rows(p)
+                rows.to_local().copy_(state["momentum_buffer"][dist.get_rank() * per:][:per])
+                state["momentum_buffer"] = rows
         return load_optimizer_state(optimizer.adamw, saved["adamw"], model)
     groups = [{**g, **{k: ours[k] for k in OPTIMIZER_FLAGS if k in ours}}
               for g, ours in zip(saved["param_groups"], optimizer.param_groups)]
@@ -1689,9 +1696,6 @@ def shard_model(model: GPT, args, runtime: Runtime):
     if torch_version() < FSDP_MIN_TORCH:
         raise UserError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this "
                         f"is torch {torch.__version__}")
-    if args.optimizer == "muon":
-        raise UserError("--optimizer muon orthogonalizes whole matrices, which --fsdp shards "
-                        "across GPUs: use one or the other")
     if args.batch_size == "auto":
         raise UserError("--fsdp needs a --batch_size: auto tries micro-batches on each GPU "
                         "alone, which sharded training cannot (every step is collective)")
@@ -1727,6 +1731,11 @@ def model_state(model: GPT) -> dict:
 def optimizer_state(model: GPT, optimizer) -> dict:
     """optimizer.state_dict() as an unsharded run's (state keyed by parameter number in group
     order), whether sharded or not: one checkpoint format for every mode."""
+    if isinstance(optimizer, MuonAndAdamW):  # Muon's momentum gathered whole, one at a time
+        muon = optimizer.muon.state_dict()
+        muon["state"] = {i: {k: v.full_tensor().cpu() if hasattr(v, "full_tensor") else v
+                             for k, v in s.items()} for i, s in muon["state"].items()}
+        return {"muon": muon, "adamw": optimizer_state(model, optimizer.adamw)}
     if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -1781,10 +1790,12 @@ class MuonAndAdamW:
     one step, one zero_grad, their param_groups side by side (which is all GradScaler and the
     training loop touch), and one state_dict holding both. Muon's groups carry lr_scale, its
     learning rate over AdamW's, so that one schedule drives both. With split_qkv the c_attn
-    weights get a group of their own with "split": 3, which muon_step (below) honours."""
+    weights get a group of their own with "split": 3, which muon_step (below) honours. In a
+    process group (share, the default) each process orthogonalizes its share of the matrices
+    and sends the others the results (muon_step)."""
 
     def __init__(self, matrices: dict, adamw, lr: float, muon_lr: float, momentum: float,
-                 weight_decay: float, split_qkv: bool):
+                 weight_decay: float, split_qkv: bool, share: bool = True):
         qkv = [n for n in matrices if split_qkv and n.endswith("attn.c_attn.weight")]  # in order
         groups = [{"params": [p for n, p in matrices.items() if n not in qkv]}]
         if qkv:
@@ -1794,6 +1805,8 @@ class MuonAndAdamW:
         for group in self.muon.param_groups:
             group["lr_scale"] = muon_lr / lr
         self.adamw = adamw
+        self.rank, self.world = process_group_place() if share else (0, 1)
+        self.orthogonalize_s = 0.0  # the last step's Newton-Schulz, this process's CPU seconds
 
     @property
     def param_groups(self) -> list[dict]:
@@ -1804,10 +1817,11 @@ class MuonAndAdamW:
         self.adamw.zero_grad(set_to_none=set_to_none)
 
     def step(self):
-        if self.muon.param_groups[0]["params"][0].device.type == "cpu":
-            muon_step(self.muon, torch.float32)  # bfloat16 matmuls are slow on most CPUs
-        elif splits_qkv(self.muon.param_groups):
-            muon_step(self.muon, torch.bfloat16)  # torch's step, Q, K and V apart
+        on_cpu = self.muon.param_groups[0]["params"][0].device.type == "cpu"
+        if on_cpu or splits_qkv(self.muon.param_groups) or self.world > 1:
+            # bfloat16 matmuls are slow on most CPUs; else torch's own dtype
+            dtype = torch.float32 if on_cpu else torch.bfloat16
+            self.orthogonalize_s = muon_step(self.muon, dtype, self.rank, self.world)
         else:
             self.muon.step()
         self.adamw.step()
@@ -1816,24 +1830,70 @@ class MuonAndAdamW:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
 
+def process_group_place() -> tuple[int, int]:
+    """(rank, world size) in the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def splits_qkv(param_groups) -> bool:
     """Whether Muon's groups (live, or a checkpoint's) orthogonalize c_attn in parts."""
     return any(group.get("split", 1) > 1 for group in param_groups)
 
 
+# Muon's work, shared. Newton-Schulz is nearly all of a Muon step's time (five iterations of
+# three matmuls a matrix), and every DDP process would compute the same results from the same
+# gradients. So each process orthogonalizes its share of the matrices and broadcasts the
+# results: the same step, 1/N of the matmuls. nanochat's distributed Muon shards the momentum
+# too (a reduce-scatter of the gradients, an all-gather of the new weights); here DDP keeps the
+# momentum whole on every process, so that the checkpoint keeps one format and all processes'
+# weights the same bits: an owner computes exactly what one process would (the same input, the
+# same kernels), and a broadcast copies bits. Under --fsdp each process holds rows of each
+# matrix and of its momentum (1/N of it): the owner gathers the update's rows (dist.gather),
+# orthogonalizes it whole, and scatters each process its rows back (dist.scatter). Every
+# process makes the same collectives in the same order: gathers, then its own matrices'
+# Newton-Schulz (the part done in parallel), then one broadcast or scatter a matrix.
+#
+# Who owns what: a matrix's Newton-Schulz FLOPs, (4 n^2 m + 2 n^3) per iteration for its wide
+# (n, m) orientation, k times for k parts (Q, K, V: three of (C, C), not one of (3C, C)),
+# dealt greedily, the most expensive first, each to the least loaded process (ties: the lower
+# position, the lower rank), so every process computes the same owners from the shapes alone.
+
+def newton_schulz_flops(shape, parts: int, steps: int) -> float:
+    n, m = sorted((shape[0] // parts, shape[1]))
+    return parts * steps * (4 * n * n * m + 2 * n ** 3)
+
+
+def muon_owners(param_groups, world: int) -> dict:
+    """Each Muon parameter's owner: the rank that orthogonalizes its update."""
+    params = [(p, g.get("split", 1), g["ns_steps"]) for g in param_groups for p in g["params"]]
+    cost = [newton_schulz_flops(p.shape, k, steps) for p, k, steps in params]
+    load, owners = [0.0] * world, {}
+    for i in sorted(range(len(params)), key=lambda i: (-cost[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        load[rank] += cost[i]
+        owners[params[i][0]] = rank
+    return owners
+
+
 @torch.no_grad()
-def muon_step(muon: torch.optim.Muon, dtype: torch.dtype):
+def muon_step(muon: torch.optim.Muon, dtype: torch.dtype, rank: int = 0, world: int = 1) -> float:
     """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon: the momentum buffer,
-    Nesterov by lerp, decoupled decay, its "original" lr adjustment), with two changes torch's
+    Nesterov by lerp, decoupled decay, its "original" lr adjustment), with three changes torch's
     cannot make. A group's "split": k orthogonalizes each (k*n, m) update as k row blocks of
     (n, m), as if they were k parameters: c_attn's Q, K and V (modded-nanogpt does the same;
-    on the README's recipe it lowered the val loss further). And the Newton-Schulz iteration
+    on the README's recipe it lowered the val loss further). The Newton-Schulz iteration
     runs in `dtype`: on CPUs without bfloat16 matrix units (most, this project's among them) a
     bfloat16 matmul runs ~16x slower than a float32 one, and a Muon step of the `small` preset
-    took 37 s through torch's step, 1.1-1.5 s in float32 (docs/performance.md). With split 1
-    and bfloat16 this is torch's step bit for bit; with split 3, three torch parameters (tested)."""
+    took 37 s through torch's step, 1.1-1.5 s in float32 (docs/performance.md). And over
+    `world` processes each orthogonalizes its own matrices (muon_owners) and shares them. With
+    split 1 and bfloat16 this is torch's step bit for bit; with split 3, three torch parameters;
+    shared, one process's step bit for bit (all tested). Returns this process's CPU seconds in
+    Newton-Schulz (its wall time would count the waits for the others)."""
+    todo = []  # (parameter, its group, its lr factor, its update: this rank's rows under FSDP)
     for group in muon.param_groups:
-        lr, momentum, k = group["lr"], group["momentum"], group.get("split", 1)
+        lr, momentum = group["lr"], group["momentum"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -1844,10 +1904,63 @@ def muon_step(muon: torch.optim.Muon, dtype: torch.dtype):
             buf.lerp_(p.grad, 1 - momentum)
             update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
             p.mul_(1 - lr * group["weight_decay"])
-            for block, block_update in zip(p.chunk(k), update.chunk(k)):  # views: (n, m) each
-                o = newton_schulz(block_update, group["ns_coefficients"], group["ns_steps"],
-                                  group["eps"], dtype)
-                block.add_(o, alpha=-lr * math.sqrt(max(1, block.shape[0] / block.shape[1])))
+            n, m = p.shape[0] // group.get("split", 1), p.shape[1]
+            todo.append((p, group, -lr * math.sqrt(max(1, n / m)), update))
+    owners = muon_owners(muon.param_groups, world)
+    whole = {p: whole_update(p, update, owners[p], rank, world) for p, _, _, update in todo}
+    t0 = time.process_time()
+    mine = {p: orthogonalize(whole[p], group, dtype) for p, group, _, _ in todo if owners[p] == rank}
+    seconds = time.process_time() - t0
+    for p, _, alpha, _ in todo:
+        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's rows, in place
+        local.add_(received_update(p, mine.get(p), owners[p], rank, world, dtype), alpha=alpha)
+    return seconds
+
+
+def orthogonalize(update: torch.Tensor, group: dict, dtype) -> torch.Tensor:
+    """The update's k row blocks (the group's "split") each orthogonalized, in `dtype`."""
+    return torch.cat([newton_schulz(block, group["ns_coefficients"], group["ns_steps"],
+                                    group["eps"], dtype) for block in update.chunk(group.get("split", 1))])
+
+
+def shard_rows(p) -> int:
+    """Rows a process holds of a matrix sharded by FSDP2 (torch.chunk's split, padded): all
+    but the last ones hold this many."""
+    return -(-p.shape[0] // dist.get_world_size())
+
+
+def whole_update(p, update: torch.Tensor, owner: int, rank: int, world: int):
+    """The matrix's whole update on its owner; None on the others under --fsdp, whose rows go
+    to the owner (every rank calls this for every matrix, in order)."""
+    if not hasattr(update, "to_local"):
+        return update
+    local = update.to_local()
+    padded = local.new_zeros(shard_rows(p), *local.shape[1:])
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    dist.gather(padded, gathered, dst=owner)
+    return torch.cat(gathered)[:p.shape[0]] if rank == owner else None
+
+
+def received_update(p, mine, owner: int, rank: int, world: int, dtype) -> torch.Tensor:
+    """p's orthogonalized update (its owner's `mine`) on every rank: whole by broadcast, or
+    under --fsdp this rank's rows by scatter (every rank calls this for every matrix, in
+    order). Alone, `mine` itself."""
+    if world == 1:
+        return mine
+    if not hasattr(p, "to_local"):
+        out = mine if rank == owner else torch.empty(p.shape, dtype=dtype, device=p.device)
+        dist.broadcast(out, src=owner)
+        return out
+    local, per = p.to_local(), shard_rows(p)
+    chunks = None
+    if rank == owner:
+        padded = mine.new_zeros(per * world, *mine.shape[1:])
+        padded[:len(mine)] = mine
+        chunks = list(padded.chunk(world))
+    out = torch.empty(per, *local.shape[1:], dtype=dtype, device=local.device)
+    dist.scatter(out, chunks, src=owner)
+    return out[:len(local)]
 
 
 def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype) -> torch.Tensor:
@@ -1927,8 +2040,7 @@ def load_checkpoint(path, for_training: bool = True) -> dict:
             or not isinstance(state["config"], dict) or set(state["config"]) != fields):
         raise UserError(f"{path}: not a checkpoint of gpt2.py (another program's, or "
                         f"damaged): expected {', '.join(needed)} and a GPT-2 config in it")
-    tensors = [*state["model"].values(), *(
-        t for s in (state.get("optimizer") or {}).get("state", {}).values() for t in s.values())]
+    tensors = [*state["model"].values(), *optimizer_tensors(state.get("optimizer") or {})]
     if not all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
         raise UserError(f"{path}: holds NaN or infinite weights; move it away to resume from "
                         f"an older one")
@@ -2049,6 +2161,8 @@ def print_event(event: dict, runtime: Runtime):
         if memory := event.get("memory_mib"):
             say(runtime, "memory per process, MiB: " + " | ".join(f"{k} {v:,.1f}" for k, v in memory.items()
                                                                 if v is not None))
+        if "skipped" in event:
+            say(runtime, f"step {event['step']} skipped (--skip_spikes): {event['skipped']}")
         return
     parts = [f"{k} {v:.4f}" for k, v in event.items() if isinstance(v, float)]
     say(runtime, f"step {event['step']:6d} | eval | " + " | ".join(parts))
@@ -2107,17 +2221,59 @@ def read_events(log_dir) -> list[dict]:
             if _event_step(line) is not None]
 
 
-def check_finite(loss: float, norm: float, state: TrainState, args):
+def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
     """Stop before the optimizer applies a non-finite loss or gradient, so that no NaN weight
     is ever stepped, saved, or rotated in place of a good checkpoint. (fp16's gradient scaler
-    skips a step with an inf gradient itself and lowers its scale: that is its job.)"""
+    skips a step with an inf gradient itself and lowers its scale: that is its job.) Then the
+    spike guard: {} for a step to take, or what log.jsonl says of a skipped one."""
     bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-    if math.isfinite(bad[1]) or bad[0] == "gradient norm" and state.scaler.is_enabled():
-        return
+    if bad[0] == "gradient norm" and not math.isfinite(norm) and state.scaler.is_enabled():
+        return {}
+    if math.isfinite(bad[1]):
+        return skip_spike(loss, norm, state.spikes, state.step, args)
     last = list_checkpoints(args.log_dir)
     raise UserError(f"{bad[0]} is {bad[1]} at step {state.step}: stopping before the optimizer "
                     f"step. Lower --max_lr or check the data; last good checkpoint: "
                     f"{last[-1] if last else 'none'}")
+
+
+# The spike guard, --skip_spikes Z (llm.c's outlier detector): a step whose loss or gradient
+# norm lies more than Z standard deviations above the mean of the last SPIKE_WINDOW taken
+# steps' is not taken (its batch is spent, the step counted, and log.jsonl's step event says
+# "skipped" and why). No step is skipped before SPIKE_WARMUP taken steps of statistics: early
+# on the mean and deviation of a few steps say little, and the first steps' norms move fast.
+# A skipped step's values stay out of the statistics, or one spike would widen them for the
+# next. --skip_spikes_limit K skips in a row stop the run with one line: then it is the run,
+# not a batch, that changed (it diverges, or the data did), and skipping would only stall it.
+# The statistics are the training state's (a checkpoint holds them), so resume is exact.
+SPIKE_WINDOW, SPIKE_WARMUP = 128, 32
+
+
+def skip_spike(loss: float, norm: float, stats: dict, step: int, args) -> dict:
+    if not args.skip_spikes:
+        return {}
+    values = {"loss": loss, "gradient norm": norm}
+    outliers = [f"{name} {value:.4g} is {z:.1f} standard deviations above the mean "
+                f"{np.mean(stats[name]):.4g} of the last {len(stats[name])} steps"
+                for name, value in values.items()
+                if (z := spike_z(stats.get(name, []), value)) > args.skip_spikes]
+    if not outliers:
+        for name, value in values.items():
+            stats[name] = [*stats.get(name, []), value][-SPIKE_WINDOW:]
+        stats["in_a_row"] = 0
+        return {}
+    stats["in_a_row"] = stats.get("in_a_row", 0) + 1
+    if stats["in_a_row"] >= args.skip_spikes_limit:
+        raise UserError(f"step {step}: {stats['in_a_row']} steps in a row skipped as spikes "
+                        f"(--skip_spikes {args.skip_spikes}), the last as its {outliers[0]}: "
+                        f"the run itself has changed; lower --max_lr, or check the data")
+    return {"skipped": "; ".join(outliers)}
+
+
+def spike_z(history: list[float], value: float) -> float:
+    """How many standard deviations value lies above history's mean (0 while warming up)."""
+    std = float(np.std(history)) if len(history) >= SPIKE_WARMUP else 0.0
+    return (value - float(np.mean(history))) / std if std > 0 else 0.0
 
 
 class Stopped(Exception):
@@ -2868,15 +3024,49 @@ def bench_training(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
 
 def optimizer_step_times(model: GPT, runtime: Runtime, reps: int) -> dict[str, list[float]]:
     """Seconds of one optimizer step, AdamW alone and Muon (the blocks' matrices) + AdamW, on
-    the same random gradients, one after the other in this process. (The weights move a little:
-    what bench measures after this is speed, which does not depend on them.)"""
+    the same random gradients, one after the other in this process; over several processes
+    (bench under torchrun) also Muon shared over them. On a CPU also the Muon steps' CPU
+    seconds in Newton-Schulz (`..._newton_schulz_cpu`), this process's share of the work. (The
+    weights move a little: what bench measures after this is speed, which does not depend on
+    them.)"""
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"adamw": configure_optimizer(model, 1e-4, 0.1)}
     if torch_version() >= MUON_MIN_TORCH:
-        optimizers["muon"] = configure_optimizer(model, 1e-4, 0.1, dict(
-            muon_lr=0.02, momentum=0.95, weight_decay=0.0, split_qkv=True))
-    return {name: measure(opt.step, runtime.device, reps) for name, opt in optimizers.items()}
+        muon = dict(muon_lr=0.02, momentum=0.95, weight_decay=0.0, split_qkv=True)
+        optimizers["muon"] = configure_optimizer(model, 1e-4, 0.1, {**muon, "share": False})
+        if runtime.world_size > 1:
+            optimizers[f"muon_shared_over_{runtime.world_size}"] = configure_optimizer(
+                model, 1e-4, 0.1, muon)
+    times = {}
+    for name, optimizer in optimizers.items():
+        newton_schulz_s = []
+
+        def step():
+            optimizer.step()
+            newton_schulz_s.append(getattr(optimizer, "orthogonalize_s", None))
+
+        times[name] = measure(step, runtime.device, reps)
+        if name != "adamw" and runtime.device.type == "cpu":
+            times[f"{name}_newton_schulz_cpu"] = newton_schulz_s[-reps:]
+    return times
+
+
+def bench_optimizer_per_process(args):
+    """`bench` under torchrun: the optimizer step alone, timed in every process at once (the
+    rest of bench is one process's business): each rank's medians, printed by rank 0."""
+    runtime = setup_distributed(args.device, args.dtype, backend=args.dist_backend)
+    torch.manual_seed(0)  # the same weights and gradients in every process
+    model = GPT(model_config(args)).to(runtime.device)
+    medians = {k: float(np.median(v)) for k, v in optimizer_step_times(model, runtime, args.reps).items()}
+    every = [None] * runtime.world_size
+    dist.all_gather_object(every, medians)
+    result = {f"opt_step_{k}_s": [m[k] for m in every] for k in medians}
+    rows = [(f"optimizer step, {k} (s), rank 0 .. {runtime.world_size - 1}",
+             " / ".join(f"{m[k]:.3f}" for m in every)) for k in medians]
+    if runtime.is_main:
+        print_bench(rows, result)
+    dist.destroy_process_group()
 
 
 def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
@@ -2904,6 +3094,8 @@ def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
 
 
 def bench(args):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return bench_optimizer_per_process(args)
     runtime = tool_runtime(args.device, args.dtype)
     device = runtime.device
     apply_speed_settings(args, device)
@@ -2919,6 +3111,10 @@ def bench(args):
     peak = peak_memory_mib(device)
     result.update(peak)
     rows += [(k.replace("_", " "), f"{v:,.0f}") for k, v in peak.items() if v is not None]
+    print_bench(rows, result)
+
+
+def print_bench(rows: list, result: dict):
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -3090,6 +3286,12 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_timeout", type=positive_float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
                         "gpt2-xl checkpoint (19 GB) can outlast NCCL's default 10 minutes")
+    g.add_argument("--skip_spikes", type=float_at_least_0, default=0, metavar="Z",
+                   help="skip an update whose loss or gradient norm is more than Z standard "
+                        "deviations above the mean of the last 128 steps' (after 32 steps of "
+                        "them; appendix B); 0: never")
+    g.add_argument("--skip_spikes_limit", type=int_at_least(1), default=5, metavar="K",
+                   help="stop after K updates in a row skipped: the run, not a batch, changed")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and AdamW's moments over the GPUs (FSDP2, "
                         "ZeRO-3): for gpt2-large and -xl on GPUs that cannot hold 16 bytes a "
@@ -3177,6 +3379,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="as in training: time the step, and measure what it keeps, with it")
     add_device_flags(p)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="as in training")
+    p.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="under torchrun, which times the optimizer step alone in every "
+                        "process: as in training")
     add_compile_flag(p)
     p.add_argument("--hellaswag_examples", type=int_at_least(1), default=40,
                    help="HellaSwag val rows scored for its examples/s (from samples/)")

@@ -1860,11 +1860,3 @@ def test_a_fine_tune_from_a_transformers_folder_with_muon_lowers_the_val_loss(sh
                "--eval_every", "6", "--max_lr", "3e-3", "--warmup_steps", "0"])
     val = [e["val_loss"] for e in gpt2.read_events(tmp_path / "log") if "val_loss" in e]
     assert val[1] < val[0] - 0.5
-
-
-def test_muon_with_fsdp_is_refused_with_one_line(shakespeare, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=1", str(HERE / "gpt2.py"), "--data_dir", shakespeare,
-                          "--log_dir", tmp_path, *TINY_RUN, "--optimizer", "muon", "--fsdp",
-                          "--device", "cpu"], capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert out.returncode != 0 and "error: --optimizer muon orthogonalizes whole matrices" in out.stderr
