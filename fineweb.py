@@ -16,8 +16,10 @@ The pipeline, in the order the data flows:
    files with their size and sha256; a name outside that folder, or a list that is not the
    hub's, stops the run before anything is written. Each file is streamed to `<name>.part` in
    the cache folder (one process at a time: an OS lock on `<name>.lock`), resumed with an HTTP
-   Range request after a dropped connection, retried with backoff on timeouts and 5xx, checked
-   (size, sha256), and only then renamed. 401/403/404 fail at once. The next file downloads in
+   Range request after a dropped connection, retried with backoff on timeouts, 5xx and a line
+   slower than ~1 KB/s for a minute, cut at the expected size (unknown: 1 MB), checked (size,
+   sha256), and only then renamed. 401/403/404, a redirect loop, a host that does not resolve
+   fail at once, each as one line. The next file downloads in
    the background while this one is tokenized. A file already in the cache is read from there.
    With `--input`, the files are yours and nothing is downloaded; each kind has its reader:
    `.parquet` its `text` column, `.jsonl` one document a line (its `text` field), `.txt` one
@@ -45,16 +47,19 @@ The split is decided once and recorded in the manifest, so a restart never recou
 Shard format (llm.c's, read by gpt2.read_shard): a 1024-byte header of 256 little-endian
 int32 `[20240520, 1, number of tokens, 0, ...]`, then the tokens as little-endian uint16.
 
-Restart. `manifest.json` in the output folder records the inputs, the parameters, the size of
-the validation split and, for each finished shard, where the next shard starts: (file,
-document row, tokens to skip in the stream that starts at that document). A rerun skips to
+Restart. `manifest.json` in the output folder records the inputs (your files with their size,
+mtime and a digest of their ends: a rerun on a changed one is refused), the parameters, the
+size of the validation split and, for each finished shard, its sha256 and where the next shard
+starts: (file, document row, tokens to skip in the stream that starts at that document). One
+run at a time writes the folder (an OS lock on its `.lock`). A rerun skips to
 that position and re-tokenizes at most one batch it had already seen; files before it are
 not needed again, which is why a downloaded parquet file is deleted (unless `--keep_parquet`)
 once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both. Only
 what the downloader wrote is deleted: a file that was in the cache before is kept. Every file
 another run may read (a shard, the manifest, a download) is written to a temporary name and
 renamed when complete. The manifest says when the job is done; check_finished(data_dir), for
-gpt2.py to call before it trains, refuses an unfinished one and names the command to finish it.
+gpt2.py to call before it trains, refuses an unfinished one and names the command to finish it,
+and a finished one whose shard files are not the ones its manifest lists.
 (A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
