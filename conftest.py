@@ -36,6 +36,8 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and TIKTOKEN_CACHE.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
 
 real_sleep = time.sleep  # the server's own pauses, whatever a test does to time.sleep (no_backoff)
+ENDLESS_SECONDS = 10  # the longest a LocalHub answers "endless" or "trickle" (the client gone, it stops sooner)
+TRICKLE_PACE = 0.1  # seconds between the bytes of a "trickle"
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +69,10 @@ class LocalHub:
     `faults[name]` lists faults for the next requests of that file, used up one per request:
     "drop" (send half the body, then hang up), "cut" (send half the body without a
     Content-Length, then close: it looks complete), "503" or any other status (answer it),
-    "slow" (4 KB per 50 ms), "corrupt" (flip the first byte), "whole" (ignore the Range header).
+    "slow" (4 KB per 50 ms), "corrupt" (flip the first byte), "whole" (ignore the Range header),
+    "endless" (no Content-Length, and bytes that never end: 64 KB chunks until the client hangs
+    up, for at most ENDLESS_SECONDS), "trickle" (its Content-Length, then one byte per
+    TRICKLE_PACE s, for at most ENDLESS_SECONDS). `/loop/<path>` redirects to itself, for ever.
     `requests` logs (path, Range header) for every request. A context manager: it stops on exit."""
 
     def __init__(self, files, root="/", routes=None, linked=None):
@@ -117,6 +122,10 @@ class LocalHub:
                         self.download(name)
                     elif self.path.startswith("/moved/"):
                         self.redirect(self.path.removeprefix("/moved/"))
+                    elif self.path.startswith("/loop/"):
+                        self.send_response(302)
+                        self.send_header("Location", self.path)
+                        self.reply(b"")
                     else:
                         self.send_error(404)
                 except (BrokenPipeError, ConnectionResetError):
@@ -151,6 +160,8 @@ class LocalHub:
                 body = data[start:]
                 if fault in ("drop", "cut"):
                     return self.reply(body, cut=len(body) // 2, length=fault == "drop")
+                if fault in ("endless", "trickle"):
+                    return self.flood(body, fault)
                 self.reply(body, pace=0.05 if fault == "slow" else 0)
 
             def reply(self, body, cut=None, pace=0, length=True):
@@ -166,6 +177,22 @@ class LocalHub:
                         real_sleep(pace)
                 else:
                     self.wfile.write(body[:cut])
+
+            def flood(self, body, fault):
+                """"endless": 64 KB chunks without a Content-Length; "trickle": `body`, with
+                its length, one byte at a time; either until the client hangs up (the write
+                fails) or ENDLESS_SECONDS pass."""
+                if fault == "trickle":
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                deadline = time.monotonic() + ENDLESS_SECONDS
+                for i in range(len(body)) if fault == "trickle" else iter(int, 1):
+                    if time.monotonic() > deadline:
+                        return
+                    self.wfile.write(body[i:i + 1] if fault == "trickle" else b"x" * 65536)
+                    self.wfile.flush()
+                    if fault == "trickle":
+                        real_sleep(TRICKLE_PACE)
 
             def log_message(self, *args):
                 pass  # keep pytest's output clean

@@ -16,8 +16,10 @@ The pipeline, in the order the data flows:
    files with their size and sha256; a name outside that folder, or a list that is not the
    hub's, stops the run before anything is written. Each file is streamed to `<name>.part` in
    the cache folder (one process at a time: an OS lock on `<name>.lock`), resumed with an HTTP
-   Range request after a dropped connection, retried with backoff on timeouts and 5xx, checked
-   (size, sha256), and only then renamed. 401/403/404 fail at once. The next file downloads in
+   Range request after a dropped connection, retried with backoff on timeouts, 5xx and a line
+   slower than ~1 KB/s for a minute, cut at the expected size (unknown: 1 MB), checked (size,
+   sha256), and only then renamed. 401/403/404, a redirect loop, a host that does not resolve
+   fail at once, each as one line. The next file downloads in
    the background while this one is tokenized. A file already in the cache is read from there.
    With `--input`, the files are yours and nothing is downloaded; each kind has its reader:
    `.parquet` its `text` column, `.jsonl` one document a line (its `text` field), `.txt` one
@@ -45,16 +47,19 @@ The split is decided once and recorded in the manifest, so a restart never recou
 Shard format (llm.c's, read by gpt2.read_shard): a 1024-byte header of 256 little-endian
 int32 `[20240520, 1, number of tokens, 0, ...]`, then the tokens as little-endian uint16.
 
-Restart. `manifest.json` in the output folder records the inputs, the parameters, the size of
-the validation split and, for each finished shard, where the next shard starts: (file,
-document row, tokens to skip in the stream that starts at that document). A rerun skips to
+Restart. `manifest.json` in the output folder records the inputs (your files with their size,
+mtime and a digest of their ends: a rerun on a changed one is refused), the parameters, the
+size of the validation split and, for each finished shard, its sha256 and where the next shard
+starts: (file, document row, tokens to skip in the stream that starts at that document). One
+run at a time writes the folder (an OS lock on its `.lock`). A rerun skips to
 that position and re-tokenizes at most one batch it had already seen; files before it are
 not needed again, which is why a downloaded parquet file is deleted (unless `--keep_parquet`)
 once a finished shard lies past it: the disk holds ~20 GB of shards, not 48 GB of both. Only
 what the downloader wrote is deleted: a file that was in the cache before is kept. Every file
 another run may read (a shard, the manifest, a download) is written to a temporary name and
 renamed when complete. The manifest says when the job is done; check_finished(data_dir), for
-gpt2.py to call before it trains, refuses an unfinished one and names the command to finish it.
+gpt2.py to call before it trains, refuses an unfinished one and names the command to finish it,
+and a finished one whose shard files are not the ones its manifest lists.
 (A "row" is a parquet row, a .jsonl line, or 0 for a .txt file.)
 
 Imports: numpy, tiktoken (>= 0.9, for encode_to_numpy), requests, pyarrow, tqdm. Not torch and
@@ -78,6 +83,7 @@ import re
 import secrets
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -205,6 +211,12 @@ def hub_base():
 
 TIMEOUT = (10, 60)  # seconds to connect, and to wait for the next bytes of an answer
 MAX_TRIES = 8  # 1+2+4+...+64 s: about two minutes of a failing network before giving up
+# A read timeout bounds the wait for each byte, so a server sending one a second never trips
+# it: a try that moves fewer than STALL_BYTES in STALL_SECONDS (~1 KB/s) is given up, and
+# retried. Moving less than that is no progress either, so a line that always trickles ends.
+STALL_SECONDS = 60
+STALL_BYTES = 1 << 16
+UNKNOWN_SIZE_CAP = 1 << 20  # the most a file of unknown size may have (a config.json, a file list)
 RETRY_STATUS = {408, 429}  # and every 5xx: the server's trouble, which passes
 
 
@@ -229,25 +241,63 @@ def open_url(session, url, headers=None, passing=(), hint=""):
     return r
 
 
-def with_retries(url, attempt, progress=lambda: 0):
-    """Return attempt(), calling it again after transient failures with exponential backoff.
-    A try that made `progress` (bytes on disk) restarts the count: a long download over a
-    flaky line gets there as long as it moves."""
-    failures = 0
+def with_retries(url, attempt, progress=lambda: 0, offline=""):
+    """Return attempt(), calling it again after transient failures with exponential backoff,
+    each retry one short line. A try that made `progress` (STALL_BYTES more on disk) restarts
+    the count: a long download over a flaky line gets there as long as it moves. A host name
+    that does not resolve before anything moved is one UserError at once (offline, or a typo in
+    the URL), with `offline` saying what to do; so is any other error of `requests`, naming
+    the URL."""
+    failures, first = 0, progress()
     while True:
         before = progress()
         try:
             return attempt()
         except TRANSIENT as e:
-            failures = 1 if progress() > before else failures + 1
+            if progress() == first and unresolved(e):
+                host = urllib.parse.urlsplit(url).hostname
+                raise UserError(f"cannot reach {host}: offline?{' ' + offline if offline else ''}") from None
+            failures = 1 if progress() >= before + STALL_BYTES else failures + 1
             if failures >= MAX_TRIES:
-                raise UserError(f"cannot download {url}: {e}; gave up after {MAX_TRIES} tries, rerun to resume") from None
+                raise UserError(f"cannot download {url}: {network_problem(e)}; gave up after {MAX_TRIES} "
+                                "tries, rerun to resume") from None
             delay = 2 ** (failures - 1)
-            tqdm.write(f"{url}: {e}; retrying in {delay} s", file=sys.stderr)
+            tqdm.write(f"{url}: {network_problem(e)}; retrying in {delay} s", file=sys.stderr)
             time.sleep(delay)
+        except requests.RequestException as e:  # too many redirects, a bad URL, a certificate, ...
+            raise UserError(f"{url}: {network_problem(e)}") from None
 
 
-def download(url, dest, *, size=None, sha256=None, desc=None):
+def causes(e):
+    """`e` and what it wraps, outermost first: requests wraps urllib3's MaxRetryError, whose
+    `reason` wraps the socket's error."""
+    seen = []
+    while isinstance(e, BaseException) and e not in seen:
+        seen.append(e)
+        e = getattr(e, "reason", None) or e.__cause__ or e.__context__ or (e.args[0] if e.args else None)
+    return seen
+
+
+def unresolved(e):
+    return any(isinstance(c, socket.gaierror) for c in causes(e))
+
+
+def network_problem(e):
+    """One short line for a network error: what went wrong at the bottom, not urllib3's nest
+    of reprs around it."""
+    if isinstance(e, requests.ConnectTimeout):
+        return f"no connection within {TIMEOUT[0]} s"
+    if isinstance(e, requests.ReadTimeout):
+        return f"no answer for {TIMEOUT[1]} s"
+    if isinstance(e, requests.exceptions.ChunkedEncodingError):
+        return "the connection broke off mid-answer"
+    root = causes(e)[-1]
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror
+    return str(root).splitlines()[0][:200] if str(root) else type(root).__name__
+
+
+def download(url, dest, *, size=None, sha256=None, desc=None, max_size=UNKNOWN_SIZE_CAP, offline=""):
     """Download `url` to `dest` (a str or Path, its folders made) and return `dest`; if `dest`
     exists it is returned as it is, without asking the network.
 
@@ -260,14 +310,16 @@ def download(url, dest, *, size=None, sha256=None, desc=None):
     checked against `size` and `sha256`, or where the caller gives none, against what the
     server says: the hub's X-Linked-Size and X-Linked-Etag (an LFS file's size and sha256),
     else its Content-Length. It is deleted with a UserError if it differs, and only then
-    renamed: a file at `dest` is always complete and checked."""
+    renamed: a file at `dest` is always complete and checked. A body that runs past that size,
+    or past `max_size` where no size is known, is cut there and refused; a refused download's
+    .part is deleted. `offline`: what to do when the host's name does not resolve."""
     if os.path.exists(dest):
         return dest
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     desc = desc or os.path.basename(os.fspath(dest))
     with exclusive_lock(f"{os.fspath(dest)}.lock", f"{desc}: another process is downloading it; waiting"):
         if not os.path.exists(dest):  # else the process we waited for has just finished it
-            fetch(url, dest, Expected(size, sha256), desc)
+            fetch(url, dest, Expected(size, sha256), desc, max_size, offline)
     return dest
 
 
@@ -347,12 +399,18 @@ else:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def fetch(url, dest, expected, desc):
+def fetch(url, dest, expected, desc, max_size, offline):
     """Download `url` to `dest` through `dest.part`, then check it: download() under its lock."""
     part = f"{os.fspath(dest)}.part"  # one name, so that a rerun continues it: the lock keeps it to one writer
-    with requests.Session() as session, tqdm(total=expected.size, unit="B", unit_scale=True, desc=desc,
-                                              disable=None) as bar:
-        with_retries(url, lambda: fetch_rest(session, url, part, expected, bar), progress=lambda: size_of(part))
+    try:
+        with requests.Session() as session, tqdm(total=expected.size, unit="B", unit_scale=True, desc=desc,
+                                                  disable=None) as bar:
+            with_retries(url, lambda: fetch_rest(session, url, part, expected, bar, max_size),
+                         progress=lambda: size_of(part), offline=offline)
+    except UserError:  # refused, not cut short: a rerun would not continue it
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)
+        raise
     check_download(url, part, expected)
     os.replace(part, dest)
     tqdm.write(f"downloaded {desc} ({size_of(dest):,} bytes)", file=sys.stderr)
@@ -387,7 +445,7 @@ class Expected:
         raise UserError(f"{url}: {said}, not the {f'{known:,}' if key == 'size' else known} {self.origin[key]}")
 
 
-def fetch_rest(session, url, part, expected, bar):
+def fetch_rest(session, url, part, expected, bar, max_size):
     """Append to `part` the bytes it is missing, asking only for those (HTTP Range), and learn
     the file's size and sha256 from the answer if `expected` lacks them."""
     have = size_of(part)
@@ -411,15 +469,71 @@ def fetch_rest(session, url, part, expected, bar):
         learn_size(url, part, expected, total)
         bar.reset(total=expected.size)
         bar.update(have)
+        limit = (expected.size, "expected") if expected.size is not None else (max_size, "for a file of unknown size")
         with naming(part), open(part, "ab" if have else "wb") as f:
-            # Small chunks: urllib3 drops the chunk in hand when the connection breaks.
-            for chunk in r.iter_content(chunk_size=1 << 16):
+            for chunk in body(url, r, limit, have):
                 f.write(chunk)
                 bar.update(len(chunk))
     # An answer without a Content-Length ends where the connection closes, cut short or not:
     # only a size known from elsewhere tells.
     if expected.size is not None and size_of(part) < expected.size:
         raise TransientError(f"the connection closed after {size_of(part):,} of {expected.size:,} bytes")
+
+
+def body(url, r, limit, have=0):
+    """The body of the answer `r`, in chunks, as it comes (the progress bar moves with each);
+    UserError once the file would pass `limit` = (bytes, why that many), counting the `have`
+    already on disk; TransientError if it comes slower than STALL_BYTES per STALL_SECONDS."""
+    most, why = limit
+    with Stall(r) as stall:
+        try:
+            # Small chunks: urllib3 drops the chunk in hand when the connection breaks, and
+            # the stall watch sees bytes only as chunks arrive.
+            for chunk in r.iter_content(chunk_size=1 << 14):
+                have += len(chunk)
+                if have > most:
+                    raise UserError(f"{url}: the server sends more than {'the ' if why == 'expected' else ''}"
+                                    f"{most:,} bytes {why}; refused")
+                stall.moved += len(chunk)
+                yield chunk
+        except requests.RequestException:
+            if not stall.fired:
+                raise
+        if stall.fired:
+            raise TransientError(f"under {STALL_BYTES:,} bytes in {STALL_SECONDS} s")
+
+
+class Stall:
+    """Watches a streamed answer from a thread: if fewer than STALL_BYTES (counted in `moved`)
+    arrive in STALL_SECONDS, it shuts the connection's socket, which ends the read blocked on
+    it at once, and sets `fired`."""
+
+    def __init__(self, r):
+        self.r, self.moved, self.fired, self.done = r, 0, False, threading.Event()
+
+    def __enter__(self):
+        threading.Thread(target=self.watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+    def watch(self):
+        mark, since = 0, time.monotonic()
+        while not self.done.wait(min(1.0, STALL_SECONDS / 4)):
+            if self.moved - mark >= STALL_BYTES:
+                mark, since = self.moved, time.monotonic()
+            elif time.monotonic() - since >= STALL_SECONDS:
+                self.fired = True
+                # the answer's own socket (its connection may have handed it over and let go),
+                # wrapped without a copy and let go again: shut down, not closed under the reader
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    sock = socket.socket(fileno=self.r.raw.fileno())
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        sock.detach()
+                return
 
 
 def learn_linked(url, part, expected, r):
@@ -515,11 +629,16 @@ def write_shard(path, tokens):
     len(tokens), 0, ...]`, then the tokens as little-endian uint16. It is written atomically
     (`path.tmp`, fsync, rename). Raises ValueError naming the file if an id does not fit."""
     tokens = as_uint16(tokens, path)
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = [SHARD_MAGIC, SHARD_VERSION, len(tokens)]
     with atomic_write(path) as f:
-        f.write(header.tobytes())
+        f.write(shard_header(len(tokens)))
         f.write(memoryview(tokens))
+
+
+def shard_header(n):
+    """The 1024 bytes that open a shard of `n` tokens."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = [SHARD_MAGIC, SHARD_VERSION, n]
+    return header.tobytes()
 
 
 def shard_name(index):
@@ -533,6 +652,7 @@ def shard_name(index):
 REPO = "HuggingFaceFW/fineweb-edu"
 SAMPLES = {"sample-10BT": "sample/10BT", "sample-100BT": "sample/100BT", "sample-350BT": "sample/350BT"}
 CHECK_FLAGS = " (check --name and HF_ENDPOINT)"
+OFFLINE = "set HF_ENDPOINT, or tokenize local files with --input"
 
 
 def list_files(name, max_files):
@@ -548,7 +668,7 @@ def list_files(name, max_files):
     with requests.Session() as session:
         while url:
             read.add(url)
-            page, next_url = with_retries(url, lambda: read_page(session, url, SAMPLES[name]))
+            page, next_url = with_retries(url, lambda: read_page(session, url, SAMPLES[name]), offline=OFFLINE)
             if next_url in read:
                 raise not_the_list(url, f"its next page, {next_url}, was already read: the list would never end")
             files += page
@@ -562,8 +682,9 @@ def list_files(name, max_files):
 def read_page(session, url, folder):
     """One page of the tree API: its parquet files and the URL of the next page (or None)."""
     with open_url(session, url, hint=CHECK_FLAGS) as r:
+        page = b"".join(body(url, r, (16 * UNKNOWN_SIZE_CAP, "for a page of the file list")))  # ~250 B a file
         try:
-            entries = r.json()
+            entries = json.loads(page)
         except ValueError:
             raise UserError(f"{url}: not the hub's JSON file list (check HF_ENDPOINT)") from None
         next_url = r.links.get("next", {}).get("url")
@@ -619,7 +740,7 @@ def hub_file_problem(file, folder):
 def download_hub_file(file, dest):
     """Download one file of the list to `dest`, checked against the size and sha256 the hub lists."""
     return download(f"{hub_base()}/datasets/{REPO}/resolve/main/{file['name']}", dest,
-                    size=file["size"], sha256=file["sha256"], desc=file["name"])
+                    size=file["size"], sha256=file["sha256"], desc=file["name"], offline=OFFLINE)
 
 
 def in_background(fn, *args):
@@ -651,9 +772,14 @@ def open_parquet(path, field):
         raise UserError(f"{path}: no '{field}' column (it has: {', '.join(schema.names)}); "
                         "--text_field names the column that holds the text")
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    if not is_strings(kind.value_type if pa.types.is_dictionary(kind) else kind):  # to_pylist decodes those
         raise UserError(f"{path}: the '{field}' column holds {kind}, not strings")
     return pf
+
+
+def is_strings(kind):
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or \
+        getattr(pa.types, "is_string_view", lambda _: False)(kind)
 
 
 def read_parquet(path, start_row, docs_per_batch, field):
@@ -672,6 +798,9 @@ def read_parquet(path, start_row, docs_per_batch, field):
                 texts = pf.read_row_group(group, columns=[field]).column(0)
             except (pa.ArrowException, OSError) as e:
                 raise UserError(f"{path}: row group {group} is unreadable ({e})") from None
+            if texts.null_count:  # refused, as a .jsonl line whose text is null is
+                null = first + texts.to_pylist().index(None)
+                raise UserError(f"{path} row {null}: the '{field}' column holds null, not a string")
             for i in range(max(start_row - first, 0), rows, docs_per_batch):
                 yield first + i, texts.slice(i, docs_per_batch).to_pylist()
         first += rows
@@ -887,7 +1016,10 @@ class ShardWriter:
         name = shard_name(len(self.manifest["shards"]))
         tokens = self.buffer[:self.fill]
         write_shard(os.path.join(self.out_dir, name), tokens)
-        self.manifest["shards"].append({"name": name, "tokens": self.fill,
+        # the whole file's sha256, for gpt2.py's fingerprint of the data (what a resume compares)
+        digest = hashlib.sha256(shard_header(len(tokens)))
+        digest.update(memoryview(as_uint16(tokens, name)))
+        self.manifest["shards"].append({"name": name, "tokens": self.fill, "sha256": digest.hexdigest(),
                                         "docs": int(np.count_nonzero(tokens == EOT)), "next": next_start})
         save_manifest(self.out_dir, self.manifest)  # after the shard: a listed shard is complete
         tqdm.write(f"wrote {name} ({self.fill:,} tokens)")
@@ -966,6 +1098,9 @@ def manifest_problem(manifest):
             return f"shard {i} is called '{shard['name']}', not {shard_name(i)}"
         if len(shard["next"]) != 3 or not all(type(n) is int for n in shard["next"]):
             return f"shard {i}'s 'next' is not 3 numbers"
+        if "sha256" in shard and not (isinstance(shard["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}",
+                                                                                       shard["sha256"])):
+            return f"shard {i}'s 'sha256' is not a sha256"
     folder = SAMPLES.get(source.get("name"))
     for i, file in enumerate(manifest["files"]):
         if problem := file_problem(file, folder):
@@ -989,12 +1124,41 @@ def check_finished(data_dir):
     from llm.c or elsewhere). For gpt2.py, before it trains on the folder: a job stopped half
     way would give it a fraction of the data, and no sign of it."""
     manifest = read_manifest(data_dir)
-    if manifest is None or manifest["done"]:
+    if manifest is None:
+        return
+    if manifest["done"]:
+        if problem := shards_problem(data_dir, manifest):
+            raise UserError(f"{data_dir}: {problem}; `{rerun_command(data_dir, manifest)}` makes the listed "
+                            "shards again, a file it did not write is yours to move away")
         return
     shards, files = len(manifest["shards"]), len(manifest["files"])
     raise UserError(f"{data_dir} is not finished: fineweb.py wrote {shards} shard{'' if shards == 1 else 's'} and "
                     f"stopped in file {min(next_start(manifest)[0] + 1, files)} of its {files} input files; rerun "
                     f"the same command to finish it: `{rerun_command(data_dir, manifest)}`")
+
+
+def shards_problem(data_dir, manifest):
+    """How the shard files in `data_dir` differ from the manifest's list (names, token counts),
+    or None: a shard deleted, cut short, or one more dropped in, would be trained on (or not)
+    without a word."""
+    listed = {shard["name"]: shard["tokens"] for shard in manifest["shards"]}
+    for name, tokens in listed.items():
+        size = size_of(os.path.join(data_dir, name))
+        if not size:
+            return f"{name} is missing"
+        if size != HEADER_BYTES + 2 * tokens:
+            return f"{name} holds {(size - HEADER_BYTES) / 2:,g} tokens, the manifest lists {tokens:,}"
+    stray = sorted(set(f for f in os.listdir(data_dir) if f.endswith(".bin")) - set(listed))
+    if stray:
+        return f"{stray[0]} is not one fineweb.py listed in {MANIFEST}"
+    return None
+
+
+def shard_digests(data_dir):
+    """{shard name: sha256 of the whole file} that fineweb.py's manifest in `data_dir` records
+    (older manifests record none; folders from elsewhere have no manifest)."""
+    manifest = read_manifest(data_dir)
+    return {s["name"]: s["sha256"] for s in manifest["shards"] if "sha256" in s} if manifest else {}
 
 
 def rerun_command(out_dir, manifest):
@@ -1030,16 +1194,44 @@ def load_manifest(args):
             raise UserError(f"{args.out_dir} holds shards made with {json.dumps(manifest['params'])}, not "
                             f"{json.dumps(params)}; pick another --out_dir, or delete that one to start over")
         drop_damaged_shards(args.out_dir, manifest)
+        if not manifest["done"]:
+            check_inputs_unchanged(args.out_dir, manifest)
         return manifest
     if os.path.isdir(args.out_dir) and any(f.startswith("fineweb_edu_") and f.endswith(".bin")
                                            for f in os.listdir(args.out_dir)):
         raise UserError(f"{args.out_dir} holds shards but no {MANIFEST}, so they are not ours to continue; "
                         "pick another --out_dir, or empty that one")
     for p in args.input or []:  # before the tokenizer processes start: a typo is answered at once
+        if os.path.isdir(p):
+            raise UserError(f"{p}: a folder, not a file (--input takes files: {os.path.join(p, '*.parquet')}, say)")
         if not os.path.isfile(p):
             raise UserError(f"{p}: no such file (--input)")
         reader(p)
     return None
+
+
+def stamp(path, ends=1 << 16):
+    """What tells a changed input file: its size, mtime and the sha256 of its first and last
+    64 KiB (a cheap look at the bytes; the mtime sees an edit in the middle)."""
+    with naming(path), open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        digest = hashlib.sha256(f.read(ends))
+        f.seek(max(0, info.st_size - ends))
+        digest.update(f.read(ends))
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "head_tail_sha256": digest.hexdigest()}
+
+
+def check_inputs_unchanged(out_dir, manifest):
+    """A job continues only on the inputs it started on: one changed meanwhile (a .jsonl's lines
+    shuffled, say) would put documents of its validation split into training, or twice."""
+    for file in manifest["files"]:
+        recorded = {key: file[key] for key in ("size", "mtime_ns", "head_tail_sha256") if key in file}
+        if "path" not in file or not recorded:
+            continue  # a download (checked by its sha256), or a manifest of an older fineweb.py
+        now = stamp(file["path"]) if os.path.isfile(file["path"]) else {}
+        if {key: now.get(key) for key in recorded} != recorded:
+            raise UserError(f"{file['path']} changed since this job started (its size, time or bytes): its "
+                            f"shards would mix two versions of it; put it back, or delete {out_dir} to start over")
 
 
 def start_manifest(args, pool):
@@ -1047,7 +1239,8 @@ def start_manifest(args, pool):
     Nothing is written before the split is decided, so an input that fails while it is counted
     leaves nothing behind, and the rerun may change any flag."""
     params = run_params(args)
-    files = [{"path": p} for p in params["source"]["input"]] if args.input else list_files(args.name, args.max_files)
+    files = [{"path": p, **stamp(p)} for p in params["source"]["input"]] if args.input else \
+        list_files(args.name, args.max_files)
     manifest = {"params": params, "files": files, "val_tokens": val_tokens(args, files, pool),
                 "shards": [], "done": False}
     os.makedirs(args.out_dir, exist_ok=True)
@@ -1174,19 +1367,37 @@ def run(args):
     if not hasattr(tiktoken.Encoding, "encode_to_numpy"):
         raise UserError("this tiktoken is too old (no encode_to_numpy): pip install 'tiktoken>=0.9'")
     gpt2_tokenizer()  # here, where a missing tokenizer is one line, not a broken pool
-    manifest = load_manifest(args)
-    if manifest and manifest["done"]:
-        print(f"nothing to do: {args.out_dir} is complete")
-        report(args, manifest, 0, 0)
-        return 0
-    with concurrent.futures.ProcessPoolExecutor(args.num_proc, initializer=init_worker) as pool:
-        # Start the processes now, before the shard buffer and the download thread exist: fork
-        # copies only the thread that forks, and a lock held by another would stay locked.
-        pool.submit(int).result()
-        manifest = manifest or start_manifest(args, pool)
-        tokens_this_run = make_shards(args, manifest, pool)
+    with holding(args.out_dir):
+        manifest = load_manifest(args)
+        if manifest and manifest["done"]:
+            print(f"nothing to do: {args.out_dir} is complete")
+            report(args, manifest, 0, 0)
+            return 0
+        with concurrent.futures.ProcessPoolExecutor(args.num_proc, initializer=init_worker) as pool:
+            # Start the processes now, before the shard buffer and the download thread exist: fork
+            # copies only the thread that forks, and a lock held by another would stay locked.
+            pool.submit(int).result()
+            manifest = manifest or start_manifest(args, pool)
+            tokens_this_run = make_shards(args, manifest, pool)
     report(args, manifest, tokens_this_run, time.time() - started)
     return 0
+
+
+@contextlib.contextmanager
+def holding(out_dir):
+    """The run holds `out_dir` alone (an OS lock on its .lock file), as gpt2.py holds its log
+    folder: two runs at once would each write shards the other's manifest does not list. A run
+    that made the folder and wrote nothing into it (an input refused) takes it away again."""
+    made = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        with exclusive_lock(os.path.join(out_dir, ".lock"), busy=f"another fineweb.py is writing {out_dir}: "
+                            "wait for it to finish, or give this one another --out_dir"):
+            yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)  # only if empty
 
 
 def make_shards(args, manifest, pool):

@@ -64,8 +64,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag
-from fineweb import (Parser, UserError, atomic_write, cache_dir, check_finished, download,
-                     exclusive_lock, gpt2_tokenizer)
+from fineweb import (UNKNOWN_SIZE_CAP, Parser, UserError, atomic_write, cache_dir, check_finished,
+                     download, exclusive_lock, gpt2_tokenizer, shard_digests)
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
 VOCAB_SIZE = 50257
@@ -1230,7 +1230,10 @@ def hub_file(name: str, filename: str) -> Path:
         return dest
     base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     size, sha256 = HUB_WEIGHTS.get(name, (None, None)) if filename == "model.safetensors" else (None, None)
-    download(f"{base}/openai-community/{name}/resolve/main/{filename}", dest, size=size, sha256=sha256)
+    # a size the hub does not say is capped: gpt2-xl's float32 weights are 6.4 GB, a config 1 KB
+    most = 8 * 10**9 if filename == "model.safetensors" else UNKNOWN_SIZE_CAP
+    download(f"{base}/openai-community/{name}/resolve/main/{filename}", dest, size=size, sha256=sha256,
+             max_size=most, offline="set HF_ENDPOINT, or pass a local folder (--model or --init_from FOLDER)")
     try:
         if filename == "config.json":
             served = asdict(config_from_hf(dest))
@@ -1306,10 +1309,18 @@ def check_token_ids(tokens: np.ndarray, path, vocab_size: int | None):
 
 
 def data_fingerprint(files) -> str:
-    """A cheap digest of the training shards: names, sizes, and the first and last 64 KiB of
-    each, enough to tell another fineweb.py output (the same names) from this one."""
-    digest = hashlib.sha256()
+    """A digest of the training shards, to tell another fineweb.py output (the same names) from
+    this one: of each shard's sha256 as fineweb.py's manifest records it (the whole file's);
+    for shards it records none (llm.c's, an older fineweb.py's: the fingerprint their
+    checkpoints hold), of the name, size, and first and last 64 KiB."""
+    digest, recorded = hashlib.sha256(), {}
     for path in files:
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in recorded:
+            recorded[folder] = shard_digests(folder)
+        if sha256 := recorded[folder].get(os.path.basename(path)):
+            digest.update(f"{os.path.basename(path)} sha256 {sha256}".encode())
+            continue
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             digest.update(f"{os.path.basename(path)} {size}".encode() + f.read(1 << 16))
@@ -2580,7 +2591,7 @@ def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int,
                  seed: int, top_k: int | None = 50) -> list[str]:
     """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
     enc = gpt2_tokenizer()
-    idx = torch.tensor([enc.encode(prompt) or [EOT]] * num_samples, dtype=torch.long,
+    idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT]] * num_samples, dtype=torch.long,
                        device=device)  # an empty prompt starts a fresh document
     max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
     out = generate(model, idx, max_new_tokens, top_k=top_k, seed=seed)
@@ -2599,7 +2610,8 @@ def sample(args):
     device = runtime.device
     model = load_model(args, device)
     enc = gpt2_tokenizer()
-    prompt = enc.encode(args.prompt) or [EOT]  # an empty prompt starts a fresh document
+    # user text is plain text, "<|endoftext|>" too; an empty prompt starts a fresh document
+    prompt = enc.encode_ordinary(args.prompt) or [EOT]
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)
     t0 = time.perf_counter()
     with autocast_context(runtime):
@@ -2712,9 +2724,10 @@ def tokenizer_files(block_size: int) -> dict[str, bytes]:
                    unk_token="<|endoftext|>")
     # Transformers' GPT-2 defaults, written out: older releases tidy " ," into "," when they
     # decode (clean_up_tokenization_spaces), and decode(encode(text)) must give back the text.
+    # split_special_tokens: "<|endoftext|>" in text is plain text, as everywhere in this project
     config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=block_size,
                   add_prefix_space=False, add_bos_token=False, errors="replace",
-                  clean_up_tokenization_spaces=False, **special)
+                  clean_up_tokenization_spaces=False, split_special_tokens=True, **special)
     as_json = lambda d: json.dumps(d, indent=2).encode()  # noqa: E731
     return {"vocab.json": vocab, "merges.txt": merges,
             "tokenizer_config.json": as_json(config),

@@ -246,8 +246,8 @@ def render_example(example: dict, enc: tiktoken.Encoding | None = None,
     is 73 tokens long).
     """
     enc = enc or gpt2_tokenizer()
-    ctx = enc.encode(example["ctx"])
-    endings = [enc.encode(" " + ending) for ending in example["endings"]]
+    ctx = enc.encode_ordinary(example["ctx"])  # plain text, "<|endoftext|>" too, as all user text
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     longest = max(len(end) for end in endings)
     if max_len is not None and longest >= max_len:
         raise UserError(f"an ending of {longest} tokens and one token of its context do not fit "

@@ -124,10 +124,11 @@ def test_the_tokenizer_has_gpt2s_special_token_and_the_models_context_as_max_len
     assert tokenizer.bos_token == tokenizer.eos_token == tokenizer.unk_token == "<|endoftext|>"
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == gpt2.EOT
     assert len(tokenizer) == gpt2.VOCAB_SIZE
-    # transformers' convention, OpenAI's too: the text "<|endoftext|>" is the special token
+    # this project's rule for user text: the text "<|endoftext|>" is plain text, as gpt2.py's
+    # prompts and fineweb.py's documents encode it (split_special_tokens)
     text = "one<|endoftext|>two"
-    assert tokenizer(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode(text, allowed_special="all")
-    assert tokenizer(text)["input_ids"][1] == gpt2.EOT
+    assert tokenizer(text)["input_ids"] == tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    assert gpt2.EOT not in tokenizer(text)["input_ids"]
 
 
 # -- 2. The model, in transformers ----------------------------------------------------------------
