@@ -309,12 +309,19 @@ def common_length(rows: list[list[int]], reverse: bool = False) -> int:
 
 def spans(task: Task, rows: list[list[int]], where: str) -> tuple[list, list]:
     """(rows, (start, end) of each row's scored tokens), as core_eval.py's batch_sequences_*."""
-    if task.kind == "multiple_choice":
-        start = common_length(rows)
-        return rows, [(start, len(row)) for row in rows]
-    if task.kind == "schema":
-        suffix = common_length(rows, reverse=True)
-        return rows, [(len(row) - suffix, len(row)) for row in rows]
+    if task.kind != "language_modeling":
+        if task.kind == "multiple_choice":
+            start = common_length(rows)
+            scored = [(start, len(row)) for row in rows]
+        else:
+            suffix = common_length(rows, reverse=True)
+            scored = [(len(row) - suffix, len(row)) for row in rows]
+        # A choice that is all prefix (another's start) scores no token: its mean is NaN, which
+        # list.index(min(...)) below handles as nanochat's does. One with nothing before it
+        # (all the rows the same) cannot be scored at all.
+        if any(start < 1 for start, _ in scored):
+            raise UserError(f"{where}: its choices are all the same")
+        return rows, scored
     without, whole = rows
     if not len(without) < len(whole) or whole[:len(without)] != without:
         raise UserError(f"{where}: the prompt's tokens without the continuation are not the start "
@@ -396,7 +403,7 @@ def chunk_correct(model, task: Task, indices: list[int], device, autocast_dtype,
             losses, hits = hellaswag.packed_scores(model, [items[j][0] for j in batch], device)
         which = torch.cat([items[j][0].slot + items[j][1] for j in batch])
         sums.index_add_(1, which, torch.stack([losses, torch.ones_like(losses), hits.float()]).cpu())
-    hellaswag.check_finite(sums[0], f"{task.label} choices")
+    hellaswag.check_finite(sums[0][sums[1] > 0], f"{task.label} choices")
     means, hits, counts = (sums[0] / sums[1]).tolist(), sums[2].tolist(), sums[1].tolist()
     out = []
     for i, (s, n) in zip(indices, owners):

@@ -235,6 +235,15 @@ def test_the_batching_does_not_change_a_verdict(model, tasks, oracle_results):
         assert ours == oracle_results[task.label][0]
 
 
+def test_a_choice_inside_another_scores_no_token_and_loses_as_nanochats_nan_does(model):
+    # "fish" is all prefix of "fish food": its mean loss is NaN, and min() over [NaN, x] keeps
+    # the NaN at index 0 (nanochat's list.index(min(...))), while over [x, NaN] it keeps x.
+    rows = [dict(query="The cat ate", choices=["fish", "fish food"], gold=1),
+            dict(query="The cat ate", choices=["fish food", "fish"], gold=1)]
+    task = core.Task("t", "multiple_choice", 0, " ", 25.0, rows, ["x: line 1", "x: line 2"])
+    assert core.correct(model, task, range(2), "cpu") == [False, False]
+
+
 # -- Prompts --------------------------------------------------------------------------------------
 
 def test_shots_are_drawn_as_random_sample_over_the_list_nanochat_builds():
