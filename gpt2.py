@@ -710,8 +710,8 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 # val shard: the same sequences whatever the number of processes or the micro-batch (each rank
 # takes every world_size-th sequence, and the summed losses are reduced), through the same
 # loss path and autocast as training, so curves from different setups compare. Samples from a
-# fixed prompt, to see what the loss means. And HellaSwag accuracy (hellaswag.py), the
-# benchmark small GPTs are compared on.
+# fixed prompt, to see what the loss means. And benchmarks: HellaSwag (hellaswag.py), which
+# small GPTs are compared on, and CORE's 22 tasks (core.py), nanochat's yardstick of GPT-2.
 
 @torch.no_grad()
 def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
@@ -735,8 +735,8 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int,
 
 
 def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
-             last: bool) -> dict:
-    """The evaluation event of this step: val loss, HellaSwag when due, samples."""
+             last: bool, core_tasks=None) -> dict:
+    """The evaluation event of this step: val loss, HellaSwag and CORE when due, samples."""
     model = evaluation_model(state.model, runtime)  # --fsdp: a gathered, plain copy (appendix B)
     event = dict(step=state.step)
     if val_tokens is not None:
@@ -747,6 +747,7 @@ def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_ex
         event["hellaswag"] = hellaswag.evaluate(  # acc_norm; each rank scores its share
             model, hellaswag_examples, runtime.device, rank=runtime.rank,
             world_size=runtime.world_size, autocast_dtype=runtime.dtype)["acc_norm"]
+    event.update(core_event(model, core_tasks, args, runtime, state.step, last))  # appendix B
     if runtime.is_main and args.num_samples:
         event["samples"] = sample_texts(  # chapter 2's generate, from text to text: appendix C
             model, args.sample_prompt, args.num_samples, args.sample_tokens,
@@ -883,6 +884,7 @@ def add_recipe_flags(p):
          help="validation budget: 10M tokens, build-nanogpt's 20 x 64 x 1024 x 8")
     flag("--hellaswag_every", type=int_at_least(0), default=250, help="steps between HellaSwag "
          "evaluations (0: never)")
+    flag("--core_every", type=int_at_least(0), default=0, help="steps between CORE evals (0: never)")
     flag("--checkpoint_every", type=int_at_least(1), default=1000, help="steps between checkpoints")
 
 
@@ -930,7 +932,7 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
     loader, val_tokens, grad_accum = training_data(args, runtime, position)  # chapter 4
     state.loader = loader
     max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
-    hellaswag_examples = load_hellaswag(args, runtime) if args.hellaswag_every else None
+    hellaswag_examples, core_tasks = load_hellaswag(args, runtime), load_core(args, runtime)
     # log.jsonl and the console, with MFU; a fresh run's first event is its config (appendix B)
     log = EventLog(args, runtime, state, grad_accum, max_steps)
     start = state.step
@@ -938,7 +940,8 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
         last = state.step == max_steps
         # Once in a while, evaluate (not the step a resumed run starts at: it was, before).
         if (state.step % args.eval_every == 0 or last) and not state.step == start > 0:
-            log.write(**evaluate(state, args, runtime, val_tokens, hellaswag_examples, last))
+            log.write(**evaluate(state, args, runtime, val_tokens, hellaswag_examples, last,
+                                 core_tasks))
         if last:
             break
 
@@ -2456,13 +2459,43 @@ def finetune_config(args, saved: dict) -> GPTConfig:
 
 
 def load_hellaswag(args, runtime: Runtime):
-    """HellaSwag's val examples for the training hook: downloaded once per machine."""
+    """HellaSwag's val examples for the training hook (None without it): downloaded once per
+    machine."""
+    if not args.hellaswag_every:
+        return None
+
     def load():
         try:
             return hellaswag.load_examples(file=args.hellaswag_file, limit=args.hellaswag_limit or None)
         except UserError as e:
             raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
     return local_rank0_first(runtime, load)
+
+
+def load_core(args, runtime: Runtime) -> list | None:
+    """CORE's tasks for the training hook (core.py; None without it): the bundle downloaded
+    once per machine."""
+    import core  # the appendix's alone: the story needs no CORE to read
+    if not args.core_every:
+        return None
+
+    def load():
+        try:
+            return core.load_tasks(args.core_bundle, max_per_task=args.core_max_per_task or None)
+        except UserError as e:
+            raise UserError(f"CORE data: {e} (or train with --core_every 0)") from None
+    return local_rank0_first(runtime, load)
+
+
+def core_event(model: GPT, tasks, args, runtime: Runtime, step: int, last: bool) -> dict:
+    """When due, CORE and each task's centered accuracy, every rank scoring its share."""
+    import core
+    if not tasks or not (step % args.core_every == 0 or last):
+        return {}
+    result = core.evaluate(model, tasks, runtime.device, rank=runtime.rank,
+                           world_size=runtime.world_size, autocast_dtype=runtime.dtype)
+    return dict(core=result["core"],
+                core_tasks={label: r["centered"] for label, r in result["tasks"].items()})
 
 
 # Dashboards. --tensorboard DIR and --wandb PROJECT mirror each event of log.jsonl as it is
@@ -2973,6 +3006,20 @@ def hellaswag_speed(model: GPT, runtime: Runtime, n: int, reps: int) -> list[flo
     return [hellaswag.examples_per_second(model, examples, runtime.device) for _ in range(reps)]
 
 
+def core_speed(model: GPT, runtime: Runtime, n: int, reps: int) -> list[float]:
+    """Examples/s of CORE scoring (core.py) on a task like CORE's hellaswag, its largest in
+    tokens: the first n of the repository's 1,000 HellaSwag val rows, multiple choice, 10-shot."""
+    import core
+    rows = hellaswag.load_examples(file=Path(__file__).parent / "samples" /
+                                   "hellaswag_val_1000.jsonl", limit=max(n, 11))
+    examples = [dict(query=r["ctx"], choices=r["endings"], gold=r["label"]) for r in rows]
+    task = core.Task("hellaswag", "multiple_choice", 10, " ", 25.0, examples, [""] * len(rows))
+    core.examples_per_second(model, [task._replace(examples=examples[:11])], runtime.device,
+                             autocast_dtype=runtime.dtype)  # warm-up
+    return [core.examples_per_second(model, [task], runtime.device, autocast_dtype=runtime.dtype)
+            for _ in range(reps)]
+
+
 def bench_loader(reps: int, B: int = 64, T: int = 1024, shard_tokens: int = 16_000_000) -> list[float]:
     """Batches/s the loader serves at training's default B=64, T=1024: random windows of a
     32 MB shard (in the page cache, as a shard in use is). One batch must stay well under 1%
@@ -3089,11 +3136,13 @@ def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
     bandwidth = read_bandwidth(runtime.device, args.reps)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     hella = hellaswag_speed(model, runtime, args.hellaswag_examples, min(args.reps, 3))
+    cores = core_speed(model, runtime, args.core_examples, min(args.reps, 3))
     result = {k: float(np.median(v)) for k, v in speeds.items()}
     result.update(gen_tok_s_cache=result["gen_b1_topk"],  # short names: batch-1 top-k
                   gen_tok_s_nocache=result["gen_b1_topk_nocache"],
                   read_bandwidth=bandwidth, gen_b1_limit=bandwidth / weight_bytes,
-                  hellaswag_examples_s=float(np.median(hella)))
+                  hellaswag_examples_s=float(np.median(hella)),
+                  core_examples_s=float(np.median(cores)))
     if hf is not None:
         result["gen_tok_s_transformers"] = result["gen_b1_topk_transformers"]
     rows = [(f"generate 16+{args.gen_tokens}, {k.removeprefix('gen_')} (tok/s)", spread(v))
@@ -3102,7 +3151,8 @@ def bench_inference(model: GPT, args, runtime: Runtime) -> tuple[dict, list]:
              ("batch-1 limit: bandwidth / weight bytes (tok/s)", f"{result['gen_b1_limit']:,.1f}"),
              ("HellaSwag (examples/s)", spread(hella)),
              ("HellaSwag, all 10,042 val examples (min)",
-              f"{10042 / result['hellaswag_examples_s'] / 60:,.1f}")]
+              f"{10042 / result['hellaswag_examples_s'] / 60:,.1f}"),
+             ("CORE, hellaswag 10-shot rows (examples/s)", spread(cores))]
     return result, rows
 
 
@@ -3137,8 +3187,9 @@ def print_bench(rows: list, result: dict):
 # `plot` draws a run's log.jsonl: train and val loss, and HellaSwag, against steps and tokens.
 # For the 124M model it adds OpenAI GPT-2 124M's own figures as reference lines: val loss 3.2924
 # on the FineWeb-Edu val shard (measured by build-nanogpt) and HellaSwag acc_norm 0.2955
-# (completion style, all 10,042 examples; build-nanogpt and llm.c).
-GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG = 3.2924, 0.2955
+# (completion style, all 10,042 examples; build-nanogpt and llm.c), and CORE 0.1139 (nanochat's
+# dev/estimate_gpt3_core.ipynb, from its base_eval.py on OpenAI's weights).
+GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG, GPT2_124M_CORE = 3.2924, 0.2955, 0.1139
 
 
 def plot(args):
@@ -3153,9 +3204,11 @@ def plot(args):
     train = [(e["step"], e["loss"]) for e in events if "loss" in e]
     val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
     hella = [(e["step"], e["hellaswag"]) for e in events if "hellaswag" in e]
+    cores = [(e["step"], e["core"]) for e in events if "core" in e]
     if not train:
         raise UserError(f"{args.log_dir}/log.jsonl has no training steps yet")
-    fig, axes = plt.subplots(1, 2 if hella else 1, figsize=(13 if hella else 7, 4.5), squeeze=False)
+    two = bool(hella or cores)
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train loss")
     if val:
@@ -3171,6 +3224,12 @@ def plot(args):
         if is_124m:
             hx.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label="OpenAI GPT-2 124M")
         hx.set(xlabel="step", ylabel="accuracy", title="HellaSwag")
+    if cores:  # centered: 0 is chance, on the same axes as HellaSwag's accuracy
+        hx = axes[0][1]
+        hx.plot(*zip(*cores), "s-", ms=3, color="m", label="CORE (centered)")
+        if is_124m:
+            hx.axhline(GPT2_124M_CORE, color="m", ls="--", label="OpenAI GPT-2 124M CORE")
+        hx.set(xlabel="step", ylabel="accuracy; CORE", title="HellaSwag and CORE" if hella else "CORE")
     for a in fig.axes:
         a.grid(alpha=0.3)
         a.legend()
@@ -3275,6 +3334,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--hellaswag_file", help="local HellaSwag jsonl (default: download val)")
     g.add_argument("--hellaswag_limit", type=int_at_least(0), default=0,
                    help="score only the first N examples (0 = all 10,042)")
+    g.add_argument("--core_bundle", metavar="PATH", help="CORE's eval bundle, a folder or "
+                   "eval_bundle.zip (default: download nanochat's once)")
+    g.add_argument("--core_max_per_task", type=int_at_least(0), default=500,
+                   help="CORE examples per task (nanochat's training default; 0 = all)")
     g.add_argument("--num_samples", type=int_at_least(0), default=4, help="samples printed at each eval")
     g.add_argument("--sample_tokens", type=int_at_least(1), default=32, help="tokens per sample")
     g.add_argument("--sample_prompt", default="Hello, I'm a language model,",
@@ -3398,6 +3461,8 @@ def bench_parser() -> argparse.ArgumentParser:
     add_compile_flag(p)
     p.add_argument("--hellaswag_examples", type=int_at_least(1), default=40,
                    help="HellaSwag val rows scored for its examples/s (from samples/)")
+    p.add_argument("--core_examples", type=int_at_least(11), default=24,
+                   help="HellaSwag val rows scored 10-shot as CORE scores them, for its examples/s")
     p.add_argument("--vs_transformers", action="store_true",
                    help="also time transformers' cached generate on the same weights "
                         "(needs requirements-dev.txt)")

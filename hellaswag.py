@@ -160,23 +160,29 @@ def parse_lines(path: Path, limit: int | None = None) -> list[tuple[str, object]
     from JSON but not yet checked; `where` is "PATH: line N"."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    rows = []
     try:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(rows) >= limit:
-                    break
-                if not line.strip():
-                    continue  # a trailing blank line is not an example
-                where = f"{path}: line {lineno}"
-                try:
-                    rows.append((where, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise Damaged(f"{where}: not valid JSON ({e.msg})") from None
+            return json_rows(f, path, limit)
     except UnicodeDecodeError as e:
         raise Damaged(f"{path}: not UTF-8 text ({e.reason}): not a HellaSwag jsonl file") from None
     except OSError as e:  # unreadable: a folder, no permission
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def json_rows(lines, name, limit: int | None = None) -> list[tuple[str, object]]:
+    """(where, row) for each of the first `limit` non-blank lines, each decoded from JSON;
+    `where` is "NAME: line N"."""
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if not line.strip():
+            continue  # a trailing blank line is not an example
+        where = f"{name}: line {lineno}"
+        try:
+            rows.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise Damaged(f"{where}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -282,38 +288,58 @@ def fast_path(model: torch.nn.Module) -> bool:
         getattr(model, "lm_head", None), torch.nn.Module)
 
 
-def pack_example(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An example's 4 rows (render_example's tokens and mask) as one row for the fast path.
+class Packed(NamedTuple):
+    """Several completions that share their first tokens, packed into one row (pack_rows)."""
+    tokens: torch.Tensor  # (n,) the shared prefix once, then each completion's own tokens
+    pos: torch.Tensor  # (n,) each token's position in its own completion
+    part: torch.Tensor  # (n,) 0 for the prefix, k + 1 for the tokens of completion k
+    src: torch.Tensor  # (E,) for each scored token, the index of the token that predicts it
+    tgt: torch.Tensor  # (E,) the index of each scored token
+    slot: torch.Tensor  # (E,) the completion each scored token belongs to
 
-    The context once, then the 4 endings one after another: `row` (n,). Each token also gets
-    `pos` (n,), its position in its own completion (every ending continues from the context's
-    length), and `part` (n,), 0 for the context and i + 1 for ending i; attention lets a token
-    see the context and its own part (see packed_losses). So each ending is scored exactly as
-    in its own row, while the body runs over n = ctx + the 4 endings' tokens instead of
-    4 x ctx + the endings': 1.9x fewer tokens on HellaSwag's val rows, whose contexts are
-    28 tokens and endings 16 on average. `src` (E,) says, for each ending token in order,
-    which token predicts it: the one before it, or, for an ending's first token, the context's
-    last token.
+
+def pack_rows(rows: list[list[int]], shared: int, spans: list[tuple[int, int]]) -> Packed:
+    """Completions `rows` whose first `shared` tokens are the same, as one packed row.
+
+    The prefix once, then each row's tokens after it, one row after another. Each token keeps
+    its position in its own row, and attention (packed_scores) lets it see the prefix and its
+    own row's tokens only: so each token of row k is scored exactly as in a row of its own,
+    while the body runs over the prefix once instead of once per row. `spans[k] = (start,
+    end)`: row k's tokens start..end-1 are scored, each predicted by the token before it,
+    which is the prefix's when it comes before `shared`.
     """
+    tokens, pos, part, src, tgt, slot = [rows[0][:shared]], [range(shared)], [[0] * shared], [], [], []
+    at = shared  # where the next row's own tokens go in the packed row
+    for k, (row, (start, end)) in enumerate(zip(rows, spans)):
+        tokens.append(row[shared:])
+        pos.append(range(shared, len(row)))
+        part.append([k + 1] * (len(row) - shared))
+        where = [j if j < shared else at + j - shared for j in range(start - 1, end)]
+        src += where[:-1]
+        tgt += where[1:]
+        slot += [k] * (end - start)
+        at += len(row) - shared
+    flat = [torch.tensor([t for piece in x for t in piece], dtype=torch.long)
+            for x in (tokens, pos, part)]
+    return Packed(*flat, *(torch.tensor(x, dtype=torch.long) for x in (src, tgt, slot)))
+
+
+def pack_example(tokens: torch.Tensor, mask: torch.Tensor) -> Packed:
+    """An example's 4 rows (render_example's tokens and mask) as one row for the fast path:
+    the context once, then the 4 endings, each ending's tokens scored (pack_rows). 1.9x fewer
+    tokens through the body than 4 rows on HellaSwag's val rows, whose contexts are 28 tokens
+    and endings 16 on average."""
     n_ctx = int(mask[0].nonzero()[0])  # every ending starts where the context stops
-    row, pos, src = [tokens[0, :n_ctx]], [torch.arange(n_ctx)], []
-    part = [torch.zeros(n_ctx, dtype=torch.long)]
-    start = n_ctx  # where the next ending goes in the packed row
-    for i in range(N_ENDINGS):
-        n = int(mask[i].sum())
-        row.append(tokens[i, n_ctx:n_ctx + n])
-        pos.append(torch.arange(n_ctx, n_ctx + n))
-        part.append(torch.full((n,), i + 1))
-        src.append(torch.cat([torch.tensor([n_ctx - 1]), torch.arange(start, start + n - 1)]))
-        start += n
-    return torch.cat(row), torch.cat(pos), torch.cat(part), torch.cat(src)
+    ends = [n_ctx + int(m.sum()) for m in mask]
+    rows = [tokens[i, :end].tolist() for i, end in enumerate(ends)]
+    return pack_rows(rows, n_ctx, [(n_ctx, end) for end in ends])
 
 
 class PackedRows:
     """What gpt2.py's model calls a cache (its chapter 2): the object that tells the model
     where its tokens sit (`positions`) and runs each layer's attention (`attend`). Here the
     positions are the packed rows' own, and a token attends to the tokens before it that are
-    context or of its own ending: `sees` (B, L, L)."""
+    of the shared prefix or of its own part: `sees` (B, L, L)."""
 
     def __init__(self, pos: torch.Tensor, sees: torch.Tensor):
         self.pos, self.mask = pos, sees[:, None]  # (B, L); (B, 1, L, L), one for all heads
@@ -325,30 +351,38 @@ class PackedRows:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
 
 
-def packed_losses(model: torch.nn.Module, packed: list[tuple[torch.Tensor, ...]],
-                  device: str | torch.device) -> torch.Tensor:
-    """Summed loss of each ending of a batch of packed examples (the fast path): (B, 4)."""
-    tokens = pad_cat([row[None] for row, _, _, _ in packed]).to(device)  # (B, L)
-    pos = pad_cat([pos[None] for _, pos, _, _ in packed]).to(device)  # (B, L)
-    part = pad_cat([part[None] for _, _, part, _ in packed], value=-1).to(device)  # (B, L)
-    B, L = tokens.shape
-    # A token sees the tokens before it that are context or of its own part. Padding, part
-    # -1, sees only itself and the context, and no real token sees it.
+def packed_scores(model: torch.nn.Module, packed: list[Packed],
+                  device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, hit) of every scored token of a batch of packed rows, in order: (E,) float32
+    losses, and (E,) booleans, True where the token is the model's most likely one."""
+    tokens = pad_cat([p.tokens[None] for p in packed]).to(device)  # (B, L)
+    pos = pad_cat([p.pos[None] for p in packed]).to(device)  # (B, L)
+    part = pad_cat([p.part[None] for p in packed], value=-1).to(device)  # (B, L)
+    L = tokens.size(1)
+    # A token sees the tokens before it that are of the prefix or of its own part. Padding,
+    # part -1, sees only itself and the prefix, and no real token sees it.
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
     sees = causal & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None]))  # (B, L, L)
     x = model.hidden(tokens, PackedRows(pos, sees))  # (B, L, C)
-    ending = part > 0  # (B, L), True at the tokens we score
-    rows = torch.arange(B, device=device)[:, None].expand(B, L)[ending]  # (E,), row-major
-    src = torch.cat([src for _, _, _, src in packed]).to(device)  # (E,), in the same order
+    rows = torch.cat([torch.full_like(p.src, b) for b, p in enumerate(packed)]).to(device)  # (E,)
+    src = torch.cat([p.src for p in packed]).to(device)  # (E,)
+    targets = tokens[rows, torch.cat([p.tgt for p in packed]).to(device)]  # (E,)
     # The lm_head (the biggest matmul of a small GPT) runs only at the E scored positions;
     # the padded vocabulary columns are put out of the softmax in place, without a copy.
     logits = model.lm_head(x[rows, src])  # (E, V), V maybe padded
     logits[:, N_VOCAB:] = float("-inf")
     # A stable softmax wants fp32 (not float64: Apple's mps has none).
-    losses = F.cross_entropy(logits.float(), tokens[ending], reduction="none")  # (E,)
-    which = rows * N_ENDINGS + part[ending] - 1  # (E,), the ending each loss belongs to
-    summed = torch.zeros(B * N_ENDINGS, dtype=torch.float32, device=device)
-    return summed.index_add_(0, which, losses).view(B, N_ENDINGS)
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (E,)
+    return losses, logits.argmax(dim=1) == targets
+
+
+def packed_losses(model: torch.nn.Module, packed: list[Packed],
+                  device: str | torch.device) -> torch.Tensor:
+    """Summed loss of each ending of a batch of packed examples (the fast path): (B, 4)."""
+    losses, _ = packed_scores(model, packed, device)
+    which = torch.cat([b * N_ENDINGS + p.slot for b, p in enumerate(packed)]).to(device)  # (E,)
+    summed = torch.zeros(len(packed) * N_ENDINGS, dtype=torch.float32, device=device)
+    return summed.index_add_(0, which, losses).view(len(packed), N_ENDINGS)
 
 
 def row_losses(model: torch.nn.Module, rows: list[tuple[torch.Tensor, torch.Tensor]],
@@ -429,14 +463,13 @@ def ending_losses(model: torch.nn.Module, rendered: list[tuple[torch.Tensor, tor
     return losses.view(-1, N_ENDINGS)
 
 
-def check_finite(summed: torch.Tensor):
+def check_finite(summed: torch.Tensor, what: str = "HellaSwag endings"):
     """Raise if a loss is NaN or inf: argmin would still pick an ending, so a diverged model
     would get an accuracy (NaN compares false with everything) instead of an error."""
     bad = (~torch.isfinite(summed)).sum().item()
     if bad:
         raise UserError(f"the model's losses are not finite on {bad:,} of {summed.numel():,} "
-                        f"HellaSwag endings (NaN or inf): during training that means the model "
-                        f"diverged")
+                        f"{what} (NaN or inf): during training that means the model diverged")
 
 
 def predict(model: torch.nn.Module, examples: list[dict], device: str | torch.device, *,
@@ -473,27 +506,37 @@ def evaluate(model: torch.nn.Module, examples: list[dict], device: str | torch.d
     share, for the caller to sum. If one rank fails (a UserError), every rank raises one.
     """
     mine = examples[rank::world_size]
+    counts = across_ranks(lambda: share_counts(model, mine, device, autocast_dtype=autocast_dtype,
+                                               batch_size=batch_size, progress=progress),
+                          3, rank, world_size, device, "HellaSwag scoring")
+    n, correct, correct_norm = counts
+    return {"n": n, "correct": correct, "correct_norm": correct_norm,
+            "acc": correct / n if n else float("nan"),
+            "acc_norm": correct_norm / n if n else float("nan")}
+
+
+def across_ranks(count, n: int, rank: int, world_size: int, device: str | torch.device,
+                 what: str) -> list[int]:
+    """The n counts `count()` returns on this rank, summed over all ranks if torch.distributed
+    is initialized and world_size > 1 (every rank gets the totals); else this rank's own. If
+    one rank fails (a UserError), every rank raises one: its own error, or one naming it."""
     together = world_size > 1 and dist.is_available() and dist.is_initialized()
     error = None
     try:
-        counts = share_counts(model, mine, device, autocast_dtype=autocast_dtype,
-                              batch_size=batch_size, progress=progress)
+        counts = count()
     except UserError as e:
         if not together:
             raise
         # The other ranks wait for this one in the all_reduce: it must get there to tell them.
-        counts, error = [0, 0, 0], e
+        counts, error = [0] * n, e
     if together:
         counts, failed = sum_over_ranks(counts, error is not None, rank, world_size, device)
         if error:
             raise error
         if failed:
-            raise UserError(f"HellaSwag scoring failed on rank(s) {', '.join(map(str, failed))} "
+            raise UserError(f"{what} failed on rank(s) {', '.join(map(str, failed))} "
                             f"(their own error line says why)")
-    n, correct, correct_norm = counts
-    return {"n": n, "correct": correct, "correct_norm": correct_norm,
-            "acc": correct / n if n else float("nan"),
-            "acc_norm": correct_norm / n if n else float("nan")}
+    return counts
 
 
 def share_counts(model: torch.nn.Module, mine: list[dict], device: str | torch.device,
