@@ -742,13 +742,17 @@ def test_shards_do_not_depend_on_num_proc_or_batch_size(tmp_path, hub, clean_run
     assert shards_in(tmp_path / "shards") == clean_run["shards"]
 
 
-def test_help_gives_every_flags_default(capsys):
+def test_help_gives_every_flags_default_and_the_value_a_run_without_it_gets(capsys):
     with pytest.raises(SystemExit):
         fineweb.parse_args(["--help"])
     entries = re.split(r"\n  (?=--)", capsys.readouterr().out)[1:]  # one per flag, after --help's
-    assert len(entries) == 11
+    defaults = vars(fineweb.parse_args([]))
+    assert len(entries) == len(defaults) == 11
     for entry in entries:
-        assert "(default:" in entry, entry
+        flag, said = re.match(r"--(\w+)", entry)[1], " ".join(entry.split())
+        assert "(default: " in said, entry
+        if defaults[flag] not in (None, False):  # those say in words what happens instead
+            assert f"(default: {defaults[flag]}" in said, (flag, defaults[flag], said)
 
 
 # ---------------------------------------------------------------------------------------
