@@ -1255,6 +1255,24 @@ def test_sigterm_to_a_running_gpt2_py_saves_a_checkpoint_and_resume_ends_with_th
                                 uninterrupted, cli)
 
 
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_to_the_uninterrupted_weights(
+        shakespeare, tmp_path, uninterrupted, cli):
+    # No handler, no last checkpoint: what a crash or an OOM killer leaves, the newest periodic
+    # checkpoint and a log that ran past it.
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN, "--checkpoint_every", "2"]
+    run = run_in_background(*common)
+    wait_for_step(tmp_path, 5, run)
+    run.kill()
+    run.communicate(timeout=60)
+    assert 4 <= gpt2.checkpoint_step(gpt2.list_checkpoints(tmp_path)[-1]) < 8
+    with torch_on_one_thread():
+        assert cli(gpt2.main, *common, "--resume")[0] == 0
+    resumed = final_weights(tmp_path, 8)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    steps = [e["step"] for e in gpt2.read_events(tmp_path) if "loss" in e]
+    assert steps == list(range(8))  # the steps logged after the checkpoint, once
+
+
 @pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGINT"])
 def test_sigusr1_or_one_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
         shakespeare, tmp_path, uninterrupted, cli, monkeypatch, signal_name):
