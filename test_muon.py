@@ -114,7 +114,7 @@ def test_muon_with_fsdp_on_2_processes_equals_1_process_and_its_checkpoint_resum
 
 # -- The loss-spike guard -----------------------------------------------------------------------
 
-SPIKE_RUN = [*TINY_RUN, "--max_steps", "12", "--checkpoint_every", "1", "--keep_checkpoints", "20",
+SPIKE_RUN = [*TINY_RUN, "--max_steps", "8", "--checkpoint_every", "1", "--keep_checkpoints", "20",
              "--eval_every", "100", "--skip_spikes", "4"]
 
 
@@ -133,25 +133,25 @@ def spike_at(monkeypatch):
 
 def test_the_spike_guard_skips_an_injected_spike_resumes_with_its_statistics_and_stops_after_k_in_a_row(
         shakespeare, tmp_path, spike_at, cli):
-    spike_at({9})
+    spike_at({5})
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     gpt2.main(["--data_dir", shakespeare, "--log_dir", str(full), *SPIKE_RUN])
     events = [e for e in gpt2.read_events(full) if "loss" in e]
-    assert [e["step"] for e in events if "skipped" in e] == [9]
-    assert "gradient norm" in events[9]["skipped"] and "standard deviations" in events[9]["skipped"]
-    before, after = (torch.load(gpt2.checkpoint_path(full, s), weights_only=True) for s in (9, 10))
+    assert [e["step"] for e in events if "skipped" in e] == [5]
+    assert "gradient norm" in events[5]["skipped"] and "standard deviations" in events[5]["skipped"]
+    before, after = (torch.load(gpt2.checkpoint_path(full, s), weights_only=True) for s in (5, 6))
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-    assert len(after["spikes"]["loss"]) == 9 and after["spikes"]["in_a_row"] == 1  # 9 taken
+    assert len(after["spikes"]["loss"]) == 5 and after["spikes"]["in_a_row"] == 1  # 5 taken
     resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(full, 6), resumed)
+    shutil.copy(gpt2.checkpoint_path(full, 3), resumed)  # before the spike: the statistics carry it
     gpt2.main(["--data_dir", shakespeare, "--log_dir", str(resumed), *SPIKE_RUN, "--resume"])
-    assert train_losses(resumed) == train_losses(full)[6:]
-    a, b = (torch.load(gpt2.checkpoint_path(d, 12), weights_only=True) for d in (full, resumed))
+    assert train_losses(resumed) == train_losses(full)[3:]
+    a, b = (torch.load(gpt2.checkpoint_path(d, 8), weights_only=True) for d in (full, resumed))
     assert a["spikes"] == b["spikes"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    spike_at(set(range(7, 12)))
+    spike_at(set(range(5, 8)))
     assert_stops = cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "stops",
-                       *SPIKE_RUN, "--skip_spikes_limit", "2")
-    assert_one_error_line(assert_stops, "step 8: 2 steps in a row skipped as spikes (--skip_spikes 4.0)")
+                       *SPIKE_RUN, "--checkpoint_every", "100", "--skip_spikes_limit", "2")
+    assert_one_error_line(assert_stops, "step 6: 2 steps in a row skipped as spikes (--skip_spikes 4.0)")
 
 
 if __name__ == "__main__":
