@@ -876,7 +876,7 @@ def add_recipe_flags(p):
     flag("--val_tokens", type=int_at_least(1), default=10_485_760,
          help="validation budget: 10M tokens, build-nanogpt's 20 x 64 x 1024 x 8")
     flag("--hellaswag_every", type=int_at_least(0), default=250, help="steps between HellaSwag "
-         "evaluations (0: never)")
+         "evaluations, its own schedule (0: never)")
     flag("--checkpoint_every", type=int_at_least(1), default=1000, help="steps between checkpoints")
 
 
