@@ -131,6 +131,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def os_error_line(e: OSError) -> str:
+    """An OSError that reached a script's main (a full disk, a folder we may not write to, ...),
+    as its one error line: the path, and what the system said."""
+    where = f"{e.filename} -> {e.filename2}" if getattr(e, "filename2", None) else e.filename
+    return f"{where}: {e.strerror or e}" if where else str(e)
+
+
 @contextlib.contextmanager
 def naming(path):
     """Add the file name to an OSError that lacks one: a write() on a full disk raises ENOSPC
@@ -1514,7 +1521,7 @@ def main(argv=None):
     except UserError as e:
         message = str(e)
     except OSError as e:  # a full disk, a folder we may not write to, ...
-        message = f"{e.filename}: {e.strerror}; fix that and rerun to continue" if e.filename else str(e)
+        message = os_error_line(e) + ("; fix that and rerun to continue" if e.filename else "")
     print(f"error: {message}".replace("\n", " "), file=sys.stderr)
     return 1
 

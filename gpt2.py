@@ -47,6 +47,8 @@ import math
 import os
 import random
 import re
+import secrets
+import shutil
 import signal
 import struct
 import sys
@@ -65,7 +67,7 @@ import torch.nn.functional as F
 
 import hellaswag
 from fineweb import (UNKNOWN_SIZE_CAP, Parser, UserError, atomic_write, cache_dir, check_finished,
-                     download, exclusive_lock, gpt2_tokenizer, shard_digests)
+                     download, exclusive_lock, gpt2_tokenizer, os_error_line, shard_digests)
 
 # The GPT-2 tokenizer has 50,257 tokens: 256 bytes, 50,000 merges and <|endoftext|>, id 50256.
 VOCAB_SIZE = 50257
@@ -447,12 +449,8 @@ def read_shard(path) -> np.ndarray:
 def training_data(args, runtime: Runtime, position: dict | None = None):
     """The train loader (at a checkpoint's `position`, if given), the val tokens (None without
     a val shard) and the accumulation steps."""
-    check_finished(args.data_dir)  # fineweb.py's: a folder it is still writing is refused
-    # shards named *train* and *val* (fineweb.py's), in name order: appendix B
-    train_files, val_files = find_shards(args.data_dir, "train"), find_shards(args.data_dir, "val")
-    if not train_files:
-        raise UserError(f"no token shards in {args.data_dir}: run `python fineweb.py` first "
-                        f"(or pass --data_dir)")
+    # fineweb.py's shards, *train* and *val*, in name order, of a folder it finished: appendix B
+    train_files, val_files = data_files(args.data_dir)
     grad_accum = accumulation_steps(args, runtime.world_size)  # total / (B * T * processes)
     loader = ShardedDataLoader(train_files, args.batch_size, args.seq_len, grad_accum,
                                runtime.rank, runtime.world_size, args.seed, vocab_size=VOCAB_SIZE)
@@ -635,19 +633,16 @@ def setup_distributed(device: str, dtype: str, timeout_s: float = 3600,
                       backend: str = "auto") -> Runtime:
     """Read torchrun's variables, pick this process's device and join the process group.
     timeout_s bounds how long a collective waits for the slowest rank (--dist_timeout)."""
-    distributed = "RANK" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else None
+    rank, local_rank, world_size = torchrun_variables()  # checked; None without torchrun
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":  # in one process too: else a library's "cuda" means GPU 0 (~500 MB)
         torch.cuda.set_device(dev)
-    if not distributed:
+    if rank is None:
         return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return Runtime(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), dev,
-                   pick_dtype(dtype, dev))
+    join_process_group(backend, rank, world_size, timeout_s)  # appendix B, like the check
+    return Runtime(rank, local_rank, world_size, dev, pick_dtype(dtype, dev))
 
 
 def all_reduce_sum(t: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -715,16 +710,15 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 
 @torch.no_grad()
 def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
-                  runtime: Runtime, loss_chunk: int) -> float:
+                  runtime: Runtime, loss_chunk: int, stop: StopSignals | None = None) -> float:
     """Mean loss per token over the first val_tokens // seq_len sequences of the val shard."""
     model.eval()
     n_seq = min(val_tokens, len(tokens) - 1) // seq_len
-    mine = list(range(runtime.rank, n_seq, runtime.world_size))
     total = torch.zeros(2, dtype=accumulator_dtype(runtime.device), device=runtime.device)
-    for i in range(0, len(mine), batch_size):
-        rows = [torch.from_numpy(tokens[s * seq_len:(s + 1) * seq_len + 1].astype(np.int64))
-                for s in mine[i:i + batch_size]]
-        buf = torch.stack(rows).to(runtime.device)  # (b, T + 1)
+    # This rank's sequences of each batch; a stop signal cuts it short on every rank (appendix B)
+    for mine in evaluation_batches(n_seq, batch_size, stop, runtime):
+        buf = torch.from_numpy(np.stack([tokens[s * seq_len:(s + 1) * seq_len + 1] for s in mine])
+                               .astype(np.int64)).to(runtime.device)  # (b, T + 1)
         with autocast_context(runtime):
             _, loss = model(buf[:, :-1], buf[:, 1:], loss_chunk=loss_chunk)
         n = buf[:, 1:].numel()
@@ -735,20 +729,21 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int,
 
 
 def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
-             last: bool, core_tasks=None) -> dict:
-    """The evaluation event of this step: val loss, HellaSwag and CORE when due, samples."""
+             last: bool, stop: StopSignals, core_tasks=None) -> dict:
+    """The evaluation event of this step: val loss and samples, HellaSwag, CORE, each when due."""
     model = evaluation_model(state.model, runtime)  # --fsdp: a gathered, plain copy (appendix B)
-    event = dict(step=state.step)
-    if val_tokens is not None:
+    event, validates = dict(step=state.step), state.step % args.eval_every == 0 or last
+    if val_tokens is not None and validates:
         # The chunked loss (appendix A) on GPUs too: the plain one would hold 13 GB of logits.
         event["val_loss"] = evaluate_loss(model, val_tokens, args.seq_len, args.batch_size,
-                                          args.val_tokens, runtime, args.loss_chunk or 4096)
+                                          args.val_tokens, runtime, args.loss_chunk or 4096, stop)
     if hellaswag_examples and (state.step % args.hellaswag_every == 0 or last):
+        stop.check(runtime)  # a signal during the val loss: no minute of HellaSwag more
         event["hellaswag"] = hellaswag.evaluate(  # acc_norm; each rank scores its share
             model, hellaswag_examples, runtime.device, rank=runtime.rank,
             world_size=runtime.world_size, autocast_dtype=runtime.dtype)["acc_norm"]
-    event.update(core_event(model, core_tasks, args, runtime, state.step, last))  # appendix B
-    if runtime.is_main and args.num_samples:
+    event.update(core_event(model, core_tasks, args, runtime, state.step, last, stop))  # appendix B
+    if runtime.is_main and args.num_samples and validates:
         event["samples"] = sample_texts(  # chapter 2's generate, from text to text: appendix C
             model, args.sample_prompt, args.num_samples, args.sample_tokens,
             runtime.device, args.seed)
@@ -804,6 +799,7 @@ def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None]:
         return state, None
     state.load_state_dict(agreed[1], agreed[0], runtime)
     say(runtime, f"resumed from {agreed[0]} at step {state.step}")
+    note_changed_flags(args, agreed[1], runtime)  # printed, then used; the checkpoint keeps them
     return state, agreed[1]["loader"]
 
 
@@ -838,9 +834,9 @@ def save_checkpoint(state: TrainState, args, runtime: Runtime):
     rng = gather_rng_states(runtime)  # appendix B, like the write and the rotation
     contents = state.state_dict(args, rng)  # on every rank: under --fsdp, gathered from all
     if runtime.is_main:
-        path = checkpoint_path(args.log_dir, state.step)
-        write_checkpoint(path, contents)
-        rotate_checkpoints(path, args.keep_checkpoints)
+        write_checkpoint(checkpoint_path(args.log_dir, state.step), contents)
+        rotate_checkpoints(checkpoint_path(args.log_dir, state.step), args.keep_checkpoints)
+    return checkpoint_path(args.log_dir, state.step)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -883,7 +879,7 @@ def add_recipe_flags(p):
     flag("--val_tokens", type=int_at_least(1), default=10_485_760,
          help="validation budget: 10M tokens, build-nanogpt's 20 x 64 x 1024 x 8")
     flag("--hellaswag_every", type=int_at_least(0), default=250, help="steps between HellaSwag "
-         "evaluations (0: never)")
+         "evaluations, its own schedule (0: never)")
     flag("--core_every", type=int_at_least(0), default=0, help="steps between CORE evals (0: never)")
     flag("--checkpoint_every", type=int_at_least(1), default=1000, help="steps between checkpoints")
 
@@ -921,6 +917,7 @@ def train(args):
     # run holds its --log_dir alone; SIGTERM (a cluster's notice), SIGUSR1 and Ctrl-C ask it
     # to stop after the current step, with a checkpoint.
     with fail_together(runtime), own_log_dir(args, runtime), StopSignals() as stop:
+        check_before_start(args, runtime)  # the flags and the data, before anything slow
         apply_speed_settings(args, runtime.device)  # appendix A
         run_training(args, runtime, stop)
 
@@ -931,16 +928,16 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
     train_model = wrap_for_training(state.model, args, runtime)
     loader, val_tokens, grad_accum = training_data(args, runtime, position)  # chapter 4
     state.loader = loader
-    max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
+    max_steps = run_length(args, loader, state)  # --max_steps, or --num_epochs of the data
     hellaswag_examples, core_tasks = load_hellaswag(args, runtime), load_core(args, runtime)
     # log.jsonl and the console, with MFU; a fresh run's first event is its config (appendix B)
-    log = EventLog(args, runtime, state, grad_accum, max_steps)
-    start = state.step
+    log = EventLog(args, runtime, state, grad_accum, max_steps, stop)
+    stop.on_stop(lambda: save_checkpoint(state, args, runtime))  # mid-evaluation: save at once
     while True:
-        last = state.step == max_steps
-        # Once in a while, evaluate (not the step a resumed run starts at: it was, before).
-        if (state.step % args.eval_every == 0 or last) and not state.step == start > 0:
-            log.write(**evaluate(state, args, runtime, val_tokens, hellaswag_examples, last,
+        last = state.step >= max_steps
+        # Once in a while, evaluate (once a step: a resumed run's log may hold this one).
+        if evaluation_due(state.step, args, last) and not log.evaluated(state.step):
+            log.write(**evaluate(state, args, runtime, val_tokens, hellaswag_examples, last, stop,
                                  core_tasks))
         if last:
             break
@@ -988,7 +985,7 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
         if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
             save_checkpoint(state, args, runtime)
         if stopping:
-            raise Stopped(stop.name, state.step, checkpoint_path(args.log_dir, state.step), runtime)
+            raise stop.stopped(state.step, checkpoint_path(args.log_dir, state.step), runtime)
 
 
 # ===============================================================================================
@@ -1179,6 +1176,9 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: malformed safetensors header (a JSON {type(header).__name__}, "
+                        f"not an object of tensors)")
     header.pop("__metadata__", None)
     data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n) if size > 8 + n else None
     tensors = {}
@@ -1186,6 +1186,8 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         try:
             dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
             begin, end = info["data_offsets"]
+            if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
+                raise ValueError("shape and offsets must be whole numbers >= 0")
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: malformed safetensors entry {name!r}: {info}") from None
         nbytes = math.prod(shape) * dtype.itemsize
@@ -1288,18 +1290,53 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str):
             target.copy_(t)
 
 
+HF_CONFIG_SIZES = {"n_positions": "block_size", "vocab_size": "vocab_size", "n_layer": "n_layer",
+                   "n_head": "n_head", "n_embd": "n_embd"}
+
+
 def config_from_hf(path) -> GPTConfig:
+    """A config.json's architecture, each size a whole number above 0 that the model can be."""
     try:
         hf = json.loads(Path(path).read_text())
-        return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        sizes = {ours: hf[theirs] for theirs, ours in HF_CONFIG_SIZES.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a GPT-2 config.json ({e!r})") from None
+    bad = [k for k, v in zip(HF_CONFIG_SIZES, sizes.values())
+           if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad or sizes["n_embd"] % sizes["n_head"]:
+        raise UserError(f"{path}: not a GPT-2 config.json: " + (
+            f"{', '.join(bad)} must be whole numbers above 0" if bad else
+            f"n_embd {sizes['n_embd']} is not a multiple of n_head {sizes['n_head']}"))
+    return GPTConfig(**sizes)
 
 
 def find_shards(data_dir, split: str) -> list[Path]:
     """Shards of one split ("train" or "val") in data_dir, in name order."""
     return sorted(p for p in Path(data_dir).glob("*.bin") if split in p.name)
+
+
+def data_files(data_dir) -> tuple[list[Path], list[Path]]:
+    """The train and val shards of a folder fineweb.py finished (one it is still writing is
+    refused), in name order."""
+    check_finished(data_dir)
+    train_files, val_files = find_shards(data_dir, "train"), find_shards(data_dir, "val")
+    if not train_files:
+        raise UserError(f"no token shards in {data_dir}: run `python fineweb.py` first "
+                        f"(or pass --data_dir)")
+    return train_files, val_files
+
+
+def check_before_start(args, runtime: Runtime):
+    """What the flags and the data folder alone refuse, refused before anything slow: building
+    the model, reading a checkpoint, trying micro-batches on the GPU (--batch_size auto)."""
+    data_files(args.data_dir)
+    if args.val_tokens < args.seq_len:
+        raise UserError(f"--val_tokens {args.val_tokens} < --seq_len {args.seq_len}: not one "
+                        f"validation sequence")
+    # the step must split into micro-batches: at --batch_size auto, at least into ones of 1
+    smallest = 1 if args.batch_size == "auto" else args.batch_size
+    accumulation_steps(argparse.Namespace(**{**vars(args), "batch_size": smallest}),
+                       runtime.world_size)
 
 
 def check_token_ids(tokens: np.ndarray, path, vocab_size: int | None):
@@ -1353,9 +1390,6 @@ def val_split(val_files, args) -> np.ndarray:
     """The val shard's tokens, checked to hold the sequences --val_tokens asks for."""
     tokens = read_shard(val_files[0])
     check_token_ids(tokens, val_files[0], VOCAB_SIZE)
-    if args.val_tokens < args.seq_len:
-        raise UserError(f"--val_tokens {args.val_tokens} < --seq_len {args.seq_len}: not one "
-                        f"validation sequence")
     if len(tokens) < args.seq_len + 1:
         raise UserError(f"{val_files[0]}: {len(tokens)} tokens, fewer than one sequence of "
                         f"--seq_len {args.seq_len} + 1: write a larger validation split "
@@ -1397,6 +1431,59 @@ def named_device(name: str, local_rank: int | None) -> torch.device:
     return device
 
 
+def torchrun_variables() -> tuple[int | None, int | None, int | None]:
+    """(RANK, LOCAL_RANK, WORLD_SIZE) as torchrun sets them, checked before anything waits on
+    them; (None, None, None) without RANK: one process."""
+    if "RANK" not in os.environ:
+        return None, None, None
+    if "WORLD_SIZE" not in os.environ:
+        raise UserError(f"RANK={os.environ['RANK']} is set but WORLD_SIZE is not: start the "
+                        f"processes with torchrun, which sets both (or unset RANK)")
+    values = {}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        text = os.environ.get(name, "0")
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise UserError(f"{name}={text!r} is not a whole number (torchrun sets it)") from None
+    rank, local_rank, world_size = values.values()
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise UserError(f"RANK {rank} of WORLD_SIZE {world_size} (LOCAL_RANK {local_rank}): "
+                        f"RANK must be 0 .. WORLD_SIZE - 1, LOCAL_RANK 0 or more (torchrun sets "
+                        f"them)")
+    return rank, local_rank, world_size
+
+
+RENDEZVOUS_S = 300  # processes a launcher starts together meet in seconds, not an hour
+
+
+def join_process_group(backend: str, rank: int, world_size: int, timeout_s: float):
+    """init_process_group, its rendezvous (every process connecting to MASTER_ADDR:MASTER_PORT)
+    first, waiting at most RENDEZVOUS_S or --dist_timeout: a process whose partners never
+    start (WORLD_SIZE=2, one process) or a port another program holds is one line soon, not a
+    traceback after the hour --dist_timeout gives the collectives."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError(f"RANK and WORLD_SIZE are set, MASTER_ADDR and MASTER_PORT not ({where}):"
+                        f" start the processes with torchrun, which sets them")
+    wait = min(timeout_s, RENDEZVOUS_S)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size,
+                                           timeout=datetime.timedelta(seconds=wait)))
+    except (RuntimeError, ValueError) as e:  # torch's DistNetworkError, DistStoreError, ...
+        said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("another program holds MASTER_PORT: give torchrun another --master_port"
+                if "EADDRINUSE" in str(e) or "in use" in str(e) else
+                f"not all {world_size} processes of WORLD_SIZE started within {wait:.0f} s: start "
+                f"every one (torchrun --nproc_per_node, --nnodes)" if "out" in said.lower() else
+                "check MASTER_ADDR and MASTER_PORT")
+        raise UserError(f"cannot join the process group at {where} as rank {rank} of "
+                        f"{world_size}: {hint} ({said})") from None
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def warn_if_emulated(dtype: torch.dtype, device: torch.device):
     if dtype == torch.bfloat16 and device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
@@ -1409,6 +1496,9 @@ def warn_if_emulated(dtype: torch.dtype, device: torch.device):
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """float64 for sums over many terms, except on Apple's mps, which has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+LEFTOVER_NAME = re.compile(r"(ckpt_\d{8}\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 @contextlib.contextmanager
@@ -1432,8 +1522,9 @@ def own_log_dir(args, runtime: Runtime):
         raise UserError(f"--log_dir {log_dir}: cannot create it ({e.strerror})") from None
     with exclusive_lock(log_dir / ".lock", busy=f"another run is using {log_dir}: wait for it "
                                                 f"to finish, or give this one another --log_dir"):
-        for leftover in [*log_dir.glob("ckpt_*.pt.*tmp"), *log_dir.glob("log.jsonl.*tmp")]:
-            leftover.unlink(missing_ok=True)
+        for leftover in log_dir.glob("*.tmp"):  # atomic_write's names for ours, and only those
+            if LEFTOVER_NAME.fullmatch(leftover.name):
+                leftover.unlink(missing_ok=True)
         held = [p for p in [log_dir / "log.jsonl", *list_checkpoints(log_dir)] if p.exists()]
         if held and not args.resume:
             if not args.overwrite:
@@ -1487,8 +1578,9 @@ def fail_together(runtime: Runtime):
     except BaseException as e:
         watching.clear()
         first = not store_has(store, FAILURE_KEY)
-        bug = not isinstance(e, UserError)
-        reason = f"{type(e).__name__}: {e}" if bug else str(e)
+        bug = not isinstance(e, (UserError, OSError, KeyboardInterrupt))
+        reason = (f"{type(e).__name__}: {e}" if bug else os_error_line(e) if isinstance(e, OSError)
+                  else "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
         if first:
             with contextlib.suppress(Exception):
                 store.set(FAILURE_KEY, f"rank {runtime.rank}: {reason}")
@@ -1624,12 +1716,37 @@ def restore_rng_states(saved: list[dict], runtime: Runtime, dropout: float):
                      f"this run has {runtime.world_size}: dropout's masks start afresh")
 
 
-# OPTIMIZER_FLAGS describe how this machine runs AdamW, not the training state:
-# optimizer.load_state_dict would bring back the saved ones (a CPU checkpoint resumed on a GPU
-# would run unfused; an unfused checkpoint would leave a fused optimizer's step counters on the
-# CPU, which fused AdamW refuses). So the saved groups take ours before loading, and torch
-# then places each tensor where our flags want it.
-OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+# A param group's settings are this run's, not the checkpoint's: optimizer.load_state_dict
+# would bring back the saved ones. The hyperparameters come from the flags (--weight_decay,
+# --muon_momentum, ... changed on --resume apply, as --max_lr and --grad_clip do: one rule for
+# every flag, note_changed_flags says which), and the implementation flags (fused, foreach)
+# describe this machine (a CPU checkpoint resumed on a GPU would run unfused; an unfused one
+# would leave a fused optimizer's step counters on the CPU, which fused AdamW refuses). So the
+# saved groups take all of ours but their parameters before loading, and torch then places
+# each tensor where our flags want it.
+def with_our_groups(saved: dict, optimizer) -> dict:
+    groups = [{**g, **{k: v for k, v in ours.items() if k != "params"}}
+              for g, ours in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
+# Flags that are not the run's: how this command was started.
+NOT_RUN_FLAGS = ("resume", "overwrite", "command", "changed_on_resume")
+
+
+def note_changed_flags(args, saved: dict, runtime: Runtime):
+    """--resume with other flags than the checkpoint's: every flag is this run's from here on
+    (the param groups take them: with_our_groups). They are printed, and kept with each
+    resume's step in args.changed_on_resume, which the checkpoints and the model card hold."""
+    old = saved.get("args") or {}
+    changed = {k: [old[k], v] for k, v in vars(args).items()
+               if k in old and k not in NOT_RUN_FLAGS and old[k] != v
+               and not (k == "batch_size" and v == "auto")}
+    args.changed_on_resume = [*old.get("changed_on_resume", []),
+                              *([{"step": saved["step"], **changed}] if changed else [])]
+    if changed:
+        say(runtime, "flags changed since the checkpoint, used from here on: " +
+            ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items()))
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: GPT | None = None):
@@ -1643,17 +1760,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: G
         if saved_split != splits_qkv(optimizer.muon.param_groups):
             raise UserError(f"the checkpoint was trained with --muon_qkv "
                             f"{'split' if saved_split else 'whole'}: resume with it")
-        optimizer.muon.load_state_dict(saved["muon"])  # whole momentum; under --fsdp, our rows
+        # the whole momentum, our groups' settings; under --fsdp, each rank keeps its rows
+        optimizer.muon.load_state_dict(with_our_groups(saved["muon"], optimizer.muon))
         for p, state in optimizer.muon.state.items():
             if hasattr(p, "to_local") and "momentum_buffer" in state:
                 rows, per = torch.zeros_like(p), shard_rows(p)
                 rows.to_local().copy_(state["momentum_buffer"][dist.get_rank() * per:][:per])
                 state["momentum_buffer"] = rows
         return load_optimizer_state(optimizer.adamw, saved["adamw"], model)
-    groups = [{**g, **{k: ours[k] for k in OPTIMIZER_FLAGS if k in ours}}
-              for g, ours in zip(saved["param_groups"], optimizer.param_groups)]
+    saved = with_our_groups(saved, optimizer)
+    groups = saved["param_groups"]
     if model is None or not is_sharded(model):
-        return optimizer.load_state_dict({**saved, "param_groups": groups})
+        return optimizer.load_state_dict(saved)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     name_of = {p: n for n, p in model.named_parameters()}
     names = [name_of[p] for g in optimizer.param_groups for p in g["params"]]
@@ -1994,13 +2112,19 @@ def checkpoint_path(log_dir, step: int) -> Path:
     return Path(log_dir) / f"ckpt_{step:08d}.pt"
 
 
+# Only checkpoint_path's names are checkpoints: listed, rotated, held, overwritten and resumed
+# from. A user's ckpt_00000004_good.pt, or a damaged one moved aside as
+# ckpt_00000008.corrupt.pt, is someone else's file: never read, never deleted.
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})\.pt")
+
+
 def list_checkpoints(log_dir) -> list[Path]:
     """The checkpoints in log_dir, oldest step first."""
-    return sorted(Path(log_dir).glob("ckpt_[0-9]*.pt"))
+    return sorted(p for p in Path(log_dir).glob("ckpt_*.pt") if CHECKPOINT_NAME.fullmatch(p.name))
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.stem.split("_")[1])
+    return int(CHECKPOINT_NAME.fullmatch(Path(path).name)[1])
 
 
 def write_checkpoint(path: Path, contents: dict):
@@ -2102,25 +2226,52 @@ def load_checkpoint_model(path) -> GPT:
     return model
 
 
-def _event_step(line: str) -> int | None:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a kill
+# log.jsonl's events, as read back (by --resume, plot, export's model card, the dashboards): a
+# JSON object with a whole-number step, each number it holds a number. Anything else (a line a
+# kill cut short, a hand edit such as {"step": "3"} or "loss": null) is left out; each line
+# left out but a cut last one is named in one warning.
+EVENT_NUMBERS = ("loss", "lr", "norm", "ms", "tokens_per_s", "mfu", "val_loss", "hellaswag")
 
 
-def kept_on_resume(line: str, step: int) -> bool:
-    event_step = _event_step(line)
-    return event_step is not None and (event_step < step or (
-        event_step == step and "loss" not in json.loads(line)))
+def well_formed(event) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(event, dict) and isinstance(event.get("step"), int)
+            and not isinstance(event["step"], bool) and event["step"] >= 0
+            and all(number(event[k]) for k in EVENT_NUMBERS if k in event))
+
+
+def parse_events(path: Path, lines: list[str]) -> list[tuple[str, dict]]:
+    """The well-formed events of log.jsonl's lines, each with its line; a warning names the
+    others."""
+    kept, bad = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if well_formed(event):
+            kept.append((line, event))
+        elif line.strip() and not (event is None and number == len(lines)):  # not one cut short
+            bad.append(number)
+    if bad:
+        print(f"warning: {path}: left out {len(bad)} malformed line{'s' * (len(bad) > 1)} "
+              f"({', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}): each line "
+              f"must be a JSON object with a whole-number step", file=sys.stderr, flush=True)
+    return kept
+
+
+def is_evaluation(event: dict) -> bool:
+    return "loss" not in event and "config" not in event
 
 
 class EventLog:
     """Each event of the run: one JSON object a line in <log_dir>/log.jsonl (rank 0 only), and
     one line on the console. A fresh run's first event is its configuration."""
 
-    def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int):
+    def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int,
+                 stop: StopSignals):
         self.path, self.runtime, self.state = Path(args.log_dir) / "log.jsonl", runtime, state
+        self.stop, self.evaluated_steps = stop, set()
         # With a fresh run's first step, what each process holds once all of it exists (a resumed
         # run keeps that event, and its log stays the uninterrupted run's).
         self.memory_logged = state.step > 0
@@ -2134,10 +2285,11 @@ class EventLog:
                 # A resumed run forgets what the interrupted one logged after its checkpoint:
                 # it keeps the steps before it and the evaluation at it (its training step, the
                 # checkpoint's step, is logged again).
-                kept = [line for line in self.path.read_text().splitlines()
-                        if kept_on_resume(line, state.step)]
+                kept = [(line, e) for line, e in parse_events(self.path, self.path.read_text().splitlines())
+                        if e["step"] < state.step or e["step"] == state.step and "loss" not in e]
                 with atomic_write(self.path) as f:
-                    f.write("".join(line + "\n" for line in kept).encode())
+                    f.write("".join(line + "\n" for line, _ in kept).encode())
+                self.evaluated_steps = {e["step"] for _, e in kept if is_evaluation(e)}
             else:
                 self.path.unlink(missing_ok=True)  # a fresh run (own_log_dir allowed it)
         say(runtime, f"{state.model.num_params():,} parameters | {runtime.world_size} x "
@@ -2157,11 +2309,20 @@ class EventLog:
         if "loss" in event and not self.memory_logged:
             event["memory_mib"] = memory_per_process(self.state, self.runtime)
             self.memory_logged = True
+        if is_evaluation(event):
+            self.evaluated_steps.add(event["step"])
         if self.runtime.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(event) + "\n")
+            except OSError as e:  # a full disk: the run stops at the step's end, saving first
+                self.stop.fail(f"cannot write {self.path} ({e.strerror or e})")
             self.dashboards.write(event)  # --tensorboard, --wandb
         print_event(event, self.runtime)
+
+    def evaluated(self, step: int) -> bool:
+        """Whether log.jsonl holds the evaluation of this step (a resumed run's first may)."""
+        return step in self.evaluated_steps
 
 
 def print_event(event: dict, runtime: Runtime):
@@ -2231,8 +2392,7 @@ def read_events(log_dir) -> list[dict]:
     path = Path(log_dir) / "log.jsonl"
     if not path.exists():
         raise UserError(f"no {path}: train with --log_dir {log_dir} first")
-    return [json.loads(line) for line in path.read_text().splitlines()
-            if _event_step(line) is not None]
+    return [event for _, event in parse_events(path, path.read_text().splitlines())]
 
 
 def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
@@ -2293,22 +2453,26 @@ def spike_z(history: list[float], value: float) -> float:
 class Stopped(Exception):
     """A signal asked the run to stop; it did, after a step and its checkpoint."""
 
-    def __init__(self, signal_name: str, step: int, path: Path, runtime: Runtime):
-        super().__init__(f"{signal_name} after step {step}: saved {path}; continue with --resume")
-        self.code = 128 + getattr(signal, signal_name)  # the shell's convention for a signal
+    def __init__(self, signal_name: str | None, step: int, path: Path, runtime: Runtime):
+        # signal_name None: another rank got the signal (or failed to write the log)
+        super().__init__(f"{signal_name or 'stop'} after step {step}: saved {path}; continue "
+                         f"with --resume")
+        self.code = 128 + getattr(signal, signal_name or "SIGTERM")  # the shell's convention
         self.quiet = not runtime.is_main  # one line for the run, not one per process
 
 
 class StopSignals:
     """SIGTERM (what SLURM, Kubernetes and spot instances send before they kill), SIGUSR1 (a
-    SLURM --signal) and Ctrl-C set a flag, read at the end of each step; the run then writes a
-    checkpoint and exits. A second Ctrl-C stops at once. Handlers can only be installed from
-    the main thread: elsewhere (a test's thread) the run simply has none."""
+    SLURM --signal) and Ctrl-C set a flag, read at the end of each step and between the
+    batches of an evaluation; the run then writes a checkpoint and exits. The first Ctrl-C
+    says so; a second stops at once. A log.jsonl that cannot be written (a full disk) stops
+    the run the same way, with its error. Handlers can only be installed from the main
+    thread: elsewhere (a test's thread) the run simply has none."""
 
     NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
 
     def __enter__(self):
-        self.name, self.previous = None, {}
+        self.name, self.failure, self.save, self.previous = None, None, None, {}
         if threading.current_thread() is threading.main_thread():
             for name in self.NAMES:
                 if hasattr(signal, name):  # Windows has no SIGUSR1
@@ -2320,13 +2484,81 @@ class StopSignals:
         if self.name == "SIGINT" and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.name = signal.Signals(number).name
+        if os.environ.get("RANK", "0") == "0":  # one line for the run
+            said = ("Ctrl-C: stopping after this step; Ctrl-C again to quit without a checkpoint"
+                    if self.name == "SIGINT" else
+                    f"{self.name}: stopping after this step, with a checkpoint")
+            try:  # the handler may interrupt a print: then a plain write
+                print(said, flush=True)
+            except RuntimeError:
+                os.write(1, (said + "\n").encode())
+
+    def fail(self, message: str):
+        self.failure = self.failure or message
 
     def flag(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(like, float(self.name is not None))
+        return torch.full_like(like, float(self.name is not None or self.failure is not None))
 
-    def __exit__(self, *exc):
+    def on_stop(self, save):
+        """save() writes the checkpoint of now and returns its path, for a stop mid-evaluation."""
+        self.save = save
+
+    def check(self, runtime: Runtime):
+        """Between an evaluation's batches: if a rank was asked to stop, every rank writes the
+        checkpoint now and stops (torchrun kills its workers 30 s after a SIGTERM: a long
+        evaluation would outlast that). One small all-reduce, the same on every rank. The
+        evaluation is cut short, and not logged: --resume runs it again."""
+        stopping = self.flag(torch.zeros((), device=runtime.device))
+        if self.save is not None and all_reduce_sum(stopping, runtime).item() > 0:
+            path = self.save()
+            raise self.stopped(checkpoint_step(path), path, runtime)
+
+    def stopped(self, step: int, path: Path, runtime: Runtime) -> Exception:
+        """What the run raises once the checkpoint of `step` is written: Stopped, or the error
+        that stopped it."""
+        if self.failure:
+            return UserError(f"{self.failure}: stopped after step {step}, saved {path}; make "
+                             f"room, then continue with --resume")
+        return Stopped(self.name, step, path, runtime)
+
+    def __exit__(self, exc_type, *exc):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+        if exc_type is None and self.failure:  # the end of the run, its checkpoint written
+            raise UserError(f"{self.failure}: the run finished and saved its final checkpoint")
+
+
+def evaluation_batches(n_seq: int, batch_size: int, stop: StopSignals | None, runtime: Runtime):
+    """This rank's sequences of each batch of an evaluation of n_seq sequences: of batch_size
+    * world_size sequences each, every world_size-th one this rank's. Every rank goes through
+    as many batches (on the last, a rank may have none), so that a stop signal, checked before
+    each, cuts it short on all ranks at once."""
+    per_batch = batch_size * runtime.world_size
+    for first in range(0, n_seq, per_batch):
+        if stop is not None:
+            stop.check(runtime)
+        mine = range(first + runtime.rank, min(n_seq, first + per_batch), runtime.world_size)
+        if mine:
+            yield mine
+
+
+def evaluation_due(step: int, args, last: bool) -> bool:
+    """An evaluation at this step: the val loss's schedule, HellaSwag's and CORE's (their own,
+    when not multiples of --eval_every), and the end."""
+    return last or step % args.eval_every == 0 or any(
+        every and step % every == 0 for every in (args.hellaswag_every, args.core_every))
+
+
+def run_length(args, loader: ShardedDataLoader, state: TrainState) -> int:
+    """The run's steps: --max_steps, else --num_epochs of the data. Never fewer than a resumed
+    run has taken: it would train past its end for ever, rotating away what it resumed from."""
+    max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
+    if state.step > max_steps:
+        asked = (f"--max_steps {args.max_steps}" if args.max_steps else
+                 f"--num_epochs {args.num_epochs} ({max_steps} steps)")
+        raise UserError(f"{asked} is below the checkpoint's step {state.step}: that run is "
+                        f"further already; resume with --max_steps {state.step} or more")
+    return max_steps
 
 
 def accumulation_steps(args, world_size: int) -> int:
@@ -2360,8 +2592,6 @@ def fitting_batch_size(train_model: nn.Module, args, runtime: Runtime) -> int:
     candidates = [b for b in micro_batches_that_divide(args.total_batch_size, args.seq_len,
                                                        runtime.world_size)
                   if b * args.seq_len <= 2 ** 16]  # 64 x 1024 tokens: more gains little
-    if not candidates:
-        accumulation_steps(argparse.Namespace(**{**vars(args), "batch_size": 1}), runtime.world_size)
     chosen = next((b for b in candidates if micro_batch_fits(train_model, b, args, runtime)), 0)
     chosen = smallest_over_ranks(chosen, runtime)
     if chosen == 0:
@@ -2487,11 +2717,13 @@ def load_core(args, runtime: Runtime) -> list | None:
     return local_rank0_first(runtime, load)
 
 
-def core_event(model: GPT, tasks, args, runtime: Runtime, step: int, last: bool) -> dict:
+def core_event(model: GPT, tasks, args, runtime: Runtime, step: int, last: bool,
+               stop: StopSignals) -> dict:
     """When due, CORE and each task's centered accuracy, every rank scoring its share."""
     import core
     if not tasks or not (step % args.core_every == 0 or last):
         return {}
+    stop.check(runtime)  # a signal during the evaluations before: no minutes of CORE more
     result = core.evaluate(model, tasks, runtime.device, rank=runtime.rank,
                            world_size=runtime.world_size, autocast_dtype=runtime.dtype)
     return dict(core=result["core"],
@@ -2829,6 +3061,30 @@ def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
         "```", ""])
 
 
+@contextlib.contextmanager
+def export_folder(out: Path):
+    """A new folder beside `out` to write the export into, renamed onto `out` once complete: a
+    full disk or a kill leaves the old export (or none), never half of one. An `out` that
+    exists (holding only files of export's names: checked) is moved aside, then deleted."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
+    part = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    part.mkdir()
+    try:
+        yield part
+        old = part.with_suffix(".old") if out.exists() else None
+        if old:
+            os.replace(out, old)
+        os.replace(part, out)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export(args):
     """python gpt2.py export: a checkpoint of ours as a Hugging Face GPT-2 folder: the weights,
     the tokenizer, the generation defaults and a model card."""
@@ -2848,14 +3104,11 @@ def export(args):
         raise UserError(f"--out {out} holds files export does not write ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}), which transformers would read "
                         f"instead of ours: give an empty or new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
-    save_pretrained(model, out)
-    for name, data in files.items():
-        with atomic_write(out / name) as f:
-            f.write(data)
+    with export_folder(out) as folder:
+        save_pretrained(model, folder)
+        for name, data in files.items():
+            with atomic_write(folder / name) as f:
+                f.write(data)
     print(f"wrote {out}: transformers.pipeline('text-generation', model={str(out)!r}); "
           f"also gpt2.py sample --model {out}")
 
@@ -3251,12 +3504,23 @@ def plot(args):
 # plot. The training run's hyperparameters are chapter 9's recipe; here are the rest.
 # ===============================================================================================
 
-def int_at_least(low: int):
-    """An argparse type: a whole number >= low."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default once: argparse's "(default: X)", unless the help says
+    the default in its own words (a flag whose default is None always does)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def int_at_least(low: int, most: int | None = None):
+    """An argparse type: a whole number >= low (and <= most, if given)."""
     def parse(text: str) -> int:
         value = int(text)  # a ValueError here is argparse's "invalid int value"
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value < low or most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (
+                f" and at most {most:,}" if most is not None else "") + f", got {value}")
         return value
     parse.__name__ = "int"
     return parse
@@ -3280,6 +3544,9 @@ open_fraction = float_where(lambda v: 0 < v <= 1, "above 0 and at most 1")
 probability = float_where(lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
+MAX_NEW_TOKENS = 100_000  # generation's bound: its output alone is 8 bytes a token a sample
+
+
 def add_model_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"preset: {', '.join(PRESETS)} (none = gpt2, the 124M "
@@ -3290,7 +3557,7 @@ def add_model_flags(p):
     g.add_argument("--block_size", type=int_at_least(1), help="longest context (default 1024, GPT-2's)")
     g.add_argument("--pad_vocab_to_multiple_of", type=int_at_least(1), default=64,
                    help="embedding rows rounded up to a multiple of this: 64 gives 50304, which "
-                        "tiles evenly on GPUs (default 64; 1 = no padding)")
+                        "tiles evenly on GPUs (1 = no padding)")
     g.add_argument("--dropout", type=probability, default=0.0,
                    help="dropout on attention weights, residual branches and embeddings, in "
                         "training only: 0 for pretraining (build-nanogpt, nanoGPT), ~0.1 to "
@@ -3299,7 +3566,7 @@ def add_model_flags(p):
 
 def add_device_flags(p):
     p.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default auto)")
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
 
 
 def add_compile_flag(p):
@@ -3311,7 +3578,7 @@ def add_compile_flag(p):
 
 def train_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="gpt2.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="gpt2.py", formatter_class=HelpFormatter,
         description="Train GPT-2 (the default command). Other commands: "
                     "`gpt2.py sample --help`, `gpt2.py hellaswag --help`, `gpt2.py export "
                     "--help`, `gpt2.py bench --help`, `gpt2.py plot --help`.")
@@ -3339,7 +3606,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--core_max_per_task", type=int_at_least(0), default=500,
                    help="CORE examples per task (nanochat's training default; 0 = all)")
     g.add_argument("--num_samples", type=int_at_least(0), default=4, help="samples printed at each eval")
-    g.add_argument("--sample_tokens", type=int_at_least(1), default=32, help="tokens per sample")
+    g.add_argument("--sample_tokens", type=int_at_least(1, MAX_NEW_TOKENS), default=32,
+                   help="tokens per sample")
     g.add_argument("--sample_prompt", default="Hello, I'm a language model,",
                    help="prompt of the samples (build-nanogpt's)")
     g.add_argument("--keep_checkpoints", type=int_at_least(1), default=2,
@@ -3392,12 +3660,15 @@ def add_model_source_flags(p):
 
 def sample_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2.py sample",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 description="Sample text from OpenAI's GPT-2 or a checkpoint.")
     add_model_source_flags(p)
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="text to continue")
     p.add_argument("--num_samples", type=int_at_least(1), default=4, help="continuations, batched")
-    p.add_argument("--max_new_tokens", type=int_at_least(1), default=64, help="tokens to add to each")
+    p.add_argument("--max_new_tokens", type=int_at_least(1, MAX_NEW_TOKENS), default=64,
+                   help=f"tokens to add to each, at most {MAX_NEW_TOKENS:,}: past the model's "
+                        f"context each sees only the last block_size tokens, and each costs a "
+                        f"full forward pass")
     p.add_argument("--temperature", type=float_at_least_0, default=1.0, help="0 = greedy")
     p.add_argument("--top_k", type=int_at_least(1), default=50, help="sample among the k likeliest tokens")
     p.add_argument("--top_p", type=open_fraction, help="nucleus sampling threshold (default off)")
@@ -3409,7 +3680,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def hellaswag_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="gpt2.py hellaswag", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="gpt2.py hellaswag", formatter_class=HelpFormatter,
         description="Score a GPT-2 model on HellaSwag (completion style, as build-nanogpt and "
                     "llm.c do). Prints acc, acc_norm, n, elapsed time and examples/s. "
                     "`python hellaswag.py` is the same command.")
@@ -3421,7 +3692,7 @@ def hellaswag_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2.py export",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 description="Write a checkpoint as a Hugging Face GPT-2 folder: "
                                             "config.json + model.safetensors (the vocabulary "
                                             "unpadded), GPT-2's tokenizer (vocab.json, "
@@ -3438,7 +3709,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def bench_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2.py bench",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 description="Measure training and generation speed; the last "
                                             "line printed is a JSON object of the results.")
     add_model_flags(p)
@@ -3471,7 +3742,7 @@ def bench_parser() -> argparse.ArgumentParser:
 
 def plot_parser() -> argparse.ArgumentParser:
     p = Parser(prog="gpt2.py plot",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 description="Plot a run's log.jsonl as a PNG.")
     p.add_argument("--log_dir", default="log", help="the run's --log_dir")
     p.add_argument("--out", help="PNG to write (default LOG_DIR/loss.png)")
@@ -3495,6 +3766,12 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a full disk, a read-only folder, ...: the path and the reason
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one anywhere else
+        print("interrupted: nothing saved since the last checkpoint", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except Stopped as e:
         if not e.quiet:
             print(f"stopped: {e}", file=sys.stderr)
