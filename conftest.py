@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+import torch
 
 import fineweb
 import gpt2
@@ -400,3 +401,23 @@ def two_ranks_run(shakespeare, tmp_path_factory):
     finish(torchrun(*common, "--log_dir", resumed, "--resume", script=script,
                     extra=["--standalone"]))
     return out, full, resumed
+
+
+# ---------------------------------------------------------------------------------------
+# The oracle for the evaluations: transformers' GPT-2 with random weights, and our copy of it.
+# ---------------------------------------------------------------------------------------
+def random_transformers_gpt2(n_embd: int, n_positions: int):
+    """A random 2-layer GPT2LMHeadModel, fp32, eager attention: the reference implementation.
+    Its weights are drawn 10x wider than GPT-2's N(0, 0.02), so that the losses of different
+    continuations differ by much more than float rounding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=n_embd, n_positions=n_positions,
+                        initializer_range=0.2, attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+def saved_for_us(hf_model, folder: Path) -> Path:
+    """hf_model's save_pretrained folder, which `--model FOLDER` and load_pretrained read."""
+    hf_model.save_pretrained(folder)
+    return folder

@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import core
 import gpt2
-from conftest import TINY_RUN, assert_one_error_line, free_port
+from conftest import (TINY_RUN, assert_one_error_line, free_port, random_transformers_gpt2,
+                      saved_for_us)
 
 HERE = Path(__file__).resolve().parent
 BLOCK = 128
@@ -49,17 +50,12 @@ enc = tiktoken.get_encoding("gpt2")
 
 @pytest.fixture(scope="module")
 def hf_model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=BLOCK, initializer_range=0.2,
-                        attn_implementation="eager")
-    return GPT2LMHeadModel(config).eval()
+    return random_transformers_gpt2(n_embd=64, n_positions=BLOCK)
 
 
 @pytest.fixture(scope="module")
 def model_folder(hf_model, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("random_gpt2")
-    hf_model.save_pretrained(folder)
-    return folder
+    return saved_for_us(hf_model, tmp_path_factory.mktemp("random_gpt2"))
 
 
 @pytest.fixture(scope="module")
