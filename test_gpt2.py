@@ -758,7 +758,7 @@ def test_an_optimizer_state_saved_with_another_fused_setting_resumes_with_ours(s
 
 
 def test_a_bf16_checkpoint_resumes_as_an_fp16_run_with_a_fresh_gradient_scaler(shakespeare, tmp_path):
-    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--loss_chunk", "0"]
+    common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN]
     gpt2.main([*common, "--max_steps", "2", "--dtype", "bfloat16"])
     gpt2.main([*common, "--max_steps", "3", "--dtype", "float16", "--resume"])
     assert len(train_losses(tmp_path)) == 3 and all(map(math.isfinite, train_losses(tmp_path)))
@@ -772,7 +772,7 @@ def test_fp16_autocast_with_a_gradient_scaler_trains_on_the_cpu(shakespeare, tmp
     with gpt2.autocast_context(ctx):
         assert model(torch.zeros(1, 4, dtype=torch.long))[0].dtype == torch.float16
     gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "3",
-               "--dtype", "float16", "--loss_chunk", "0"])
+               "--dtype", "float16"])
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path))
     scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
     assert scaler["scale"] > 1 and scaler["_growth_tracker"] == 3  # 3 unskipped scaled steps
