@@ -8,8 +8,8 @@ them hold the machinery a first reader can skip.
     3. OpenAI's weights  the name mapping and the Conv1D transpose; a fine-tune's start.
     4. The data          llm.c's token shards; a loader that draws each step's sequences from
                          all over the data, each once per epoch, for any number of processes.
-    5. The machine       what torchrun gives each process, device and precision, DDP.
-    6. Optimization      AdamW's parameter groups, the warmup + cosine learning-rate schedule.
+    5. The machine       what torchrun gives each process, device and precision, DDP, FSDP.
+    6. Optimization      AdamW's parameter groups, Muon for the blocks' matrices, the schedule.
     7. Evaluation        validation loss over a fixed token budget, samples, HellaSwag.
     8. Checkpoints       what the training state holds, and exact resume.
     9. Training          the recipe (every hyperparameter, its default and why), then the loop.
@@ -30,7 +30,7 @@ The weights' names (wte, wpe, h, ln_1, attn.c_attn, ...) are OpenAI's and Huggin
 | number of GPUs. Accumulation skips DDP's all-reduce with no_sync(). Checkpoints hold the    |
 | optimizer, the loader's position and every random generator: --resume is bit-exact.        |
 | Generation has a key/value cache; the precision follows the GPU (bf16 from Ampere, fp16 +  |
-| loss scaling before); a CPU gets a chunked loss that saves ~1.5 GB.                        |
+| loss scaling before); a CPU gets a chunked loss: 0.9 GiB less peak RSS (mini, measured).   |
 +--------------------------------------------------------------------------------------------+
 """
 from __future__ import annotations
@@ -80,16 +80,16 @@ EOT = 50256
 # GPT-2 (Radford et al., 2019) is a decoder-only transformer: token embeddings (wte) plus learned
 # position embeddings (wpe), n_layer identical blocks, a final LayerNorm (ln_f), and a linear
 # map back to the vocabulary (lm_head) that shares its weights with wte. Against GPT-1 the
-# paper (section 2.3) changes three things: LayerNorm moves to the input of each sub-block
-# ("pre-LN": x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), so the residual stream is a clean sum
-# that gradients flow through untouched), a final LayerNorm follows the last block, and the
-# weights of the residual projections are scaled at initialization by 1/sqrt(N) for N of them.
+# paper (section 2.3) makes three architectural changes: pre-LN, LayerNorm at each sub-block's
+# input (x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)): the residual stream is a clean sum that
+# gradients flow through untouched), a final LayerNorm after the last block, and residual
+# projections scaled at init by 1/sqrt(N) for N of them (plus 50,257 tokens, 1024 of context).
 #
 # The four OpenAI sizes, and small ones that train on a laptop CPU in minutes. Parameter counts
 # are with the tied 50,257-token embedding counted once (a test checks the 124M figure).
 PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "small": dict(n_layer=6, n_head=6, n_embd=384),  # 30M, of which 19M embedding
@@ -109,9 +109,9 @@ class GPTConfig:
     # lm_head matmul tile evenly on GPUs (~4% faster in build-nanogpt). The extra rows are never
     # scored, sampled or saved: `logits` are always cut back to vocab_size columns.
     pad_vocab_to_multiple_of: int = 1
-    # GPT-2 trained with dropout 0.1 on the attention weights, the residual branches and the
-    # embeddings. Pretraining on billions of tokens does fine without (build-nanogpt, nanoGPT:
-    # 0); fine-tuning on a small text overfits without it. Only in training: eval() turns it off.
+    # Dropout 0.1 on attention weights, residual branches and embeddings: GPT-1's paper (4.1;
+    # GPT-2's states none) and Hugging Face's GPT2Config. Pretraining does fine without it (0 in
+    # build-nanogpt and nanoGPT); a small text's fine-tune overfits without. eval() turns it off.
     dropout: float = 0.0
 
     @property
@@ -179,7 +179,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU, project back (the paper's 3072 for 768)."""
+    """Position-wise feed-forward: widen 4x, GELU, project back (GPT-1's paper: 3072 for 768)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -229,9 +229,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # GPT-2's initialization: N(0, 0.02) for every matrix, zero biases. The projections that
-        # write into the residual stream are scaled by 1/sqrt(2 * n_layer): the stream is a sum
-        # of 2 * n_layer such writes, and this keeps its variance from growing with depth.
+        # build-nanogpt's N(0, 0.02) for every matrix and embedding (OpenAI's wpe: 0.01), zero
+        # biases. Projections writing into the residual stream are scaled by 1/sqrt(2 * n_layer):
+        # the stream sums 2 * n_layer such writes; this keeps its variance from growing with depth.
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "is_residual_projection", False):
@@ -463,11 +463,11 @@ def training_data(args, runtime: Runtime, position: dict | None = None):
 # The loader. A training sequence is a "window" of T + 1 tokens (the inputs, and the targets
 # shifted by one); a shard of n tokens holds (n - 1) // T of them at stride T.
 #
-# The idea: each step's sequences are drawn from all over the data, and every window is used
-# once per epoch. Not one contiguous run of B * T tokens per step (build-nanogpt's and llm.c's
-# way): eight neighbouring sequences of one text are nearly one sample, and the step's gradient
-# is then as noisy as a much smaller batch's. On Tiny Shakespeare the same model reaches a
-# clearly lower validation loss fed windows from all over (docs/performance.md).
+# The idea: each step's sequences are drawn from all over the data, every window once per epoch.
+# Not one contiguous run of B * T tokens per micro-batch (build-nanogpt's; llm.c shuffles its
+# shards and chunks, yet each micro-batch is one run): eight neighbouring sequences of one text
+# are nearly one sample, and the step's gradient as noisy as a much smaller batch's. On Tiny
+# Shakespeare the same model reaches a clearly lower val loss this way (docs/performance.md).
 #
 # How: each epoch shuffles the shards, and the windows inside each shard, with a permutation
 # seeded by (seed, epoch): every process computes the same order without talking. Number the
@@ -703,10 +703,10 @@ def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps
 #
 # Three signals during training. The validation loss, over a fixed budget of tokens from the
 # val shard: the same sequences whatever the number of processes or the micro-batch (each rank
-# takes every world_size-th sequence, and the summed losses are reduced), through the same
-# loss path and autocast as training, so curves from different setups compare. Samples from a
-# fixed prompt, to see what the loss means. And benchmarks: HellaSwag (hellaswag.py), which
-# small GPTs are compared on, and CORE's 22 tasks (core.py), nanochat's yardstick of GPT-2.
+# takes every world_size-th sequence; the summed losses are reduced), so curves compare; under
+# training's autocast, always by the chunked float32 loss (GPUs train on the plain one). Samples
+# from a fixed prompt, to see what the loss means. And benchmarks: HellaSwag (hellaswag.py),
+# which small GPTs are compared on, and CORE's 22 tasks (core.py), nanochat's yardstick of GPT-2.
 
 @torch.no_grad()
 def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, val_tokens: int,
@@ -870,7 +870,7 @@ def add_recipe_flags(p):
          help="muon: Muon for the blocks' matrices, AdamW for the rest (chapter 6); the default "
               "stays GPT-3's AdamW until Muon is measured at 124M on GPUs")
     flag("--muon_lr", type=positive_float, default=0.02, help="Muon's peak lr (nanochat's)")
-    flag("--muon_momentum", type=fraction, default=0.95, help="Muon's momentum (nanochat's)")
+    flag("--muon_momentum", type=fraction, default=0.95, help="Muon's momentum, fixed (torch's default)")
     flag("--muon_weight_decay", type=float_at_least_0, default=0.0, help="Muon's decoupled decay")
     flag("--muon_qkv", choices=["split", "whole"], default="split", help="orthogonalize c_attn's "
          "Q, K, V apart (modded-nanogpt's; lower val loss on the README's recipe) or as one matrix")
@@ -895,8 +895,8 @@ def add_recipe_flags(p):
 # model would recompile for their shapes.
 
 def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
-    """torch.compile, then DDP around the compiled model (torch's guidance: DDP's bucketed
-    all-reduce then overlaps the backward pass); in between, --batch_size auto (appendix B)."""
+    """torch.compile, then DDP around the compiled model (torch's advice: compile handles DDP's
+    wrapper poorly, so compile the inner module); in between, --batch_size auto (appendix B)."""
     if args.fsdp:
         return model  # sharded, each block compiled, by prepare_for_memory (appendix B)
     # dynamic=False: one graph per shape, so the sizes tried never make it compile a slower,
@@ -955,7 +955,7 @@ def run_training(args, runtime: Runtime, stop: StopSignals):
             x, y = windows[:, :-1], windows[:, 1:]  # the targets: the inputs, one token later
             # DDP all-reduces the gradients during backward: only on the last micro-batch.
             # no_sync() must be entered before the forward pass, which records the intent.
-            # (FSDP reduce-scatters each micro-batch's: sharded gradients cannot wait unsummed.)
+            # (FSDP reduce-scatters each micro-batch's, by choice: waiting keeps them unsharded.)
             syncs = micro == grad_accum - 1 or not isinstance(train_model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if syncs else train_model.no_sync():
                 with autocast_context(runtime):
@@ -1007,8 +1007,8 @@ def apply_speed_settings(args, device: torch.device):
     if args.loss_chunk < 0:  # auto: the chunked loss below on CPUs; GPUs do better compiled
         args.loss_chunk = 256 if device.type == "cpu" else 0
     if args.compile == "auto":
-        # build-nanogpt measured 300 -> 130 ms per step on an A100 from torch.compile; on a
-        # CPU it gained nothing here (docs/performance.md) and costs ~20 s of compilation.
+        # The video measured 300 -> 130 ms per step on an A100 from torch.compile (build-nanogpt
+        # ships it off); on a CPU it gained nothing here and costs ~20 s (docs/performance.md).
         reason = why_not_compile(device)
         args.compile = "off" if reason else "on"
         if reason and device.type == "cuda" and os.environ.get("RANK", "0") == "0":
@@ -1035,8 +1035,8 @@ def why_not_compile(device: torch.device) -> str | None:
 # the next step: ~470,000 page faults and ~0.7 s of system time per step, measured. The chunked
 # loss walks over `chunk` rows at a time into one reused buffer, and computes the gradients
 # right away in the forward pass (the softmax just made *is* most of the gradient: d loss /
-# d logits = softmax - onehot), so backward only scales them. Same matmuls, same FLOPs, a few MB
-# instead of ~1.6 GB of temporaries: faster, and a fraction of the memory (docs/performance.md).
+# d logits = softmax - onehot), so backward only scales them. Same matmuls, same FLOPs, no 412 MB
+# temporaries: faster, and 0.9 GiB less peak RSS for mini at B=8, T=256 (docs/performance.md).
 # Each chunk's logits are made transposed, (V, n) = weight @ x.T: on a CPU that matmul runs
 # ~1.5x faster than x @ weight.T (its long dimension is the rows of the output), and the softmax
 # then reduces over rows, which vectorizes along the n columns.
@@ -2854,7 +2854,7 @@ def tool_runtime(device_flag: str, dtype_flag: str = "auto") -> Runtime:
 
 def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
                  seed: int, top_k: int | None = 50) -> list[str]:
-    """Continue prompt num_samples times (top-k 50, as in GPT-2's paper samples)."""
+    """Continue prompt num_samples times (top-k 50, Hugging Face's; OpenAI's samples used 40)."""
     enc = gpt2_tokenizer()
     idx = torch.tensor([enc.encode_ordinary(prompt) or [EOT]] * num_samples, dtype=torch.long,
                        device=device)  # an empty prompt starts a fresh document
@@ -3199,7 +3199,7 @@ def page_faults() -> int:
     return usage.ru_minflt if usage else 0
 
 
-# The generation cases `bench` times: batch 1 and 8, greedy and GPT-2's top-k 50.
+# The generation cases `bench` times: batch 1 and 8, greedy and top-k 50 (Hugging Face's default).
 GEN_CASES = {"b1_greedy": (1, dict(temperature=0)), "b1_topk": (1, dict(top_k=50)),
              "b8_greedy": (8, dict(temperature=0)), "b8_topk": (8, dict(top_k=50))}
 
@@ -3561,7 +3561,7 @@ def add_model_flags(p):
     g.add_argument("--dropout", type=probability, default=0.0,
                    help="dropout on attention weights, residual branches and embeddings, in "
                         "training only: 0 for pretraining (build-nanogpt, nanoGPT), ~0.1 to "
-                        "fine-tune on a small text (GPT-2's own value)")
+                        "fine-tune on a small text (GPT-1's paper's, Hugging Face's GPT2Config)")
 
 
 def add_device_flags(p):
@@ -3572,7 +3572,7 @@ def add_device_flags(p):
 def add_compile_flag(p):
     p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the training forward/backward: auto = on for CUDA (~2x "
-                        "faster, build-nanogpt's 300 -> 130 ms/step), off elsewhere; "
+                        "faster: the video's 300 -> 130 ms/step), off elsewhere; "
                         "`--compile` alone = on")
 
 
@@ -3625,7 +3625,7 @@ def train_parser() -> argparse.ArgumentParser:
     add_compile_flag(g)
     g.add_argument("--loss_chunk", type=int_at_least(-1), default=-1,
                    help="rows per chunk of the fused loss (0 = plain cross-entropy over full "
-                        "logits; -1 = auto: 256 on CPU, where it is faster and saves ~1.5 GB, "
+                        "logits; -1 = auto: 256 on CPU, where it is faster and uses less memory, "
                         "0 on GPUs)")
     g.add_argument("--dist_timeout", type=positive_float, default=3600,
                    help="seconds a rank waits for the others in a collective: rank 0 writing a "
@@ -3670,7 +3670,9 @@ def sample_parser() -> argparse.ArgumentParser:
                         f"context each sees only the last block_size tokens, and each costs a "
                         f"full forward pass")
     p.add_argument("--temperature", type=float_at_least_0, default=1.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int_at_least(1), default=50, help="sample among the k likeliest tokens")
+    p.add_argument("--top_k", type=int_at_least(1), default=50,
+                   help="sample among the k likeliest tokens (50: Hugging Face's default; "
+                        "OpenAI's published samples used 40)")
     p.add_argument("--top_p", type=open_fraction, help="nucleus sampling threshold (default off)")
     p.add_argument("--seed", type=int_at_least(0), help="makes the samples reproducible (default random)")
     p.add_argument("--no_cache", action="store_true", help="recompute the prefix every token")
