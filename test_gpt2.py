@@ -1860,9 +1860,10 @@ def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw_or_with_qkv_whole(s
                               "whole"), "the checkpoint was trained with --muon_qkv split: resume with it")
 
 
+@pytest.mark.slow  # torch.compile on a CPU: up to a minute of Inductor's C++ builds
 def test_compiled_muon_training_in_float16_scales_saves_plain_keys_evaluates_and_samples(
         shakespeare, tmp_path, cli):
-    # The one CPU compile of the suite (tens of seconds), for every fact that needs one.
+    # The one CPU compile of the suites, for every fact that needs one.
     gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
                "--eval_every", "3", "--num_samples", "1", "--dtype", "float16", "--loss_chunk", "0",
                "--compile", "on"])
