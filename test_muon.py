@@ -72,16 +72,30 @@ def test_muon_shared_over_3_processes_is_one_process_step_bit_for_bit_under_ddp_
     assert out.returncode == 0 and out.stdout.count("bit for bit") == 3, out.stdout + out.stderr
 
 
+def final_weights(log_dir, step):
+    return torch.load(gpt2.checkpoint_path(log_dir, step), weights_only=True)["model"]
+
+
+def test_muon_split_shared_over_2_ddp_processes_ends_with_1_processs_weights(shakespeare, tmp_path):
+    # gpt2.py end to end: 512 tokens a step, 2 micro-batches in one process or 1 on each of 2;
+    # c_attn's Q, K and V apart (the default), each rank orthogonalizing its share.
+    common = ["--data_dir", shakespeare, *TINY_RUN, "--optimizer", "muon", "--max_steps", "4",
+              "--device", "cpu"]
+    gpt2.main([*common, "--log_dir", str(tmp_path / "alone")])
+    finish(torchrun(*common, "--log_dir", tmp_path / "ddp", extra=["--standalone"]))
+    np.testing.assert_allclose(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "alone"),
+                               atol=1e-5, rtol=0)
+    alone, ddp = final_weights(tmp_path / "alone", 4), final_weights(tmp_path / "ddp", 4)
+    for k in alone:  # the gradients' sums run in another order: float32 noise
+        torch.testing.assert_close(ddp[k], alone[k], atol=1e-4, rtol=0)
+
+
 # -- gpt2.py's runs: --fsdp with Muon, its checkpoint resumed three ways -------------------------
 
 # 256 tokens a step: 2 micro-batches of 2 x 64 in one process, 1 on each of 2
 MUON_RUN = [*TINY_RUN, "--batch_size", "2", "--total_batch_size", "256", "--optimizer", "muon",
             "--muon_qkv", "whole", "--max_steps", "4", "--checkpoint_every", "2",
             "--keep_checkpoints", "5", "--device", "cpu"]
-
-
-def final_weights(log_dir, step):
-    return torch.load(gpt2.checkpoint_path(log_dir, step), weights_only=True)["model"]
 
 
 def test_muon_with_fsdp_on_2_processes_equals_1_process_and_its_checkpoint_resumes_under_fsdp_ddp_and_alone(
