@@ -833,10 +833,11 @@ def save_checkpoint(state: TrainState, args, runtime: Runtime):
     this run's oldest; the other ranks go on."""
     rng = gather_rng_states(runtime)  # appendix B, like the write and the rotation
     contents = state.state_dict(args, rng)  # on every rank: under --fsdp, gathered from all
+    path = checkpoint_path(args.log_dir, state.step)
     if runtime.is_main:
-        write_checkpoint(checkpoint_path(args.log_dir, state.step), contents)
-        rotate_checkpoints(checkpoint_path(args.log_dir, state.step), args.keep_checkpoints)
-    return checkpoint_path(args.log_dir, state.step)
+        write_checkpoint(path, contents)
+        rotate_checkpoints(path, args.keep_checkpoints)
+    return path
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2689,40 +2690,40 @@ def finetune_config(args, saved: dict) -> GPTConfig:
 
 
 def load_hellaswag(args, runtime: Runtime):
-    """HellaSwag's val examples for the training hook (None without it): downloaded once per
-    machine."""
-    if not args.hellaswag_every:
-        return None
-
-    def load():
-        try:
-            return hellaswag.load_examples(file=args.hellaswag_file, limit=args.hellaswag_limit or None)
-        except UserError as e:
-            raise UserError(f"HellaSwag data: {e} (or train with --hellaswag_every 0)") from None
-    return local_rank0_first(runtime, load)
+    """HellaSwag's val examples for the training hook (None without it)."""
+    return evaluation_data("HellaSwag", "--hellaswag_every", args.hellaswag_every, runtime,
+                           lambda: hellaswag.load_examples(file=args.hellaswag_file,
+                                                           limit=args.hellaswag_limit or None))
 
 
 def load_core(args, runtime: Runtime) -> list | None:
-    """CORE's tasks for the training hook (core.py; None without it): the bundle downloaded
-    once per machine."""
-    import core  # the appendix's alone: the story needs no CORE to read
-    if not args.core_every:
+    """CORE's tasks for the training hook (core.py; None without it)."""
+    def load():
+        import core  # the appendix's alone: the story needs no CORE to read
+        return core.load_tasks(args.core_bundle, max_per_task=args.core_max_per_task or None)
+    return evaluation_data("CORE", "--core_every", args.core_every, runtime, load)
+
+
+def evaluation_data(name: str, flag: str, every: int, runtime: Runtime, load):
+    """load()'s data for an evaluation in training, or None when `flag` is 0: downloaded once
+    per machine (local rank 0 first), its error naming the evaluation and how to go without."""
+    if not every:
         return None
 
-    def load():
+    def guarded():
         try:
-            return core.load_tasks(args.core_bundle, max_per_task=args.core_max_per_task or None)
+            return load()
         except UserError as e:
-            raise UserError(f"CORE data: {e} (or train with --core_every 0)") from None
-    return local_rank0_first(runtime, load)
+            raise UserError(f"{name} data: {e} (or train with {flag} 0)") from None
+    return local_rank0_first(runtime, guarded)
 
 
 def core_event(model: GPT, tasks, args, runtime: Runtime, step: int, last: bool,
                stop: StopSignals) -> dict:
     """When due, CORE and each task's centered accuracy, every rank scoring its share."""
-    import core
     if not tasks or not (step % args.core_every == 0 or last):
         return {}
+    import core
     stop.check(runtime)  # a signal during the evaluations before: no minutes of CORE more
     result = core.evaluate(model, tasks, runtime.device, rank=runtime.rank,
                            world_size=runtime.world_size, autocast_dtype=runtime.dtype)
