@@ -25,8 +25,11 @@ import pytest
 import tiktoken
 import torch
 
+import checkpoints
+import cli
 import fineweb
 import gpt2
+import training
 from fineweb import write_shard
 
 ROOT = Path(__file__).resolve().parent
@@ -210,7 +213,7 @@ def local_hub():
 
 @pytest.fixture
 def no_backoff(monkeypatch):
-    """The download retries' sleeps (fineweb.download's backoff), recorded instead of slept."""
+    """The download retries' sleeps (plumbing.download's backoff), recorded instead of slept."""
     delays = []
     monkeypatch.setattr(fineweb.time, "sleep", delays.append)
     return delays
@@ -252,7 +255,7 @@ def run_script(script, *args, env=None, timeout=600):
 
 
 @pytest.fixture
-def cli(capsys):
+def run_main(capsys):
     """cli(main, *args) calls a script's main(ARGS) in this process, quicker than a subprocess:
     (exit code, stdout, stderr), whether main returns its code or raises SystemExit."""
     def run(main, *args):
@@ -317,7 +320,7 @@ SHARED_RUN = [*TINY_RUN, "--max_steps", "6", "--checkpoint_every", "2", "--keep_
 def shared_run(shakespeare, tmp_path_factory) -> Path:
     """SHARED_RUN's log_dir, on Tiny Shakespeare. Read it; copy it to change it."""
     log_dir = tmp_path_factory.mktemp("shared_run")
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN])
+    cli.main(["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN])
     return log_dir
 
 
@@ -325,14 +328,14 @@ def copy_run(log_dir, to, until: int | None = None) -> Path:
     """A copy of a run's log_dir at `to`; with `until`, only its checkpoints up to that step
     (as if it had been stopped after it, its log.jsonl whole)."""
     shutil.copytree(log_dir, to)
-    for path in gpt2.list_checkpoints(to):
-        if until is not None and gpt2.checkpoint_step(path) > until:
+    for path in checkpoints.list_checkpoints(to):
+        if until is not None and checkpoints.checkpoint_step(path) > until:
             path.unlink()
     return to
 
 
 def train_losses(log_dir):
-    return [e["loss"] for e in gpt2.read_events(log_dir) if "loss" in e]
+    return [e["loss"] for e in training.read_events(log_dir) if "loss" in e]
 
 
 def torchrun(*args, nproc=2, extra=(), script=ROOT / "gpt2.py", env=None):
@@ -365,7 +368,7 @@ def wait_for_step(log_dir, step, process, timeout=300):
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         if (log_dir / "log.jsonl").exists() and any(
-                e.get("step", -1) >= step and "loss" in e for e in gpt2.read_events(log_dir)):
+                e.get("step", -1) >= step and "loss" in e for e in training.read_events(log_dir)):
             return
         time.sleep(0.2)
     raise TimeoutError(f"no step {step} in {log_dir}")
@@ -373,10 +376,10 @@ def wait_for_step(log_dir, step, process, timeout=300):
 
 TWO_GPUS_OF_TWO_SIZES = """import os, sys
 sys.path.insert(0, {root!r})
-import gpt2
+import cli, gpt2
 limit = 4 if os.environ["RANK"] == "0" else 2  # rank 1's GPU holds less
 gpt2.micro_batch_fits = lambda model, batch_size, args, runtime: batch_size <= limit
-gpt2.main(sys.argv[1:])
+cli.main(sys.argv[1:])
 """
 
 
@@ -397,7 +400,7 @@ def two_ranks_run(shakespeare, tmp_path_factory):
                           "gpt2-tests", script=script, extra=["--standalone"],
                           env={"WANDB_MODE": "offline"}))
     resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(full, 2), resumed)
+    shutil.copy(checkpoints.checkpoint_path(full, 2), resumed)
     finish(torchrun(*common, "--log_dir", resumed, "--resume", script=script,
                     extra=["--standalone"]))
     return out, full, resumed

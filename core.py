@@ -61,7 +61,7 @@ import torch
 from tqdm import tqdm
 
 import hellaswag
-from fineweb import Parser, UserError, cache_dir, download, gpt2_tokenizer
+from plumbing import Parser, UserError, cache_dir, download, gpt2_tokenizer, int_at_least
 
 # nanochat's scripts/base_eval.py downloads the bundle from here.
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -88,7 +88,7 @@ class Task(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# The bundle: downloaded once (fineweb's downloader), or a local folder or zip.
+# The bundle: downloaded once (plumbing.py's downloader), or a local folder or zip.
 # ---------------------------------------------------------------------------------------------
 
 def download_bundle() -> Path:
@@ -466,12 +466,12 @@ def examples_per_second(model: torch.nn.Module, tasks: list[Task], device, **kwa
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line. Loading a model is gpt2.py's business: imported when the command runs, so
-# that gpt2.py can import this module for training.
+# The command line. Loading a model is the tools' business (tools.py, above gpt2.py): imported
+# when the command runs, so that training can import this module.
 # ---------------------------------------------------------------------------------------------
 
 def parser():
-    import gpt2
+    import cli  # the command line's layer, the top one: this module itself never imports it
     p = Parser(prog="core.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     description="Score a model on CORE (DCLM's 22 tasks, as nanochat does): each "
                                 "task's accuracy and centered accuracy, then CORE; the last line "
@@ -483,28 +483,28 @@ def parser():
                    "nanochat's)")
     p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t],
                    help="comma-separated task labels (none = all of core.yaml)")
-    p.add_argument("--max_per_task", type=gpt2.int_at_least(0), default=0,
+    p.add_argument("--max_per_task", type=int_at_least(0), default=0,
                    help="score only the first N (shuffled) examples of each task, as nanochat's "
                         "--max-per-task (0 = all)")
-    p.add_argument("--tokens_per_batch", type=gpt2.int_at_least(1), default=TOKENS_PER_BATCH,
+    p.add_argument("--tokens_per_batch", type=int_at_least(1), default=TOKENS_PER_BATCH,
                    help="padded tokens per forward pass; lower it if memory runs out")
-    gpt2.add_device_flags(p)
+    cli.add_device_flags(p)
     return p
 
 
 def main(argv=None):
     import json
 
-    import gpt2
+    import tools  # the tools' layer, above gpt2.py: loading a model, choosing the device
     try:
         args = parser().parse_args(argv)
         # The data first: a bad bundle should fail before minutes of downloading weights.
         tasks = load_tasks(args.bundle, args.tasks, args.max_per_task or None)
-        runtime = gpt2.tool_runtime(args.device)
+        runtime = tools.tool_runtime(args.device)
         is_checkpoint = Path(args.model).is_file()  # a ckpt_*.pt, else a name or a folder
         source = argparse.Namespace(checkpoint=args.model if is_checkpoint else None,
                                     model=None if is_checkpoint else args.model)
-        model = gpt2.load_model(source, runtime.device)
+        model = tools.load_model(source, runtime.device)
         start = time.perf_counter()
         result = evaluate(model, tasks, runtime.device, autocast_dtype=runtime.dtype,
                           tokens_per_batch=args.tokens_per_batch, progress=True)

@@ -45,7 +45,7 @@ How to run it
     python hellaswag.py --model gpt2 --limit 500 --device cpu
 
 (`python hellaswag.py ...` is `python gpt2.py hellaswag ...`: loading a model is gpt2.py's
-business, and this module imports only fineweb, so that gpt2.py can import it for training.)
+business, and this module imports only plumbing.py, so that gpt2.py can import it for training.)
 
 During training, gpt2.py calls `evaluate(model, examples, device, rank=..., world_size=...)`
 every `--hellaswag_every` steps: each rank scores every world_size-th example and the counts
@@ -75,7 +75,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fineweb import UserError, cache_dir, download, gpt2_tokenizer
+from plumbing import UserError, cache_dir, download, gpt2_tokenizer
 
 DEFAULT_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data"
 
@@ -112,7 +112,7 @@ N_VOCAB = 50257
 # ---------------------------------------------------------------------------------------------
 
 def download_split(split: str, base_url: str | None = None) -> Path:
-    """Fetch `hellaswag_{split}.jsonl` into the cache unless it is already there (fineweb's
+    """Fetch `hellaswag_{split}.jsonl` into the cache unless it is already there (plumbing.py's
     downloader: resumed, retried, its size and sha256 checked against SPLIT_FILES, renamed into
     place only then). In training, rank 0 fetches it before the other ranks look (gpt2.py): one
     download, not one per GPU."""
@@ -597,5 +597,5 @@ def add_data_flags(parser: argparse.ArgumentParser):
 
 
 if __name__ == "__main__":
-    import gpt2  # the script's door to gpt2.py's command; the module itself never imports gpt2
-    gpt2.main(["hellaswag", *sys.argv[1:]])
+    import cli  # the script's door to gpt2.py's command; the module itself never imports it
+    cli.main(["hellaswag", *sys.argv[1:]])

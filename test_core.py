@@ -23,8 +23,12 @@ import tiktoken
 import torch
 from transformers import GPT2LMHeadModel
 
+import checkpoints
+import cli
 import core
 import gpt2
+import tools
+import training
 from conftest import (TINY_RUN, assert_one_error_line, free_port, random_transformers_gpt2,
                       saved_for_us)
 
@@ -315,8 +319,8 @@ def test_two_gloo_processes_give_one_processs_core_from_the_same_prompts(
 # -- The command ---------------------------------------------------------------------------------
 
 def test_the_command_prints_each_task_then_core_and_ends_with_json(
-        model, model_folder, built, oracle_results, cli, tmp_path):
-    code, out, err = cli(core.main, "--model", model_folder, "--bundle", built["zip"],
+        model, model_folder, built, oracle_results, run_main, tmp_path):
+    code, out, err = run_main(core.main, "--model", model_folder, "--bundle", built["zip"],
                          "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
@@ -332,9 +336,9 @@ def test_the_command_prints_each_task_then_core_and_ends_with_json(
     assert result["core"] == pytest.approx(sum(centered) / len(centered))
     assert lines[len(LABELS)].startswith(f"CORE {result['core']:.4f}")
     # A checkpoint of ours, and a subset of the tasks in the order asked for.
-    path = gpt2.checkpoint_path(tmp_path, 0)
+    path = checkpoints.checkpoint_path(tmp_path, 0)
     torch.save(dict(model=model.state_dict(), config=asdict(model.config)), path)
-    code, out, err = cli(core.main, "--model", path, "--bundle", built["folder"], "--tasks",
+    code, out, err = run_main(core.main, "--model", path, "--bundle", built["folder"], "--tasks",
                          "winograd_like,arc_like", "--device", "cpu")
     assert code == 0, err
     got = json.loads(out.splitlines()[-1])["tasks"]
@@ -357,11 +361,11 @@ def bad_bundles(rows: dict) -> dict:
 
 @pytest.mark.parametrize("case", ["missing task file", "malformed row", "label out of range",
                                   "more shots than examples"])
-def test_a_bad_bundle_is_one_line_naming_the_file_and_row(case, built, tmp_path, cli):
+def test_a_bad_bundle_is_one_line_naming_the_file_and_row(case, built, tmp_path, run_main):
     rows, message = bad_bundles(built["rows"])[case]
     folder = write_bundle(tmp_path / "eval_bundle", rows)
     # The bundle is read before the model is loaded: this folder is never looked at.
-    result = cli(core.main, "--bundle", folder, "--model", tmp_path / "no_model")
+    result = run_main(core.main, "--bundle", folder, "--model", tmp_path / "no_model")
     assert_one_error_line(result, message)
 
 
@@ -393,9 +397,9 @@ def test_the_download_resumes_after_a_dropped_connection(s3, tasks, tmp_path, no
 
 
 def test_a_download_with_another_sha256_is_one_line_and_nothing_kept(
-        s3, monkeypatch, tmp_path, cli):
+        s3, monkeypatch, tmp_path, run_main):
     monkeypatch.setattr(core, "BUNDLE_SHA256", "0" * 64)
-    result = cli(core.main, "--model", tmp_path / "no_model")
+    result = run_main(core.main, "--model", tmp_path / "no_model")
     assert_one_error_line(result, "eval_bundle.zip", "sha256", "--bundle PATH", alone=False)
     assert list((tmp_path / "cache/gpt2/core").iterdir()) == []
 
@@ -404,17 +408,17 @@ def test_a_download_with_another_sha256_is_one_line_and_nothing_kept(
 
 def test_training_logs_core_beside_hellaswag_and_plot_draws_it(shakespeare, built, tmp_path):
     log_dir = tmp_path / "run"
-    gpt2.main(["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--log_dir", log_dir,
+    cli.main(["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "4", "--log_dir", log_dir,
                "--core_every", "4", "--core_bundle", built["zip"], "--core_max_per_task", "6"])
-    events = [e for e in gpt2.read_events(log_dir) if "core" in e]
+    events = [e for e in training.read_events(log_dir) if "core" in e]
     assert [e["step"] for e in events] == [0, 4]
     assert set(events[0]["core_tasks"]) == set(LABELS)
     assert all(-1 <= e["core"] <= 1 for e in events)
-    gpt2.main(["plot", "--log_dir", log_dir, "--out", tmp_path / "plot.png"])
+    cli.main(["plot", "--log_dir", log_dir, "--out", tmp_path / "plot.png"])
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
 def test_bench_measures_core_examples_per_second(model):
     runtime = gpt2.Runtime(device=torch.device("cpu"), dtype=torch.float32)
-    speeds = gpt2.core_speed(model, runtime, 11, 2)
+    speeds = tools.core_speed(model, runtime, 11, 2)
     assert len(speeds) == 2 and all(s > 0 for s in speeds)

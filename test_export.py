@@ -23,7 +23,11 @@ import tiktoken
 import torch
 import transformers
 
+import checkpoints
+import cli
 import gpt2
+import tools
+import training
 from conftest import TINY_RUN, assert_one_error_line, free_port, run_script
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +60,7 @@ def trained(shakespeare, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(root))
-        gpt2.main(["--data_dir", shakespeare, "--log_dir", root / "log", *RUN,
+        cli.main(["--data_dir", shakespeare, "--log_dir", root / "log", *RUN,
                    "--tensorboard", root / "tb", "--wandb", "gpt2-tests"])
     return root
 
@@ -64,7 +68,7 @@ def trained(shakespeare, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(trained):
     """The step-3 checkpoint, exported."""
-    gpt2.main(["export", "--checkpoint", trained / "log/ckpt_00000003.pt", "--out", trained / "hf"])
+    cli.main(["export", "--checkpoint", trained / "log/ckpt_00000003.pt", "--out", trained / "hf"])
     return trained / "hf"
 
 
@@ -141,9 +145,9 @@ def test_transformers_loads_every_weight_and_every_file_of_the_folder_from_the_f
     assert transformers.AutoTokenizer.from_pretrained(exported).model_max_length == model.config.n_positions
 
 
-def sample_text(cli, *source, prompt="Hello, I'm a language model,", tokens=24):
+def sample_text(run_main, *source, prompt="Hello, I'm a language model,", tokens=24):
     """The one continuation `gpt2.py sample --temperature 0` prints."""
-    code, out, err = cli(gpt2.main, "sample", *source, "--prompt", prompt, "--num_samples", 1,
+    code, out, err = run_main(cli.main, "sample", *source, "--prompt", prompt, "--num_samples", 1,
                          "--max_new_tokens", tokens, "--temperature", 0, "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
@@ -152,9 +156,9 @@ def sample_text(cli, *source, prompt="Hello, I'm a language model,", tokens=24):
 
 
 def test_transformers_greedy_pipeline_writes_what_gpt2_sample_writes_at_temperature_0(
-        trained, exported, cli):
+        trained, exported, run_main):
     prompt = "ROMEO: I shall"
-    ours = sample_text(cli, "--checkpoint", trained / "log/ckpt_00000003.pt", prompt=prompt)
+    ours = sample_text(run_main, "--checkpoint", trained / "log/ckpt_00000003.pt", prompt=prompt)
     pipe = transformers.pipeline("text-generation", model=str(exported), do_sample=False)
     theirs = pipe(prompt, max_new_tokens=24, return_tensors=True)[0]["generated_token_ids"]
     assert len(theirs) == len(tiktoken.get_encoding("gpt2").encode(prompt)) + 24  # no early stop
@@ -166,20 +170,20 @@ def test_transformers_greedy_pipeline_writes_what_gpt2_sample_writes_at_temperat
     assert gpt2.generate(model, prompt_ids, 24, temperature=0)[0].tolist() == list(theirs)
 
 
-def test_gpt2_sample_reads_the_exported_folder_as_it_reads_the_checkpoint(trained, exported, cli):
-    assert (sample_text(cli, "--model", exported) ==
-            sample_text(cli, "--checkpoint", trained / "log/ckpt_00000003.pt"))
+def test_gpt2_sample_reads_the_exported_folder_as_it_reads_the_checkpoint(trained, exported, run_main):
+    assert (sample_text(run_main, "--model", exported) ==
+            sample_text(run_main, "--checkpoint", trained / "log/ckpt_00000003.pt"))
 
 
 def test_init_from_the_exported_folder_starts_at_the_checkpoints_val_loss(trained, exported,
                                                                            shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, "--init_from", exported,
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, "--init_from", exported,
                "--seq_len", "64", "--batch_size", "4", "--total_batch_size", "512",
                "--val_tokens", "1024", "--hellaswag_every", "0", "--num_samples", "0",
                "--max_steps", "1", "--eval_every", "1"])  # RUN's evaluation, of step 0
-    at_export = next(e["val_loss"] for e in gpt2.read_events(trained / "log")
+    at_export = next(e["val_loss"] for e in training.read_events(trained / "log")
                      if e["step"] == 3 and "val_loss" in e)
-    first = next(e["val_loss"] for e in gpt2.read_events(tmp_path) if "val_loss" in e)
+    first = next(e["val_loss"] for e in training.read_events(tmp_path) if "val_loss" in e)
     assert first == pytest.approx(at_export, abs=1e-5)
 
 
@@ -198,7 +202,7 @@ def test_the_folder_holds_the_tokenizer_the_generation_defaults_and_a_model_card
 def test_the_model_card_says_the_data_the_step_and_the_runs_last_val_loss_and_hellaswag(
         trained, exported, shakespeare):
     card = (exported / "README.md").read_text()
-    last = [e for e in gpt2.read_events(trained / "log") if e["step"] == 3 and "val_loss" in e][0]
+    last = [e for e in training.read_events(trained / "log") if e["step"] == 3 and "val_loss" in e][0]
     assert f"- Validation loss: {last['val_loss']:.4f} at step 3" in card
     assert f"- HellaSwag acc_norm (completion style, the first 8 rows of {HELLASWAG}): " \
            f"{last['hellaswag']:.4f} at step 3" in card
@@ -210,14 +214,14 @@ def test_the_model_card_says_the_data_the_step_and_the_runs_last_val_loss_and_he
 
 def test_the_model_card_of_the_step_2_checkpoint_gives_step_2s_figures_not_later_ones(
         trained, tmp_path):
-    gpt2.main(["export", "--checkpoint", trained / "log/ckpt_00000002.pt", "--out", tmp_path])
-    step2 = [e for e in gpt2.read_events(trained / "log") if e["step"] == 2 and "val_loss" in e][0]
+    cli.main(["export", "--checkpoint", trained / "log/ckpt_00000002.pt", "--out", tmp_path])
+    step2 = [e for e in training.read_events(trained / "log") if e["step"] == 2 and "val_loss" in e][0]
     assert f"- Validation loss: {step2['val_loss']:.4f} at step 2" in (tmp_path / "README.md").read_text()
 
 
 def test_a_checkpoint_without_its_log_gets_a_card_that_says_unknown(trained, tmp_path):
     shutil.copy(trained / "log/ckpt_00000003.pt", tmp_path / "ckpt_00000003.pt")
-    gpt2.main(["export", "--checkpoint", tmp_path / "ckpt_00000003.pt", "--out", tmp_path / "hf"])
+    cli.main(["export", "--checkpoint", tmp_path / "ckpt_00000003.pt", "--out", tmp_path / "hf"])
     card = (tmp_path / "hf/README.md").read_text()
     assert "- Validation loss: unknown (no log.jsonl beside the checkpoint)" in card
     assert "- HellaSwag acc_norm" in card and "): unknown (no log.jsonl" in card
@@ -225,34 +229,34 @@ def test_a_checkpoint_without_its_log_gets_a_card_that_says_unknown(trained, tmp
 
 
 def test_the_card_names_fineweb_edu_when_fineweb_py_made_the_data(trained, tmp_path):
-    saved = gpt2.load_checkpoint(trained / "log/ckpt_00000003.pt", for_training=False)
+    saved = checkpoints.load_checkpoint(trained / "log/ckpt_00000003.pt", for_training=False)
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text(json.dumps({
         "params": {"source": {"name": "sample-10BT", "max_files": None}, "shard_size": 100},
         "files": [], "val_tokens": 100, "shards": [], "done": True}))
     saved["args"]["data_dir"] = str(data)
-    card = gpt2.model_card(gpt2.load_checkpoint_model(trained / "log/ckpt_00000003.pt"), saved,
+    card = tools.model_card(gpt2.load_checkpoint_model(trained / "log/ckpt_00000003.pt"), saved,
                            trained / "log/ckpt_00000003.pt", "hf")
     assert f"- Data: `{data}`: FineWeb-Edu sample-10BT, tokenized by fineweb.py" in card
     assert "datasets:\n- HuggingFaceFW/fineweb-edu\n---" in card
 
 
-def test_export_onto_a_file_is_one_error_line(trained, tmp_path, cli):
+def test_export_onto_a_file_is_one_error_line(trained, tmp_path, run_main):
     (tmp_path / "taken").write_text("")
-    result = cli(gpt2.main, "export", "--checkpoint", trained / "log/ckpt_00000003.pt",
+    result = run_main(cli.main, "export", "--checkpoint", trained / "log/ckpt_00000003.pt",
                  "--out", tmp_path / "taken")
     assert_one_error_line(result, "is a file, not a folder")
 
 
 def test_export_into_a_folder_with_files_it_does_not_write_is_refused_and_leaves_them(trained, tmp_path,
-                                                                                    cli):
+                                                                                    run_main):
     checkpoint = trained / "log/ckpt_00000003.pt"
-    assert cli(gpt2.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf")[0] == 0
-    assert cli(gpt2.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf")[0] == 0  # again
+    assert run_main(cli.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf")[0] == 0
+    assert run_main(cli.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf")[0] == 0  # again
     stale = tmp_path / "hf/tokenizer.json"  # an older export's, say: transformers would read it first
     stale.write_text("{}")
-    assert_one_error_line(cli(gpt2.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf"),
+    assert_one_error_line(run_main(cli.main, "export", "--checkpoint", checkpoint, "--out", tmp_path / "hf"),
                           "holds files export does not write (tokenizer.json)")
     assert stale.read_text() == "{}"
 
@@ -312,7 +316,7 @@ def unfenced(text: str) -> str:
 
 
 def test_tensorboard_holds_log_jsonls_every_number_sample_and_config(trained):
-    events = gpt2.read_events(trained / "log")
+    events = training.read_events(trained / "log")
     board = tensorboard_run(trained / "tb")
     expected = scalars_by_key(events)
     assert {"loss", "lr", "norm", "ms", "tokens_per_s", "val_loss", "hellaswag"} <= set(expected)
@@ -369,7 +373,7 @@ def wandb_offline_run(root) -> tuple[Path, dict, dict, dict]:
 
 
 def test_wandbs_offline_run_holds_log_jsonls_every_number_sample_and_config(trained):
-    events = gpt2.read_events(trained / "log")
+    events = training.read_events(trained / "log")
     folder, history, start, updates = wandb_offline_run(trained)
     for key, points in scalars_by_key(events).items():
         assert [(step, history[step][key]) for step in sorted(history) if key in history[step]] == points, key
@@ -391,9 +395,9 @@ def test_a_resumed_run_goes_on_with_the_same_curves_and_the_same_wandb_run(train
         shutil.copy(trained / "log" / name, tmp_path / "log" / name)
     shutil.copytree(trained / "tb", tmp_path / "tb")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / "log", *RUN, "--resume",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path / "log", *RUN, "--resume",
                "--tensorboard", tmp_path / "tb", "--wandb", "gpt2-tests"])
-    events = gpt2.read_events(tmp_path / "log")
+    events = training.read_events(tmp_path / "log")
     board = tensorboard_run(tmp_path / "tb")
     for key, points in scalars_by_key(events).items():
         assert tensorboard_scalars(board, key) == float32(points), key
@@ -405,18 +409,18 @@ def test_a_resumed_run_goes_on_with_the_same_curves_and_the_same_wandb_run(train
 
 @pytest.mark.parametrize("flag, package", [("--tensorboard", "tensorboard"), ("--wandb", "wandb")])
 def test_a_missing_dashboard_package_is_one_line_naming_pip_install_and_never_needed_without_its_flag(
-        flag, package, shakespeare, tmp_path, cli, monkeypatch):
+        flag, package, shakespeare, tmp_path, run_main, monkeypatch):
     monkeypatch.setitem(sys.modules, package, None)  # import wandb / tensorboard: ImportError
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "1"]
-    result = cli(gpt2.main, *common, "--log_dir", tmp_path / "with", flag, tmp_path / "x")
+    result = run_main(cli.main, *common, "--log_dir", tmp_path / "with", flag, tmp_path / "x")
     assert_one_error_line(result, f"{flag} needs the {package} package", f"pip install {package}")
-    code, _, err = cli(gpt2.main, *common, "--log_dir", tmp_path / "without")
+    code, _, err = run_main(cli.main, *common, "--log_dir", tmp_path / "without")
     assert code == 0, err
 
 
-def test_tensorboard_onto_a_file_is_one_line(shakespeare, tmp_path, cli):
+def test_tensorboard_onto_a_file_is_one_line(shakespeare, tmp_path, run_main):
     (tmp_path / "taken").write_text("")
-    result = cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "log", *TINY_RUN,
+    result = run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "log", *TINY_RUN,
                  "--max_steps", "1", "--tensorboard", tmp_path / "taken")
     assert_one_error_line(result, f"--tensorboard {tmp_path / 'taken'}: cannot write there")
 
@@ -436,6 +440,6 @@ def test_with_two_processes_only_rank_0_writes_tensorboard_and_wandb(two_ranks_r
     _, log_dir, _ = two_ranks_run
     assert len(list((log_dir.parent / "tb").iterdir())) == 1  # one events file
     board = tensorboard_run(log_dir.parent / "tb")
-    loss = scalars_by_key(gpt2.read_events(log_dir))["loss"]
+    loss = scalars_by_key(training.read_events(log_dir))["loss"]
     assert tensorboard_scalars(board, "loss") == float32(loss)
     assert len(list((log_dir / "wandb").glob("offline-run-*"))) == 1

@@ -13,7 +13,7 @@ pointed at the fake hub, with shards of 20,000 tokens: ~180,000 tokens make 9 sh
 
 Your own text (`--input` .txt, .jsonl, .parquet) is tested on samples/tinyshakespeare.txt and
 the same FineWeb-Edu documents, against tiktoken's encoding; its many ways of being bad run
-in this process (conftest's `cli` calls `fineweb.main`), which is quicker than a subprocess.
+in this process (conftest's `run_main` calls `fineweb.main`), which is quicker than a subprocess.
 """
 import concurrent.futures
 import errno
@@ -37,6 +37,9 @@ import tiktoken
 
 import fineweb
 import gpt2
+import plumbing
+import shards
+import tools
 from conftest import LocalHub, assert_one_error_line, run_script
 
 FINEWEB = Path(__file__).resolve().parent / "fineweb.py"
@@ -131,10 +134,10 @@ def input_args(out_dir, inputs, *flags):
 
 
 @pytest.fixture
-def convert(cli):
+def convert(run_main):
     """convert(out_dir, inputs, *flags) runs fineweb.py on local files in this process (cheaper
     than a subprocess): (exit code, stdout, stderr)."""
-    return lambda out_dir, inputs, *flags: cli(fineweb.main, *input_args(out_dir, inputs, *flags))
+    return lambda out_dir, inputs, *flags: run_main(fineweb.main, *input_args(out_dir, inputs, *flags))
 
 
 def shards_in(out_dir):
@@ -218,7 +221,7 @@ def test_shards_are_valid_for_gpt2s_reader(clean_run):
     for name, data in clean_run["shards"].items():
         tokens = gpt2.read_shard(clean_run["dir"] / name)
         assert tokens.dtype == np.uint16 and tokens.tobytes() == data[1024:]
-    assert len(gpt2.find_shards(clean_run["dir"], "val")) == 1
+    assert len(shards.find_shards(clean_run["dir"], "val")) == 1
 
 
 def test_downloads_are_deleted_once_tokenized(clean_run):
@@ -253,14 +256,14 @@ def test_a_parquet_already_in_the_cache_is_read_from_there_and_kept(tmp_path, hu
     "sample/100BT/000_00000.parquet",  # another sample's folder
 ])
 def test_a_file_list_naming_a_file_outside_the_sample_folder_is_refused_and_nothing_is_written(
-        tmp_path, parquet_files, local_hub, monkeypatch, cli, listed):
+        tmp_path, parquet_files, local_hub, monkeypatch, run_main, listed):
     own = tmp_path / "mine" / "own.parquet"
     own.parent.mkdir()
     own.write_bytes(parquet_files[f"{HUB_DIR}/000_00000.parquet"])
     name = listed.format(own=own)
     hub = local_hub({name: own.read_bytes()}, **HUB)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    assert_one_error_line(cli(fineweb.main, *fineweb_args(tmp_path)), f"'{name}'", HUB_DIR)
+    assert_one_error_line(run_main(fineweb.main, *fineweb_args(tmp_path)), f"'{name}'", HUB_DIR)
     assert own.read_bytes() == parquet_files[f"{HUB_DIR}/000_00000.parquet"]  # neither tokenized nor deleted
     assert os.listdir(tmp_path) == ["mine"]  # no shards, no cache, nothing outside them
     assert hub.paths == [TREE]  # the list, then nothing
@@ -290,7 +293,7 @@ def test_a_file_list_that_is_not_the_hubs_is_one_user_error_before_any_download(
                                                                                  problem):
     hub = local_hub({}, root=RESOLVE, routes=listing(json.dumps(page)))
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    with pytest.raises(fineweb.UserError, match="not the hub's file list") as error:
+    with pytest.raises(plumbing.UserError, match="not the hub's file list") as error:
         fineweb.list_files("sample-10BT", max_files=None)
     assert TREE in str(error.value) and problem in str(error.value)
     assert hub.paths == [TREE]
@@ -305,7 +308,7 @@ def test_a_file_list_whose_next_page_is_one_already_read_stops_with_one_user_err
 
     hub.routes[TREE] = back_to_the_first_page
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    with pytest.raises(fineweb.UserError, match="already read") as error:
+    with pytest.raises(plumbing.UserError, match="already read") as error:
         fineweb.list_files("sample-10BT", max_files=None)
     assert str(error.value).startswith(f"{hub.url}{TREE}?cursor=1: not the hub's file list (its next page, "
                                        f"{hub.url}{TREE}, was already read")
@@ -323,7 +326,7 @@ def test_download_of_unknown_size_resumes_a_dropped_connection_with_the_missing_
     data = hub.files[SECOND]
     hub.faults[SECOND] = ["drop"]
     dest = tmp_path / "new" / "folder" / "file.parquet"
-    assert fineweb.download(hub.url + RESOLVE + SECOND, dest) == dest  # no size: the Content-Length is
+    assert plumbing.download(hub.url + RESOLVE + SECOND, dest) == dest  # no size: the Content-Length is
     assert dest.read_bytes() == data
     first, resumed = hub.downloads(SECOND)
     assert first is None and 0 < int(resumed[6:-1]) <= len(data) // 2  # after what had arrived
@@ -334,7 +337,7 @@ def test_download_of_unknown_size_resumes_a_dropped_connection_with_the_missing_
 def test_download_follows_a_redirect_to_another_path(tmp_path, hub):
     data = hub.files[SECOND]
     dest = tmp_path / "file.parquet"
-    fineweb.download(f"{hub.url}/moved/{SECOND}", dest, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    plumbing.download(f"{hub.url}/moved/{SECOND}", dest, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     assert dest.read_bytes() == data
     assert hub.paths == [f"/moved/{SECOND}", RESOLVE + SECOND]
 
@@ -342,8 +345,8 @@ def test_download_follows_a_redirect_to_another_path(tmp_path, hub):
 def test_download_failing_its_sha256_deletes_the_part_with_one_user_error(tmp_path, hub, no_backoff):
     data = hub.files[SECOND]
     hub.faults[SECOND] = ["corrupt"]
-    with pytest.raises(fineweb.UserError, match="sha256") as error:
-        fineweb.download(hub.url + RESOLVE + SECOND, str(tmp_path / "file.parquet"),
+    with pytest.raises(plumbing.UserError, match="sha256") as error:
+        plumbing.download(hub.url + RESOLVE + SECOND, str(tmp_path / "file.parquet"),
                          sha256=hashlib.sha256(data).hexdigest())
     assert SECOND in str(error.value)
     assert os.listdir(tmp_path) == []  # no file, no .part: a rerun fetches it again
@@ -351,8 +354,8 @@ def test_download_failing_its_sha256_deletes_the_part_with_one_user_error(tmp_pa
 
 
 def test_download_of_a_404_is_one_user_error_at_once(tmp_path, hub, no_backoff):
-    with pytest.raises(fineweb.UserError, match="HTTP 404") as error:
-        fineweb.download(f"{hub.url}/no/such/file", tmp_path / "file")
+    with pytest.raises(plumbing.UserError, match="HTTP 404") as error:
+        plumbing.download(f"{hub.url}/no/such/file", tmp_path / "file")
     assert f"{hub.url}/no/such/file" in str(error.value)
     assert len(hub.requests) == 1 and no_backoff == []  # no retries
     assert os.listdir(tmp_path) == []
@@ -361,7 +364,7 @@ def test_download_of_a_404_is_one_user_error_at_once(tmp_path, hub, no_backoff):
 def test_download_renames_a_complete_part_the_server_answers_416_to(tmp_path, hub):
     data = hub.files[SECOND]
     (tmp_path / "file.parquet.part").write_bytes(data)  # a run stopped before the rename
-    fineweb.download(hub.url + RESOLVE + SECOND, tmp_path / "file.parquet")
+    plumbing.download(hub.url + RESOLVE + SECOND, tmp_path / "file.parquet")
     assert (tmp_path / "file.parquet").read_bytes() == data
     assert hub.downloads(SECOND) == [f"bytes={len(data)}-"]  # asked for nothing more
 
@@ -378,16 +381,16 @@ def test_download_starts_again_a_part_that_is_not_the_beginning_of_the_file(tmp_
     (tmp_path / "file.parquet.part").write_bytes(stale)
     if part == "ignored Range":
         hub.faults[SECOND] = ["whole"]
-    fineweb.download(hub.url + RESOLVE + SECOND, tmp_path / "file.parquet", size=len(data) if size_known else None)
+    plumbing.download(hub.url + RESOLVE + SECOND, tmp_path / "file.parquet", size=len(data) if size_known else None)
     assert (tmp_path / "file.parquet").read_bytes() == data
     assert hub.downloads(SECOND) == [r and r.format(long=len(stale)) for r in asked]
 
 
 def test_atomic_write_keeps_the_old_file_and_no_tmp_when_the_writer_fails(tmp_path):
     path = tmp_path / "state.bin"
-    with fineweb.atomic_write(path) as f:
+    with plumbing.atomic_write(path) as f:
         f.write(b"old")
-    with pytest.raises(ZeroDivisionError), fineweb.atomic_write(str(path)) as f:
+    with pytest.raises(ZeroDivisionError), plumbing.atomic_write(str(path)) as f:
         f.write(b"half of the new")
         1 / 0
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.bin"]
@@ -395,7 +398,7 @@ def test_atomic_write_keeps_the_old_file_and_no_tmp_when_the_writer_fails(tmp_pa
 
 def test_atomic_write_goes_through_a_new_tmp_file_of_its_own_process_beside_the_target(tmp_path):
     path = tmp_path / "state.json"
-    with fineweb.atomic_write(path) as first, fineweb.atomic_write(path, "w") as second:
+    with plumbing.atomic_write(path) as first, plumbing.atomic_write(path, "w") as second:
         tmps = os.listdir(tmp_path)
         first.write(b"the first writer's")
         second.write("the second writer's")
@@ -403,7 +406,7 @@ def test_atomic_write_goes_through_a_new_tmp_file_of_its_own_process_beside_the_
     assert len(set(tmps)) == 2 and all(map(pattern.fullmatch, tmps)), tmps  # two writers, two files
     assert path.read_bytes() == b"the first writer's"  # the last one to finish, whole and alone
     assert os.listdir(tmp_path) == ["state.json"]
-    with fineweb.atomic_write(path, "w") as f:
+    with plumbing.atomic_write(path, "w") as f:
         f.write("caf\u00e9")
     assert path.read_bytes() == b"caf\xc3\xa9"  # text mode writes UTF-8
 
@@ -416,7 +419,7 @@ def test_atomic_write_never_writes_through_a_link_planted_at_a_tmp_name(tmp_path
     planted = ["state.bin.tmp", f"state.bin.{os.getpid()}.deadbeef.tmp"]  # the old fixed name, and the first draw
     for name in planted:
         (tmp_path / name).symlink_to(victim)
-    with fineweb.atomic_write(tmp_path / "state.bin") as f:
+    with plumbing.atomic_write(tmp_path / "state.bin") as f:
         f.write(b"new state")
     assert victim.read_bytes() == b"precious"
     assert (tmp_path / "state.bin").read_bytes() == b"new state" and not (tmp_path / "state.bin").is_symlink()
@@ -428,8 +431,8 @@ def test_two_processes_downloading_one_file_at_once_fetch_it_once_and_both_get_i
     hub = local_hub({"big.bin": data})
     hub.faults["big.bin"] = ["slow", "slow"]  # 4 KB per 50 ms: ~6 s, while the other process starts
     dest = tmp_path / "cache" / "big.bin"
-    script = ("import hashlib, sys, fineweb; "
-              "print(hashlib.sha256(open(fineweb.download(sys.argv[1], sys.argv[2]), 'rb').read()).hexdigest())")
+    script = ("import hashlib, sys, plumbing; "
+              "print(hashlib.sha256(open(plumbing.download(sys.argv[1], sys.argv[2]), 'rb').read()).hexdigest())")
     runs = [subprocess.Popen([sys.executable, "-c", script, f"{hub.url}/big.bin", str(dest)], cwd=FINEWEB.parent,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [run.communicate(timeout=120) for run in runs]
@@ -445,13 +448,13 @@ GPT2_WEIGHTS = (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473
 
 
 def test_a_mirror_serving_a_2_layer_model_as_gpt2_is_refused_by_the_hubs_size_header(tmp_path, local_hub):
-    gpt2.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16)),
+    tools.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=16)),
                          tmp_path / "small")
     hub = local_hub({"model.safetensors": (tmp_path / "small" / "model.safetensors").read_bytes()},
                     root="/cdn/", linked={"model.safetensors": GPT2_WEIGHTS})
     dest = tmp_path / "cache" / "model.safetensors"
-    with pytest.raises(fineweb.UserError, match="548,105,171") as error:
-        fineweb.download(f"{hub.url}/moved/model.safetensors", dest)  # no size, no sha256: as gpt2.py asks
+    with pytest.raises(plumbing.UserError, match="548,105,171") as error:
+        plumbing.download(f"{hub.url}/moved/model.safetensors", dest)  # no size, no sha256: as gpt2.py asks
     assert "X-Linked-Size" in str(error.value)
     assert os.listdir(dest.parent) == []
 
@@ -461,11 +464,11 @@ def test_a_download_that_differs_from_the_hubs_x_linked_etag_is_refused_and_not_
     hub.linked[SECOND] = (len(data), hashlib.sha256(data).hexdigest())
     hub.faults[SECOND] = ["corrupt"]
     dest = tmp_path / "file.parquet"
-    with pytest.raises(fineweb.UserError, match="sha256") as error:
-        fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+    with pytest.raises(plumbing.UserError, match="sha256") as error:
+        plumbing.download(f"{hub.url}/moved/{SECOND}", dest)
     assert "X-Linked-Etag" in str(error.value)
     assert os.listdir(tmp_path) == []
-    fineweb.download(f"{hub.url}/moved/{SECOND}", dest)  # the right bytes pass: the quoted header is read right
+    plumbing.download(f"{hub.url}/moved/{SECOND}", dest)  # the right bytes pass: the quoted header is read right
     assert dest.read_bytes() == data
 
 
@@ -477,21 +480,21 @@ def test_a_body_cut_short_without_content_length_is_not_taken_whole_when_the_hub
     hub.faults[SECOND] = ["cut"] * cuts  # half the body, no Content-Length: it looks complete
     dest = tmp_path / "file.parquet"
     if cuts == 1:
-        fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+        plumbing.download(f"{hub.url}/moved/{SECOND}", dest)
         assert dest.read_bytes() == data
         assert hub.downloads(SECOND)[2:] == [f"bytes={len(data) // 2}-"] * 2  # resumed (the redirect, the file)
     else:
-        with pytest.raises(fineweb.UserError, match="cannot download"):
-            fineweb.download(f"{hub.url}/moved/{SECOND}", dest)
+        with pytest.raises(plumbing.UserError, match="cannot download"):
+            plumbing.download(f"{hub.url}/moved/{SECOND}", dest)
         assert not dest.exists()
 
 
 def test_cache_dir_is_gpt2_under_xdg_cache_home_else_home_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert fineweb.cache_dir("hub", "x") == tmp_path / "gpt2" / "hub" / "x"
+    assert plumbing.cache_dir("hub", "x") == tmp_path / "gpt2" / "hub" / "x"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert fineweb.cache_dir("fineweb") == tmp_path / "home" / ".cache" / "gpt2" / "fineweb"
+    assert plumbing.cache_dir("fineweb") == tmp_path / "home" / ".cache" / "gpt2" / "fineweb"
     assert not (tmp_path / "gpt2").exists()  # named, not made
 
 
@@ -550,7 +553,7 @@ def is_running(pid):
 
 def rerun_command(out_dir):
     """The arguments of the command fineweb.check_finished says finishes `out_dir`."""
-    with pytest.raises(fineweb.UserError, match=f"^{re.escape(str(out_dir))} is not finished: ") as error:
+    with pytest.raises(plumbing.UserError, match=f"^{re.escape(str(out_dir))} is not finished: ") as error:
         fineweb.check_finished(out_dir)
     command = re.search(r"rerun the same command to finish it: `python fineweb.py (.*)`$", str(error.value))
     return shlex.split(command[1])
@@ -613,16 +616,16 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_finishes(tmp_path, clean_
 
 
 def test_check_finished_refuses_a_folder_fineweb_py_stopped_in_and_its_command_finishes_it(
-        tmp_path, clean_run, local_files, monkeypatch, convert, cli, disk_full_at):
+        tmp_path, clean_run, local_files, monkeypatch, convert, run_main, disk_full_at):
     out_dir = tmp_path / "shards"
     real_write_shard = disk_full_at("_000005.bin")
     assert convert(out_dir, local_files, "--val_size", str(SHARD_SIZE))[0] == 1
-    with pytest.raises(fineweb.UserError) as error:
+    with pytest.raises(plumbing.UserError) as error:
         fineweb.check_finished(str(out_dir))
     assert str(error.value).startswith(f"{out_dir} is not finished: fineweb.py wrote 5 shards and stopped in "
                                        "file 2 of its 2 input files; rerun the same command")
     monkeypatch.setattr(fineweb, "write_shard", real_write_shard)
-    assert cli(fineweb.main, *rerun_command(out_dir))[0] == 0
+    assert run_main(fineweb.main, *rerun_command(out_dir))[0] == 0
     assert shards_in(out_dir) == clean_run["shards"]
     assert fineweb.check_finished(out_dir) is None
 
@@ -658,7 +661,7 @@ def test_an_unreadable_manifest_is_one_line_naming_it_and_how_to_start_over(tmp_
     before = shards_in(out_dir)
     assert_one_error_line(convert(out_dir, [tmp_path / "a.txt"]), str(path), "move it away",
                           f"delete {out_dir} to start over")
-    with pytest.raises(fineweb.UserError, match="move it away"):
+    with pytest.raises(plumbing.UserError, match="move it away"):
         fineweb.check_finished(out_dir)
     assert shards_in(out_dir) == before and path.read_text() == text  # nothing touched
 
@@ -798,15 +801,15 @@ def test_tiny_shakespeare_txt_gives_val_then_train_shards_holding_its_exact_gpt2
     code, out, err = run_fineweb(tmp_path, None, "--input", str(samples / "tinyshakespeare.txt"),
                                  "--shard_size", str(shard_size))
     assert code == 0, err
-    shards = shards_in(tmp_path / "shards")
-    names = list(shards)
+    written = shards_in(tmp_path / "shards")
+    names = list(written)
     assert names == ["fineweb_edu_val_000000.bin"] + [f"fineweb_edu_train_{i:06d}.bin" for i in range(1, len(names))]
     sizes = [len(gpt2.read_shard(tmp_path / "shards" / name)) for name in names]
     assert sizes[0] == val_tokens and sum(sizes) == len(expected)
     assert all(size == shard_size for size in sizes[1:-1]) and 0 < sizes[-1] <= shard_size
     assert np.array_equal(token_stream(tmp_path / "shards"), expected)
-    assert len(gpt2.find_shards(tmp_path / "shards", "val")) == 1
-    assert len(gpt2.find_shards(tmp_path / "shards", "train")) == len(names) - 1 >= 1
+    assert len(shards.find_shards(tmp_path / "shards", "val")) == 1
+    assert len(shards.find_shards(tmp_path / "shards", "train")) == len(names) - 1 >= 1
     assert f"validation: {val_tokens:,} tokens" in out
 
 

@@ -30,8 +30,16 @@ import tiktoken
 import torch
 import transformers
 
+import checkpoints
+import cli
 import fineweb
 import gpt2
+import muon
+import parallel
+import plumbing
+import tools
+import training
+import weights
 from conftest import (SHARED_RUN, TINY_RUN, assert_one_error_line, copy_run, finish, free_port,
                       run_in_background, run_script, torchrun, train_losses, wait_for_step)
 from gpt2 import GPT, GPTConfig
@@ -86,7 +94,7 @@ def test_hub_key_layout_without_prefix_or_lm_head_loads_the_same(tmp_path):
         hub_style[name.removeprefix("transformer.")] = t.contiguous()
     hub_style["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     hf.config.save_pretrained(tmp_path)
-    gpt2.write_safetensors(tmp_path / "model.safetensors", hub_style)
+    weights.write_safetensors(tmp_path / "model.safetensors", hub_style)
     ours = gpt2.load_pretrained(str(tmp_path))
     idx = random_tokens(512)
     torch.testing.assert_close(ours(idx)[0], hf_logits(hf, idx), atol=1e-4, rtol=0)
@@ -96,7 +104,7 @@ def test_our_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path
     config = GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=64,
                        pad_vocab_to_multiple_of=96)  # padded table: 576 rows, 512 saved
     ours = GPT(config).eval()
-    gpt2.save_pretrained(ours, tmp_path)
+    tools.save_pretrained(ours, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = random_tokens(512)
     with torch.no_grad():
@@ -106,8 +114,8 @@ def test_our_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path
 def test_safetensors_written_by_us_read_back_identically_in_every_dtype(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16),
                "c": torch.arange(6, dtype=torch.int64).view(2, 3), "d": torch.randn(2, 2).half()}
-    gpt2.write_safetensors(tmp_path / "x.safetensors", tensors)
-    back = gpt2.read_safetensors(tmp_path / "x.safetensors")
+    weights.write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = weights.read_safetensors(tmp_path / "x.safetensors")
     assert back.keys() == tensors.keys()
     for k in tensors:
         assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
@@ -278,9 +286,9 @@ def test_tokenizer_works_offline():
 
 
 def test_without_the_tokenizer_files_and_offline_each_script_says_so_in_one_line(
-        samples, tmp_path, cli, monkeypatch):
+        samples, tmp_path, run_main, monkeypatch):
     folder = tmp_path / "model"
-    gpt2.save_pretrained(GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)), folder)
+    tools.save_pretrained(GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=8)), folder)
     # fineweb.py, as a user runs it (it imports no torch: a quick process): an empty tokenizer
     # cache, and a proxy nobody listens on, so tiktoken's download fails at once.
     dead = f"http://127.0.0.1:{free_port()}"
@@ -295,7 +303,7 @@ def test_without_the_tokenizer_files_and_offline_each_script_says_so_in_one_line
     monkeypatch.setattr(tiktoken, "get_encoding", offline_tiktoken)
     for args in (["hellaswag", "--model", folder, "--file", samples / "hellaswag_val_1000.jsonl"],
                  ["sample", "--model", folder, "--max_new_tokens", 2]):  # hellaswag.py runs the first
-        assert_one_error_line(cli(gpt2.main, *args), "GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
+        assert_one_error_line(run_main(cli.main, *args), "GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR")
 
 
 # -- 1c. Downloading OpenAI's weights from the hub (a local server stands in for it) ------------
@@ -312,10 +320,12 @@ def hub(tmp_path, monkeypatch, local_hub):
     hub = local_hub({p.name: p.read_bytes() for p in (tmp_path / "gpt2").iterdir()}, root=OPENAI)
     hub.hf = hf
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # ours, and Hugging Face's
+    for variable in ("HF_HOME", "HF_HUB_CACHE"):
+        monkeypatch.delenv(variable, raising=False)
     # What this hub holds under the name gpt2 is what gpt2.py is told to expect of it
-    weights = hub.files["model.safetensors"]
-    monkeypatch.setitem(gpt2.HUB_WEIGHTS, "gpt2", (len(weights), hashlib.sha256(weights).hexdigest()))
+    served = hub.files["model.safetensors"]
+    monkeypatch.setitem(weights.HUB_WEIGHTS, "gpt2", (len(served), hashlib.sha256(served).hexdigest()))
     monkeypatch.setitem(gpt2.HUB_ARCHITECTURES, "gpt2", dict(n_layer=2, n_head=4, n_embd=64,
                                                              block_size=64, vocab_size=512))
     return hub
@@ -331,6 +341,37 @@ def test_from_pretrained_downloads_from_hf_endpoint_and_caches(hub, tmp_path):
     gpt2.load_pretrained("gpt2")
 
 
+def hugging_face_cache(tmp_path, files: dict[str, bytes]) -> Path:
+    """A Hugging Face cache (huggingface_hub's layout) holding files as openai-community/gpt2."""
+    repo = tmp_path / "cache/huggingface/hub/models--openai-community--gpt2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text("0123abcd")
+    (repo / "snapshots/0123abcd").mkdir(parents=True)
+    for name, data in files.items():
+        (repo / "snapshots/0123abcd" / name).write_bytes(data)
+    return repo / "snapshots/0123abcd"
+
+
+def test_a_hugging_face_cache_holding_the_model_is_read_in_place_and_nothing_is_downloaded(
+        hub, tmp_path):
+    hugging_face_cache(tmp_path, hub.files)
+    model = gpt2.load_pretrained("gpt2")
+    idx = random_tokens(512)
+    torch.testing.assert_close(model(idx)[0], hf_logits(hub.hf, idx), atol=1e-4, rtol=0)
+    assert hub.paths == [] and not (tmp_path / "cache/gpt2").exists()
+
+
+def test_a_hugging_face_cache_file_that_is_not_openais_is_left_as_it_is_and_downloaded_instead(
+        hub, tmp_path):
+    weights_file = bytearray(hub.files["model.safetensors"])
+    weights_file[-1] ^= 0xFF  # the same size, another sha256
+    snapshot = hugging_face_cache(tmp_path, {**hub.files, "model.safetensors": bytes(weights_file)})
+    gpt2.load_pretrained("gpt2")
+    assert hub.paths == [OPENAI + "model.safetensors"]  # its config.json was fine
+    assert (snapshot / "model.safetensors").read_bytes() == weights_file  # not ours to delete
+    assert (tmp_path / "cache/gpt2/hub/openai-community--gpt2/model.safetensors").exists()
+
+
 def test_a_dropped_connection_is_resumed_and_gives_the_right_weights(hub):
     hub.faults["model.safetensors"] = ["drop"]
     model = gpt2.load_pretrained("gpt2")
@@ -341,7 +382,7 @@ def test_a_dropped_connection_is_resumed_and_gives_the_right_weights(hub):
 
 def test_a_download_that_keeps_failing_leaves_no_file_in_the_cache(hub, tmp_path, no_backoff):
     hub.faults["model.safetensors"] = ["drop"] * 100
-    with pytest.raises(gpt2.UserError, match="cannot download"):
+    with pytest.raises(plumbing.UserError, match="cannot download"):
         gpt2.load_pretrained("gpt2")
     assert not (tmp_path / "cache/gpt2/hub/openai-community--gpt2/model.safetensors").exists()
 
@@ -351,13 +392,13 @@ def test_a_mirror_serving_another_model_as_gpt2_is_refused_and_not_kept(hub, tmp
                                                                         pinned):
     # OpenAI's true gpt2: 12 layers, and its weights' published size and sha256. The mirror
     # serves the 2-layer model, without the hub's size headers.
-    monkeypatch.setitem(gpt2.HUB_ARCHITECTURES if pinned == "architecture" else gpt2.HUB_WEIGHTS,
+    monkeypatch.setitem(gpt2.HUB_ARCHITECTURES if pinned == "architecture" else weights.HUB_WEIGHTS,
                         "gpt2", {"architecture": dict(gpt2.PRESETS["gpt2"]),
                                  "weights": (548_105_171, "248dfc3911869ec493c76e65bf2fcf7f615828b0"
                                              "254c12b473182f0f81d3a707")}[pinned])
     message = ("serves as gpt2 a model of 2 layers, 4 heads, 64 wide; OpenAI's has 12, 12, 768"
                if pinned == "architecture" else "548105171")
-    with pytest.raises(gpt2.UserError, match=re.escape(message) if pinned == "architecture" else "548"):
+    with pytest.raises(plumbing.UserError, match=re.escape(message) if pinned == "architecture" else "548"):
         gpt2.load_pretrained("gpt2")
     cached = tmp_path / "cache/gpt2/hub/openai-community--gpt2"
     refused = "config.json" if pinned == "architecture" else "model.safetensors"
@@ -365,7 +406,7 @@ def test_a_mirror_serving_another_model_as_gpt2_is_refused_and_not_kept(hub, tmp
 
 
 def test_a_missing_model_on_the_hub_is_a_clear_404(hub):
-    with pytest.raises(gpt2.UserError, match=r"gpt2-xl/resolve/main/config.json: HTTP 404"):
+    with pytest.raises(plumbing.UserError, match=r"gpt2-xl/resolve/main/config.json: HTTP 404"):
         gpt2.load_pretrained("gpt2-xl")
 
 
@@ -378,29 +419,29 @@ def test_an_unknown_model_name_exits_1_with_one_line():
                            "gpt2-xl or a folder with config.json and model.safetensors")
 
 
-def test_a_folder_without_the_weights_is_named(tmp_path, cli):
+def test_a_folder_without_the_weights_is_named(tmp_path, run_main):
     (tmp_path / "config.json").write_text("{}")
-    assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path), "has no model.safetensors")
+    assert_one_error_line(run_main(cli.main, "sample", "--model", tmp_path), "has no model.safetensors")
 
 
-def test_a_truncated_safetensors_file_is_named(tmp_path, cli):
+def test_a_truncated_safetensors_file_is_named(tmp_path, run_main):
     hf_model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path), "truncated or malformed")
+    assert_one_error_line(run_main(cli.main, "sample", "--model", tmp_path), "truncated or malformed")
 
 
-def test_a_malformed_safetensors_header_is_named(tmp_path, cli):
+def test_a_malformed_safetensors_header_is_named(tmp_path, run_main):
     hf_model().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}")
-    assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path), "malformed safetensors header")
+    assert_one_error_line(run_main(cli.main, "sample", "--model", tmp_path), "malformed safetensors header")
 
 
-def test_weights_of_the_wrong_shape_are_named(tmp_path, cli):
+def test_weights_of_the_wrong_shape_are_named(tmp_path, run_main):
     hf_model(n_embd=64).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 32}))
-    err = assert_one_error_line(cli(gpt2.main, "sample", "--model", tmp_path))
+    err = assert_one_error_line(run_main(cli.main, "sample", "--model", tmp_path))
     assert "has shape (192,), the model expects (96,)" in err
 
 
@@ -420,6 +461,12 @@ def write_numbered_shards(folder, sizes, split="train"):
     return paths
 
 
+def next_batch(loader: gpt2.ShardedDataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's inputs and targets, (B, T) each, as the training step cuts them."""
+    windows = loader.next_windows()
+    return windows[:, :-1], windows[:, 1:]
+
+
 def test_shard_written_by_fineweb_reads_back_with_llm_c_header(tmp_path):
     path = tmp_path / "x_val_000000.bin"
     write_shard(path, [50256, 15496, 995])
@@ -437,7 +484,7 @@ def test_a_damaged_shard_is_named_in_the_error(tmp_path, damage, message):
     path = tmp_path / "x_train_000001.bin"
     write_shard(path, np.arange(100))
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(gpt2.UserError, match=message) as e:
+    with pytest.raises(plumbing.UserError, match=message) as e:
         gpt2.read_shard(path)
     assert str(path) in str(e.value)
 
@@ -447,7 +494,7 @@ def rows_in_stream_order(paths, world_size, steps, B=2, T=8, grad_accum=2, seed=
     loader's window stream: step, then micro-step, then rank, then row."""
     loaders = [gpt2.ShardedDataLoader(paths, B, T, grad_accum, r, world_size, seed)
                for r in range(world_size)]
-    batches = [[ld.next_batch() for _ in range(steps * grad_accum)] for ld in loaders]
+    batches = [[next_batch(ld) for _ in range(steps * grad_accum)] for ld in loaders]
     return loaders[0], [(x[b], y[b]) for i in range(steps * grad_accum)
                         for r in range(world_size) for x, y in [batches[r][i]] for b in range(B)]
 
@@ -485,7 +532,7 @@ def test_neighbouring_sequences_of_a_micro_batch_are_almost_never_neighbours_in_
     loader = gpt2.ShardedDataLoader(paths, B, T)
     adjacent = pairs = 0
     for _ in range(50):
-        x, _ = loader.next_batch()
+        x, _ = next_batch(loader)
         adjacent += int((x[1:, 0] - x[:-1, 0]).abs().eq(T).sum())
         pairs += B - 1
     assert adjacent / pairs < 0.01  # a contiguous run of B * T tokens would give 1.0
@@ -497,7 +544,7 @@ def test_each_epoch_reshuffles_the_shards_identically_on_every_rank(tmp_path):
     orders = {r: [] for r in range(2)}
     for r, loader in enumerate(loaders):
         for _ in range(2 * loader.steps_per_epoch):  # two epochs
-            x, _ = loader.next_batch()
+            x, _ = next_batch(loader)
             shard = int(x[0, 0]) // 200
             if not orders[r] or orders[r][-1] != shard:
                 orders[r].append(shard)
@@ -506,15 +553,36 @@ def test_each_epoch_reshuffles_the_shards_identically_on_every_rank(tmp_path):
     assert sorted(first) == sorted(second) == list(range(6)) and first != second
 
 
+def test_the_videos_contiguous_loader_reads_in_order_and_over_an_epoch_the_windows_the_real_one_reads(
+        tmp_path):
+    B, T = 4, 8
+    paths = write_numbered_shards(tmp_path, [B * T * 5 + 1])  # five micro-batches, exactly
+    tokens = gpt2.read_shard(paths[0])
+    ranks = [gpt2.ContiguousLoader(tokens, B, T, r, world_size=2) for r in range(2)]
+    x, y = ranks[1].next_batch()  # rank 1 starts one micro-batch in, as in the video
+    assert torch.equal(x.flatten(), torch.arange(B * T, 2 * B * T)) and torch.equal(y, x + 1)
+    assert torch.equal(ranks[0].next_batch()[0].flatten(), torch.arange(B * T))
+    contiguous = gpt2.ContiguousLoader(tokens, B, T)
+    sharded = gpt2.ShardedDataLoader(paths, B, T, seed=3)
+    read = {"contiguous": [], "sharded": []}
+    for _ in range(sharded.steps_per_epoch):
+        read["contiguous"] += [int(row[0]) for row in contiguous.next_batch()[0]]
+        read["sharded"] += [int(row[0]) for row in next_batch(sharded)[0]]
+    every_window = list(range(0, len(tokens) - 1, T))
+    assert read["contiguous"] == every_window  # in order
+    assert sorted(read["sharded"]) == every_window != read["sharded"]  # the same, from all over
+    assert contiguous.next_batch()[0][0, 0] == 0  # the end of the data: back to the start
+
+
 def test_loader_state_dict_round_trips_mid_epoch(tmp_path):
     paths = write_numbered_shards(tmp_path, [300, 500])
     a = gpt2.ShardedDataLoader(paths, 2, 8, 3, 1, 2, seed=1)
     for _ in range(7):  # mid-step (7 % 3 != 0) and mid-shard
-        a.next_batch()
+        next_batch(a)
     b = gpt2.ShardedDataLoader(paths, 2, 8, 3, 1, 2, seed=1)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # plain data, as in a checkpoint
     for _ in range(40):  # across shard and epoch boundaries
-        assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+        assert all(torch.equal(u, v) for u, v in zip(next_batch(a), next_batch(b)))
 
 
 def test_validation_covers_the_same_tokens_whatever_the_micro_batch(tmp_path):
@@ -548,12 +616,12 @@ def test_weight_decay_applies_to_matrices_only():
 
 @pytest.mark.slow  # a learning run end to end: minutes on 2 cores
 def test_a_small_model_learns_tiny_shakespeare(shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--n_embd", "128",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--n_embd", "128",
                "--max_steps", "120", "--eval_every", "120", "--val_tokens", "4096"])
     losses = train_losses(tmp_path)  # 120 steps of 512 tokens: 7.5 epochs of the 8k-token shard
     assert losses[0] == pytest.approx(math.log(gpt2.VOCAB_SIZE), abs=0.15)  # ~10.8
     assert np.mean(losses[-5:]) < 5.5
-    val = [e["val_loss"] for e in gpt2.read_events(tmp_path) if "val_loss" in e]
+    val = [e["val_loss"] for e in training.read_events(tmp_path) if "val_loss" in e]
     assert val[-1] < val[0] - 3.5  # and it generalizes to unseen Shakespeare
 
 
@@ -562,8 +630,8 @@ def test_resume_continues_bit_exactly(shakespeare, shared_run, tmp_path):
     # step-2 checkpoint alone: its last 4 losses and final weights must equal the first run's.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(shared_run, 2), resumed)
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", resumed, *SHARED_RUN, "--resume"])
+    shutil.copy(checkpoints.checkpoint_path(shared_run, 2), resumed)
+    cli.main(["--data_dir", shakespeare, "--log_dir", resumed, *SHARED_RUN, "--resume"])
     assert train_losses(resumed) == train_losses(shared_run)[2:]
     a = torch.load(shared_run / "ckpt_00000006.pt", weights_only=True)
     b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)
@@ -573,42 +641,42 @@ def test_resume_continues_bit_exactly(shakespeare, shared_run, tmp_path):
 
 # -- 7b. Errors a user can cause when training --------------------------------------------------
 
-def test_no_shards_says_run_fineweb_first(tmp_path, cli):
-    err = assert_one_error_line(cli(gpt2.main, "--data_dir", tmp_path / "empty", "--log_dir", tmp_path))
+def test_no_shards_says_run_fineweb_first(tmp_path, run_main):
+    err = assert_one_error_line(run_main(cli.main, "--data_dir", tmp_path / "empty", "--log_dir", tmp_path))
     assert err == f"error: no token shards in {tmp_path / 'empty'}: run `python fineweb.py` first (or pass --data_dir)"
 
 
-def test_a_shard_with_a_bad_header_stops_training_with_its_name(tmp_path, cli):
+def test_a_shard_with_a_bad_header_stops_training_with_its_name(tmp_path, run_main):
     bad = tmp_path / "data/x_train_000001.bin"
     bad.parent.mkdir()
     bad.write_bytes(b"\x00" * 2048)
-    err = assert_one_error_line(cli(gpt2.main, "--data_dir", bad.parent, "--log_dir", tmp_path, *TINY_RUN))
+    err = assert_one_error_line(run_main(cli.main, "--data_dir", bad.parent, "--log_dir", tmp_path, *TINY_RUN))
     assert str(bad) in err and "not a token shard" in err
 
 
-def test_a_total_batch_not_divisible_by_the_micro_batch_is_refused(shakespeare, tmp_path, cli):
-    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
+def test_a_total_batch_not_divisible_by_the_micro_batch_is_refused(shakespeare, tmp_path, run_main):
+    err = assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
                                     "--total_batch_size", "1000"))
     assert "--total_batch_size 1000 is not divisible by batch_size * seq_len * world_size" in err
 
 
-def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, shared_run, tmp_path, cli):
+def test_a_corrupt_checkpoint_is_named_and_left_alone(shakespeare, shared_run, tmp_path, run_main):
     log_dir = copy_run(shared_run, tmp_path / "run")
     common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
     ckpt = log_dir / "ckpt_00000006.pt"
     damaged = ckpt.read_bytes()[:5000]
     ckpt.write_bytes(damaged)
-    err = assert_one_error_line(cli(gpt2.main, *common, "--resume"))
+    err = assert_one_error_line(run_main(cli.main, *common, "--resume"))
     assert str(ckpt) in err and "corrupt or truncated checkpoint" in err
     assert ckpt.read_bytes() == damaged
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, shared_run, tmp_path, cli):
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, shared_run, tmp_path, run_main):
     log_dir = copy_run(shared_run, tmp_path / "run", until=2)
     common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
-    err = assert_one_error_line(cli(gpt2.main, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30"))
+    err = assert_one_error_line(run_main(cli.main, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30"))
     assert "loss is nan" in err and "ckpt_00000002.pt" in err
-    assert [p.name for p in gpt2.list_checkpoints(log_dir)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.list_checkpoints(log_dir)] == ["ckpt_00000002.pt"]
 
 
 # -- 5. Device and precision choice ---------------------------------------------------------------
@@ -622,7 +690,7 @@ def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     assert gpt2.pick_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert gpt2.pick_device("auto") == torch.device("cpu")
-    with pytest.raises(gpt2.UserError, match="no CUDA GPU"):
+    with pytest.raises(plumbing.UserError, match="no CUDA GPU"):
         gpt2.pick_device("cuda")
 
 
@@ -644,7 +712,7 @@ def test_each_process_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM --gpus-per-task=1
     assert gpt2.pick_device("auto", local_rank=5) == torch.device("cuda", 0)
     assert gpt2.pick_device("cuda", local_rank=5) == torch.device("cuda", 0)
-    with pytest.raises(gpt2.UserError, match="--device cuda:1 under torchrun"):
+    with pytest.raises(plumbing.UserError, match="--device cuda:1 under torchrun"):
         gpt2.pick_device("cuda:1", local_rank=0)
     assert gpt2.pick_device("cuda:0") == torch.device("cuda", 0)  # fine in a plain run
 
@@ -662,7 +730,7 @@ def test_a_single_process_run_makes_its_gpu_the_current_device(monkeypatch):
 
 
 def test_mfu_peaks_follow_the_dtype_and_whole_gpu_names():
-    peak = gpt2.peak_flops_of
+    peak = training.peak_flops_of
     assert peak("NVIDIA L4", torch.bfloat16) == 121e12
     assert peak("NVIDIA L40S", torch.bfloat16) == 362e12
     assert peak("NVIDIA A10", torch.bfloat16) == 125e12 != peak("NVIDIA A100-SXM4-80GB", torch.bfloat16)
@@ -683,8 +751,8 @@ def test_mfu_peaks_follow_the_dtype_and_whole_gpu_names():
 
 def test_mps_gets_float32_accumulators_and_no_autocast_context():
     mps = torch.device("mps")
-    assert gpt2.accumulator_dtype(mps) == torch.float32  # mps has no float64
-    assert gpt2.accumulator_dtype(torch.device("cpu")) == torch.float64
+    assert parallel.accumulator_dtype(mps) == torch.float32  # mps has no float64
+    assert parallel.accumulator_dtype(torch.device("cpu")) == torch.float64
     assert isinstance(gpt2.autocast_context(gpt2.Runtime(device=mps)), contextlib.nullcontext)
 
 
@@ -725,18 +793,18 @@ def test_compile_defaults_to_on_for_cuda_and_off_elsewhere(monkeypatch):
         args = argparse.Namespace(loss_chunk=-1, compile="auto")
         gpt2.apply_speed_settings(args, torch.device(device))
         assert args.compile == expected
-    args = gpt2.train_parser().parse_args(["--compile", "off"])
+    args = cli.train_parser().parse_args(["--compile", "off"])
     gpt2.apply_speed_settings(args, torch.device("cuda"))
     assert args.compile == "off"
 
 
 def test_checkpoints_load_onto_the_cpu_and_restore_the_rng_states(shared_run):
-    state = gpt2.load_checkpoint(shared_run / "ckpt_00000002.pt")
+    state = checkpoints.load_checkpoint(shared_run / "ckpt_00000002.pt")
     tensors = [state["rng"][0]["torch"], *state["model"].values()]
     assert all(t.device.type == "cpu" for t in tensors)
-    gpt2.set_rng_state(state["rng"][0])
+    checkpoints.set_rng_state(state["rng"][0])
     first = torch.rand(3)
-    gpt2.set_rng_state(state["rng"][0])
+    checkpoints.set_rng_state(state["rng"][0])
     assert torch.equal(torch.rand(3), first)
 
 
@@ -750,7 +818,7 @@ def test_an_optimizer_state_saved_with_another_fused_setting_resumes_with_ours(s
     model(torch.ones(2, 4)).sum().backward()
     saved.step()
     model2, ours = adamw(our_fused)
-    gpt2.load_optimizer_state(ours, saved.state_dict())
+    checkpoints.load_optimizer_state(ours, saved.state_dict())
     assert all(g["fused"] is our_fused for g in ours.param_groups)
     model2(torch.ones(2, 4)).sum().backward()
     ours.step()  # runs: each step counter sits where our setting needs it
@@ -759,8 +827,8 @@ def test_an_optimizer_state_saved_with_another_fused_setting_resumes_with_ours(s
 
 def test_a_bf16_checkpoint_resumes_as_an_fp16_run_with_a_fresh_gradient_scaler(shakespeare, tmp_path):
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN]
-    gpt2.main([*common, "--max_steps", "2", "--dtype", "bfloat16"])
-    gpt2.main([*common, "--max_steps", "3", "--dtype", "float16", "--resume"])
+    cli.main([*common, "--max_steps", "2", "--dtype", "bfloat16"])
+    cli.main([*common, "--max_steps", "3", "--dtype", "float16", "--resume"])
     assert len(train_losses(tmp_path)) == 3 and all(map(math.isfinite, train_losses(tmp_path)))
     scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
     assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 1  # torch's fresh default
@@ -771,7 +839,7 @@ def test_fp16_autocast_with_a_gradient_scaler_trains_on_the_cpu(shakespeare, tmp
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
     with gpt2.autocast_context(ctx):
         assert model(torch.zeros(1, 4, dtype=torch.long))[0].dtype == torch.float16
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "3",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "3",
                "--dtype", "float16"])
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path))
     scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
@@ -781,20 +849,20 @@ def test_fp16_autocast_with_a_gradient_scaler_trains_on_the_cpu(shakespeare, tmp
 # -- 8. Tools -------------------------------------------------------------------------------------
 
 def test_plot_writes_a_png_of_a_short_run(shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "4",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "4",
                "--eval_every", "2", "--hellaswag_every", "2",
                "--hellaswag_file", HERE / "samples/hellaswag_val_1000.jsonl",
                "--hellaswag_limit", "8"])
-    gpt2.main(["plot", "--log_dir", tmp_path, "--out", tmp_path / "run.png"])
+    cli.main(["plot", "--log_dir", tmp_path, "--out", tmp_path / "run.png"])
     png = (tmp_path / "run.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     width, height = struct.unpack(">II", png[16:24])
     assert width >= 800 and height >= 400
-    assert [e["hellaswag"] for e in gpt2.read_events(tmp_path) if "hellaswag" in e] != []
+    assert [e["hellaswag"] for e in training.read_events(tmp_path) if "hellaswag" in e] != []
 
 
 def test_bench_reports_every_figure_as_json_on_its_last_line(capsys):
-    gpt2.main(["bench", "--model", "tiny", "--n_embd", "64", "--batch_size", "2", "--seq_len",
+    cli.main(["bench", "--model", "tiny", "--n_embd", "64", "--batch_size", "2", "--seq_len",
                "32", "--reps", "2", "--warmup", "1", "--gen_tokens", "8", "--device", "cpu",
                "--vs_transformers"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -836,6 +904,19 @@ def test_the_story_of_gpt2_py_ends_with_the_training_loop_before_line_1000():
     assert loop < appendix < 1000
 
 
+def test_each_line_the_video_map_names_defines_what_its_row_says():
+    lines = (HERE / "gpt2.py").read_text().splitlines()
+    rows = re.findall(r"^\|.*\| `([\w.]+)`[^|]*\| gpt2\.py:(\d+) \|$",
+                      (HERE / "docs/video.md").read_text(), re.M)
+    assert len(rows) >= 9  # forward, attention, from_pretrained, two loaders, optimizer, lr, loop, step
+    for name, number in rows:
+        *owner, last = name.split(".")
+        assert re.match(rf"\s*(def|class) {last}\b", lines[int(number) - 1]), (name, number)
+        if owner:  # a method: the nearest class above it is its owner
+            above = [line for line in lines[:int(number)] if line.startswith("class ")]
+            assert above[-1].startswith(f"class {owner[0]}("), (name, number)
+
+
 def test_the_readme_is_at_most_300_lines():
     assert len((HERE / "README.md").read_text().splitlines()) <= 300
 
@@ -853,7 +934,7 @@ def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shak
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "3", "--device", "cpu",
               "--resume", "--dist_timeout", "120"]
     (tmp_path / "node0").mkdir()
-    shutil.copy(gpt2.checkpoint_path(shared_run, 2), tmp_path / "node0")
+    shutil.copy(checkpoints.checkpoint_path(shared_run, 2), tmp_path / "node0")
     (tmp_path / "node1").mkdir()
     rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
@@ -863,7 +944,7 @@ def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shak
         path = tmp_path / f"node{rank}" / "ckpt_00000002.pt"  # each rank names its own path
         assert node.returncode != 0, out
         assert f"error: cannot resume from {path}: rank(s) [1] cannot read it" in out, out
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path / "node0")] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "node0")] == ["ckpt_00000002.pt"]
 
 
 def test_two_nodes_resuming_a_1_process_checkpoint_take_the_1_process_runs_steps(
@@ -875,15 +956,15 @@ def test_two_nodes_resuming_a_1_process_checkpoint_take_the_1_process_runs_steps
     # checkpoint continued by 2 processes gives the losses and val losses the 1-process run gave.
     for rank in (0, 1):  # no shared filesystem: each node has its own copy
         (tmp_path / f"node{rank}").mkdir()
-        shutil.copy(gpt2.checkpoint_path(shared_run, 2), tmp_path / f"node{rank}")
+        shutil.copy(checkpoints.checkpoint_path(shared_run, 2), tmp_path / f"node{rank}")
     common = ["--data_dir", shakespeare, *SHARED_RUN, "--device", "cpu", "--resume"]
     rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
                       extra=[*rendezvous, f"--node_rank={rank}"]) for rank in (0, 1)]
     for node in nodes:
         finish(node)
-    later = [e for e in gpt2.read_events(shared_run) if e.get("step", -1) >= 2]
-    ddp = gpt2.read_events(tmp_path / "node0")
+    later = [e for e in training.read_events(shared_run) if e.get("step", -1) >= 2]
+    ddp = training.read_events(tmp_path / "node0")
     for key in ("loss", "val_loss"):
         assert [e["step"] for e in ddp if key in e] == [e["step"] for e in later if key in e]
         np.testing.assert_allclose([e[key] for e in ddp if key in e],
@@ -907,10 +988,10 @@ def test_gpu_training_resumes_from_a_checkpoint_with_the_same_losses(shakespeare
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--data_dir", shakespeare, *GPU_RUN, "--max_steps", "6", "--dtype", dtype,
               "--compile", "off"]
-    gpt2.main([*common, "--log_dir", full])
+    cli.main([*common, "--log_dir", full])
     resumed.mkdir()
     (resumed / "ckpt_00000003.pt").write_bytes((full / "ckpt_00000003.pt").read_bytes())
-    gpt2.main([*common, "--log_dir", resumed, "--resume"])  # crashed before: CUDA RNG states
+    cli.main([*common, "--log_dir", resumed, "--resume"])  # crashed before: CUDA RNG states
     # GPU kernels (atomics in the embedding backward) are not bit-deterministic: close, not equal
     np.testing.assert_allclose(train_losses(resumed), train_losses(full)[3:], atol=2e-3, rtol=0)
     scaler = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)["scaler"]
@@ -931,20 +1012,20 @@ def shakespeare_2m(tmp_path_factory, shakespeare_tokens):
 def test_gpu_the_124m_recipe_runs_at_its_default_micro_batch_compiled(shakespeare_2m, tmp_path,
                                                                      capsys):
     torch.cuda.reset_peak_memory_stats()
-    gpt2.main(["--data_dir", shakespeare_2m, "--log_dir", tmp_path, "--max_steps", "3",
+    cli.main(["--data_dir", shakespeare_2m, "--log_dir", tmp_path, "--max_steps", "3",
                "--val_tokens", "65536", "--hellaswag_every", "0", "--num_samples", "0"])
     out = capsys.readouterr().out
     chosen = int(re.search(r"--batch_size auto: (\d+) sequences", out)[1])
     accum = int(re.search(r"x (\d+) accum x 1", out)[1])
     assert chosen * 1024 * accum == 2 ** 19  # the step stays GPT-3 small's 0.5M tokens
-    steps = [e for e in gpt2.read_events(tmp_path) if "loss" in e]
+    steps = [e for e in training.read_events(tmp_path) if "loss" in e]
     assert len(steps) == 3 and all(math.isfinite(e["loss"]) for e in steps)
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     with capsys.disabled():
         print(f"\n124M recipe on {torch.cuda.get_device_name()}: --batch_size auto = {chosen}, "
               f"peak {peak_gib:.1f} GiB, {steps[-1]['ms']:.0f} ms/step, "
               f"{steps[-1]['tokens_per_s']:,.0f} tok/s, MFU {100 * steps[-1].get('mfu', 0):.1f}%")
-    if gpt2.datasheet_peak_flops(torch.device("cuda"), torch.bfloat16):
+    if training.datasheet_peak_flops(torch.device("cuda"), torch.bfloat16):
         assert 0.05 < steps[-1]["mfu"] < 1
 
 
@@ -957,16 +1038,16 @@ def test_gpu_compiled_training_evaluates_scores_hellaswag_and_samples_without_re
     import torch._dynamo
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *GPU_RUN, "--max_steps", "4",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *GPU_RUN, "--max_steps", "4",
                "--eval_every", "2", "--num_samples", "1", "--compile", "on", "--dropout", "0.1",
                "--hellaswag_every", "2", "--hellaswag_file", HERE / "samples/hellaswag_val_1000.jsonl",
                "--hellaswag_limit", "40"])
-    evals = [e for e in gpt2.read_events(tmp_path) if "val_loss" in e]
+    evals = [e for e in training.read_events(tmp_path) if "val_loss" in e]
     assert [e["step"] for e in evals] == [0, 2, 4] and all(e["samples"] for e in evals)
     assert all(0 <= e["hellaswag"] <= 1 for e in evals)
-    known = gpt2.datasheet_peak_flops(torch.device("cuda"), torch.bfloat16) is not None
+    known = training.datasheet_peak_flops(torch.device("cuda"), torch.bfloat16) is not None
     # MFU is logged on the GPUs whose datasheet we know, and simply absent on others
-    assert all(("mfu" in e) == known for e in gpt2.read_events(tmp_path) if "loss" in e)
+    assert all(("mfu" in e) == known for e in training.read_events(tmp_path) if "loss" in e)
     code, out, err = run_script("gpt2.py", "sample", "--checkpoint", tmp_path / "ckpt_00000004.pt",
                                 "--num_samples", "2", "--max_new_tokens", "8", "--seed", "0")
     assert code == 0 and out.startswith("-" * 80), err
@@ -977,7 +1058,7 @@ def test_gpu_compiled_training_evaluates_scores_hellaswag_and_samples_without_re
 def test_gpu_compiled_and_eager_training_give_the_same_losses(shakespeare, tmp_path):
     runs = {}
     for mode in ("on", "off"):
-        gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / mode, *GPU_RUN,
+        cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path / mode, *GPU_RUN,
                    "--max_steps", "4", "--compile", mode])
         runs[mode] = train_losses(tmp_path / mode)
     # bf16 (or fp16) matmuls, fused differently: close, not equal
@@ -987,7 +1068,7 @@ def test_gpu_compiled_and_eager_training_give_the_same_losses(shakespeare, tmp_p
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_fp16_with_a_gradient_scaler_trains_compiled(shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *GPU_RUN, "--max_steps", "3",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *GPU_RUN, "--max_steps", "3",
                "--dtype", "float16", "--compile", "on"])
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path))
     scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
@@ -1040,10 +1121,10 @@ def test_gpu_muon_split_and_whole_train_compiled_and_resume_with_the_same_losses
         full, resumed = tmp_path / qkv / "full", tmp_path / qkv / "resumed"
         common = ["--data_dir", shakespeare, *GPU_RUN, "--optimizer", "muon", "--muon_qkv", qkv,
                   "--max_steps", "6", "--compile", "on"]
-        gpt2.main([*common, "--log_dir", full])
+        cli.main([*common, "--log_dir", full])
         resumed.mkdir(parents=True)
-        shutil.copy(gpt2.checkpoint_path(full, 3), resumed)
-        gpt2.main([*common, "--log_dir", resumed, "--resume"])
+        shutil.copy(checkpoints.checkpoint_path(full, 3), resumed)
+        cli.main([*common, "--log_dir", resumed, "--resume"])
         losses = train_losses(full)
         assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
         np.testing.assert_allclose(train_losses(resumed), losses[3:], atol=2e-3, rtol=0)  # as above
@@ -1054,7 +1135,7 @@ def test_gpu_muon_split_and_whole_train_compiled_and_resume_with_the_same_losses
 def test_gpu_two_processes_on_one_gpu_over_gloo_match_one_process(shakespeare, tmp_path):
     common = ["--data_dir", shakespeare, *GPU_RUN, "--max_steps", "4", "--compile", "off",
               "--dtype", "float32"]
-    gpt2.main([*common, "--log_dir", tmp_path / "single"])
+    cli.main([*common, "--log_dir", tmp_path / "single"])
     finish(torchrun(*common, "--log_dir", tmp_path / "two", "--dist_backend", "gloo",
                     extra=["--standalone"]))
     np.testing.assert_allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "single"),
@@ -1072,11 +1153,11 @@ def test_gpu_one_process_torchrun_trains_over_nccl(shakespeare, tmp_path):
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_bench_reports_mfu_against_the_datasheet(capsys):
-    gpt2.main(["bench", "--model", "mini", "--batch_size", "8", "--seq_len", "256", "--reps", "3",
+    cli.main(["bench", "--model", "mini", "--batch_size", "8", "--seq_len", "256", "--reps", "3",
                "--warmup", "2", "--gen_tokens", "16", "--device", "cuda"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < result["mfu"] < 1
-    if gpt2.datasheet_peak_flops(torch.device("cuda"), torch.bfloat16):
+    if training.datasheet_peak_flops(torch.device("cuda"), torch.bfloat16):
         assert 0 < result["mfu_datasheet"] < 1
 
 
@@ -1116,7 +1197,7 @@ def transformers_val_loss(hf, val_shard, seq_len=64, val_tokens=4096) -> float:
 
 
 def first_val_loss(log_dir) -> float:
-    return next(e["val_loss"] for e in gpt2.read_events(log_dir) if "val_loss" in e)
+    return next(e["val_loss"] for e in training.read_events(log_dir) if "val_loss" in e)
 
 
 def test_init_from_a_transformers_folder_or_our_checkpoint_starts_at_transformers_val_loss(
@@ -1126,23 +1207,23 @@ def test_init_from_a_transformers_folder_or_our_checkpoint_starts_at_transformer
     val_shard = shakespeare / "shakespeare_val_000000.bin"
     common = ["--data_dir", shakespeare, *FINETUNE_RUN, "--max_steps", "1", "--eval_every", "1",
               "--block_size", "64"]  # cropped from the source's 128 positions
-    gpt2.main([*common, "--init_from", tmp_path / "hf", "--log_dir", tmp_path / "a"])
+    cli.main([*common, "--init_from", tmp_path / "hf", "--log_dir", tmp_path / "a"])
     assert first_val_loss(tmp_path / "a") == pytest.approx(transformers_val_loss(hf, val_shard), abs=1e-4)
     # The checkpoint after one step, as a starting point: transformers, given its export, agrees.
     ckpt = tmp_path / "a/ckpt_00000001.pt"
-    gpt2.main(["export", "--checkpoint", ckpt, "--out", tmp_path / "exported"])
+    cli.main(["export", "--checkpoint", ckpt, "--out", tmp_path / "exported"])
     stepped = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
-    gpt2.main([*common, "--init_from", ckpt, "--log_dir", tmp_path / "b"])
+    cli.main([*common, "--init_from", ckpt, "--log_dir", tmp_path / "b"])
     assert first_val_loss(tmp_path / "b") == pytest.approx(transformers_val_loss(stepped, val_shard), abs=1e-4)
     assert first_val_loss(tmp_path / "b") != pytest.approx(first_val_loss(tmp_path / "a"), abs=1e-4)
 
 
-def test_init_from_refuses_size_flags_and_a_longer_context_with_one_line(shakespeare, tmp_path, cli):
+def test_init_from_refuses_size_flags_and_a_longer_context_with_one_line(shakespeare, tmp_path, run_main):
     hf_model(vocab_size=gpt2.VOCAB_SIZE, n_positions=64).save_pretrained(tmp_path / "hf")
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *FINETUNE_RUN, "--init_from", tmp_path / "hf"]
     for size_flag in (["--n_layer", "4"], ["--model", "mini"]):
-        assert_one_error_line(cli(gpt2.main, *common, *size_flag), "--init_from takes the architecture from its source")
-    err = assert_one_error_line(cli(gpt2.main, *common, "--block_size", "128"))
+        assert_one_error_line(run_main(cli.main, *common, *size_flag), "--init_from takes the architecture from its source")
+    err = assert_one_error_line(run_main(cli.main, *common, "--block_size", "128"))
     assert f"--block_size 128 > {tmp_path / 'hf'}'s 64" in err
 
 
@@ -1155,17 +1236,17 @@ def test_a_fine_tune_on_a_txt_learns_resumes_exactly_and_exports_to_transformers
     common = ["--data_dir", tmp_path / "data", *FINETUNE_RUN, "--init_from", tmp_path / "hf",
               "--max_steps", "6", "--eval_every", "6", "--checkpoint_every", "3",
               "--keep_checkpoints", "5", "--max_lr", "3e-3", "--warmup_steps", "0", "--dropout", "0.1"]
-    gpt2.main([*common, "--log_dir", full])
-    val = [e["val_loss"] for e in gpt2.read_events(full) if "val_loss" in e]
+    cli.main([*common, "--log_dir", full])
+    val = [e["val_loss"] for e in training.read_events(full) if "val_loss" in e]
     assert val[1] < val[0] - 0.5  # it learns Shakespeare
     resumed.mkdir()
     (resumed / "ckpt_00000003.pt").write_bytes((full / "ckpt_00000003.pt").read_bytes())
     (tmp_path / "hf").rename(tmp_path / "hf_gone")  # a resumed fine-tune never reads its source
-    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+    cli.main([*common, "--log_dir", resumed, "--resume"])
     a = torch.load(full / "ckpt_00000006.pt", weights_only=True)["model"]
     b = torch.load(resumed / "ckpt_00000006.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # dropout's masks included: the RNG resumed
-    gpt2.main(["export", "--checkpoint", full / "ckpt_00000006.pt", "--out", tmp_path / "out"])
+    cli.main(["export", "--checkpoint", full / "ckpt_00000006.pt", "--out", tmp_path / "out"])
     ours = gpt2.load_checkpoint_model(full / "ckpt_00000006.pt").eval()
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     idx = random_tokens(gpt2.VOCAB_SIZE)
@@ -1188,7 +1269,7 @@ def test_dropout_changes_training_but_not_evaluation_or_greedy_generation(shakes
     assert not torch.equal(dropped(idx, idx)[1], dropped(idx, idx)[1])
     runs = {}
     for p in ("0", "0.1"):
-        gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / p, *TINY_RUN,
+        cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path / p, *TINY_RUN,
                    "--max_steps", "2", "--dropout", p])
         runs[p] = train_losses(tmp_path / p)
     assert runs["0"][0] != runs["0.1"][0]
@@ -1197,7 +1278,7 @@ def test_dropout_changes_training_but_not_evaluation_or_greedy_generation(shakes
 # -- Nothing lost, nothing silently wrong: preemption, reruns, bad flags, bad files, faults -------
 
 def final_weights(log_dir, step):
-    return torch.load(gpt2.checkpoint_path(log_dir, step), weights_only=True)["model"]
+    return torch.load(checkpoints.checkpoint_path(log_dir, step), weights_only=True)["model"]
 
 
 LONG_RUN = [*TINY_RUN, "--max_steps", "8", "--checkpoint_every", "100", "--eval_every", "100",
@@ -1221,11 +1302,11 @@ def uninterrupted(shakespeare, tmp_path_factory):
     """LONG_RUN's final weights, uninterrupted (with dropout: the random generators count)."""
     log_dir = tmp_path_factory.mktemp("uninterrupted")
     with torch_on_one_thread():
-        gpt2.main(["--data_dir", shakespeare, "--log_dir", log_dir, *LONG_RUN])
+        cli.main(["--data_dir", shakespeare, "--log_dir", log_dir, *LONG_RUN])
     return final_weights(log_dir, 8)
 
 
-def assert_stopped_then_resumed(stopped, signal_name, data_dir, log_dir, uninterrupted, cli):
+def assert_stopped_then_resumed(stopped, signal_name, data_dir, log_dir, uninterrupted, run_main):
     """`stopped` (exit code, stdout, stderr) is a run of LONG_RUN stopped by `signal_name` after
     step 2 or later: it says so in one line naming its checkpoint, and --resume from that
     checkpoint ends with the uninterrupted run's weights, each step logged once."""
@@ -1233,30 +1314,30 @@ def assert_stopped_then_resumed(stopped, signal_name, data_dir, log_dir, uninter
     assert code == 128 + getattr(signal, signal_name), err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stopped: {signal_name} after step "), err
-    stopped_at = gpt2.checkpoint_step(gpt2.list_checkpoints(log_dir)[-1])
-    assert 3 <= stopped_at < 8 and f"saved {gpt2.checkpoint_path(log_dir, stopped_at)}" in lines[0]
+    stopped_at = checkpoints.checkpoint_step(checkpoints.list_checkpoints(log_dir)[-1])
+    assert 3 <= stopped_at < 8 and f"saved {checkpoints.checkpoint_path(log_dir, stopped_at)}" in lines[0]
     with torch_on_one_thread():
-        assert cli(gpt2.main, "--data_dir", data_dir, "--log_dir", log_dir, *LONG_RUN,
+        assert run_main(cli.main, "--data_dir", data_dir, "--log_dir", log_dir, *LONG_RUN,
                    "--resume")[0] == 0
     resumed = final_weights(log_dir, 8)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    steps = [e["step"] for e in gpt2.read_events(log_dir) if "loss" in e]
+    steps = [e["step"] for e in training.read_events(log_dir) if "loss" in e]
     assert steps == list(range(8))  # each step logged once, across the stop
 
 
 def test_sigterm_to_a_running_gpt2_py_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
-        shakespeare, tmp_path, uninterrupted, cli):
+        shakespeare, tmp_path, uninterrupted, run_main):
     # The whole way, as a cluster does it: another process sends the signal to a running run.
     run = run_in_background("--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN)
     wait_for_step(tmp_path, 2, run)
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=300)
     assert_stopped_then_resumed((run.returncode, "", err), "SIGTERM", shakespeare, tmp_path,
-                                uninterrupted, cli)
+                                uninterrupted, run_main)
 
 
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_to_the_uninterrupted_weights(
-        shakespeare, tmp_path, uninterrupted, cli):
+        shakespeare, tmp_path, uninterrupted, run_main):
     # No handler, no last checkpoint: what a crash or an OOM killer leaves, the newest periodic
     # checkpoint and a log that ran past it.
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN, "--checkpoint_every", "2"]
@@ -1264,18 +1345,18 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_to_the_unint
     wait_for_step(tmp_path, 5, run)
     run.kill()
     run.communicate(timeout=60)
-    assert 4 <= gpt2.checkpoint_step(gpt2.list_checkpoints(tmp_path)[-1]) < 8
+    assert 4 <= checkpoints.checkpoint_step(checkpoints.list_checkpoints(tmp_path)[-1]) < 8
     with torch_on_one_thread():
-        assert cli(gpt2.main, *common, "--resume")[0] == 0
+        assert run_main(cli.main, *common, "--resume")[0] == 0
     resumed = final_weights(tmp_path, 8)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    steps = [e["step"] for e in gpt2.read_events(tmp_path) if "loss" in e]
+    steps = [e["step"] for e in training.read_events(tmp_path) if "loss" in e]
     assert steps == list(range(8))  # the steps logged after the checkpoint, once
 
 
 @pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGINT"])
 def test_sigusr1_or_one_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_uninterrupted_weights(
-        shakespeare, tmp_path, uninterrupted, cli, monkeypatch, signal_name):
+        shakespeare, tmp_path, uninterrupted, run_main, monkeypatch, signal_name):
     # The same handler, in this process: the run signals itself during step 2.
     get_lr = gpt2.get_lr
 
@@ -1286,59 +1367,59 @@ def test_sigusr1_or_one_ctrl_c_saves_a_checkpoint_and_resume_ends_with_the_unint
 
     monkeypatch.setattr(gpt2, "get_lr", get_lr_and_signal)
     with torch_on_one_thread():
-        stopped = cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN)
+        stopped = run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *LONG_RUN)
     monkeypatch.setattr(gpt2, "get_lr", get_lr)
-    assert_stopped_then_resumed(stopped, signal_name, shakespeare, tmp_path, uninterrupted, cli)
+    assert_stopped_then_resumed(stopped, signal_name, shakespeare, tmp_path, uninterrupted, run_main)
 
 
 def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_deletes_nothing(
-        shakespeare, shared_run, tmp_path, cli):
+        shakespeare, shared_run, tmp_path, run_main):
     tmp_path = copy_run(shared_run, tmp_path / "run")
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *SHARED_RUN]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    assert_one_error_line(cli(gpt2.main, *common), f"{tmp_path} holds a run", "--resume",
+    assert_one_error_line(run_main(cli.main, *common), f"{tmp_path} holds a run", "--resume",
                           "--overwrite")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
-    gpt2.main([*common, "--overwrite", "--max_steps", "1"])  # on purpose: the old run is gone
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000001.pt"]
-    assert [e["step"] for e in gpt2.read_events(tmp_path) if "loss" in e] == [0]
+    cli.main([*common, "--overwrite", "--max_steps", "1"])  # on purpose: the old run is gone
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000001.pt"]
+    assert [e["step"] for e in training.read_events(tmp_path) if "loss" in e] == [0]
 
 
 def test_rotation_keeps_the_newest_and_never_a_checkpoint_of_a_later_step(tmp_path):
     for step in (2, 4, 6, 10):
-        gpt2.checkpoint_path(tmp_path, step).write_bytes(b"x")
-    gpt2.rotate_checkpoints(gpt2.checkpoint_path(tmp_path, 6), keep=2)
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == [
+        checkpoints.checkpoint_path(tmp_path, step).write_bytes(b"x")
+    checkpoints.rotate_checkpoints(checkpoints.checkpoint_path(tmp_path, 6), keep=2)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == [
         "ckpt_00000004.pt", "ckpt_00000006.pt", "ckpt_00000010.pt"]
 
 
-HOLD_THE_LOCK = """import sys, time, fineweb
-with fineweb.exclusive_lock(sys.argv[1], busy="held by another"):
+HOLD_THE_LOCK = """import sys, time, plumbing
+with plumbing.exclusive_lock(sys.argv[1], busy="held by another"):
     print("held", flush=True)
     time.sleep(600)
 """
 
 
-def test_a_second_run_on_the_same_log_dir_is_refused_while_the_first_runs(shakespeare, tmp_path, cli):
+def test_a_second_run_on_the_same_log_dir_is_refused_while_the_first_runs(shakespeare, tmp_path, run_main):
     # The first run, as far as the log_dir is concerned: a process holding its lock (one that
     # imports no torch, so it starts in a moment), killed as a crash would kill it.
     first = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, tmp_path / ".lock"], cwd=HERE,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline() == "held\n"
-        assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+        assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                                   *TINY_RUN, "--resume"), f"another run is using {tmp_path}")
     finally:
         first.kill()
         first.communicate()
     (tmp_path / "ckpt_00000005.pt.4242.0123abcd.tmp").write_bytes(b"half a checkpoint")
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "1",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "1",
                "--resume"])  # the killed run left its lock behind? no: the OS dropped it
     assert not list(tmp_path.glob("*.tmp"))  # and the dead run's half-written file is gone
 
 
 def test_an_inf_gradient_stops_before_the_optimizer_step_and_writes_no_checkpoint(
-        shakespeare, tmp_path, cli, monkeypatch):
+        shakespeare, tmp_path, run_main, monkeypatch):
     clip, calls = torch.nn.utils.clip_grad_norm_, []
 
     def clip_with_an_inf_gradient_at_step_3(parameters, max_norm):
@@ -1349,50 +1430,50 @@ def test_an_inf_gradient_stops_before_the_optimizer_step_and_writes_no_checkpoin
         return clip(parameters, max_norm)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_an_inf_gradient_at_step_3)
-    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+    err = assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                                     *TINY_RUN, "--max_steps", "6", "--checkpoint_every", "1",
                                     "--keep_checkpoints", "10"))
     assert "gradient norm is inf at step 3: stopping before the optimizer step" in err
-    assert err.endswith(f"last good checkpoint: {gpt2.checkpoint_path(tmp_path, 3)}")
-    assert [gpt2.checkpoint_step(p) for p in gpt2.list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert err.endswith(f"last good checkpoint: {checkpoints.checkpoint_path(tmp_path, 3)}")
+    assert [checkpoints.checkpoint_step(p) for p in checkpoints.list_checkpoints(tmp_path)] == [1, 2, 3]
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path, 3).values())
 
 
 def test_a_checkpoint_with_a_flipped_byte_or_nan_weights_is_refused_with_one_line(
-        shakespeare, shared_run, tmp_path, cli):
+        shakespeare, shared_run, tmp_path, run_main):
     tmp_path = copy_run(shared_run, tmp_path / "run", until=2)
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *SHARED_RUN]
-    path = gpt2.checkpoint_path(tmp_path, 2)
+    path = checkpoints.checkpoint_path(tmp_path, 2)
     good = path.read_bytes()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 1  # torch.load alone would load this, a wrong weight and all
     path.write_bytes(bytes(flipped))
-    assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"), str(path),
+    assert_one_error_line(run_main(cli.main, *common, "--resume", "--max_steps", "3"), str(path),
                           "corrupt checkpoint (the CRC of")
     state = torch.load(io.BytesIO(good), weights_only=True)
     state["model"]["transformer.wpe.weight"][0, 0] = float("nan")
     torch.save(state, path)
-    assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"), str(path),
+    assert_one_error_line(run_main(cli.main, *common, "--resume", "--max_steps", "3"), str(path),
                           "NaN or infinite weights")
-    assert_one_error_line(cli(gpt2.main, "sample", "--checkpoint", path), "NaN or infinite")
+    assert_one_error_line(run_main(cli.main, "sample", "--checkpoint", path), "NaN or infinite")
 
 
-def test_a_foreign_checkpoint_or_a_log_dir_that_is_a_file_is_one_line(shakespeare, tmp_path, cli):
+def test_a_foreign_checkpoint_or_a_log_dir_that_is_a_file_is_one_line(shakespeare, tmp_path, run_main):
     nanogpt = {"model": {}, "optimizer": {}, "model_args": {"n_layer": 2}, "iter_num": 5,
                "best_val_loss": 3.0, "config": {"out_dir": "out", "eval_interval": 2000}}
     (tmp_path / "run").mkdir()
     torch.save(nanogpt, tmp_path / "run/ckpt_00000005.pt")
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "6"]
-    for result in (cli(gpt2.main, *common, "--log_dir", tmp_path / "run", "--resume"),
-                   cli(gpt2.main, "sample", "--checkpoint", tmp_path / "run/ckpt_00000005.pt")):
+    for result in (run_main(cli.main, *common, "--log_dir", tmp_path / "run", "--resume"),
+                   run_main(cli.main, "sample", "--checkpoint", tmp_path / "run/ckpt_00000005.pt")):
         assert_one_error_line(result, "not a checkpoint of gpt2.py")
     (tmp_path / "file").write_text("not a folder")
-    assert_one_error_line(cli(gpt2.main, *common, "--log_dir", tmp_path / "file"),
+    assert_one_error_line(run_main(cli.main, *common, "--log_dir", tmp_path / "file"),
                           f"--log_dir {tmp_path / 'file'} is a file")
 
 
 def test_a_full_disk_during_a_checkpoint_write_names_the_file_and_the_intact_one(
-        shakespeare, tmp_path, cli, monkeypatch):
+        shakespeare, tmp_path, run_main, monkeypatch):
     fsync, writes = os.fsync, []
 
     def fsync_on_a_disk_that_fills_up(fd):
@@ -1404,23 +1485,23 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_file_and_the_intact_one
         return fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_on_a_disk_that_fills_up)
-    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+    err = assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                                     *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2"))
-    assert f"cannot write {gpt2.checkpoint_path(tmp_path, 4)} (No space left on device)" in err
-    assert f"the previous checkpoint, {gpt2.checkpoint_path(tmp_path, 2)}, is intact" in err
+    assert f"cannot write {checkpoints.checkpoint_path(tmp_path, 4)} (No space left on device)" in err
+    assert f"the previous checkpoint, {checkpoints.checkpoint_path(tmp_path, 2)}, is intact" in err
     assert [p.name for p in tmp_path.iterdir() if ".pt" in p.name] == ["ckpt_00000002.pt"]
-    gpt2.load_checkpoint(gpt2.checkpoint_path(tmp_path, 2))
+    checkpoints.load_checkpoint(checkpoints.checkpoint_path(tmp_path, 2))
 
 
 def test_resuming_on_other_data_under_the_same_shard_names_is_refused(shakespeare, shared_run,
-                                                                     tmp_path, cli):
+                                                                     tmp_path, run_main):
     data = tmp_path / "data"
     shutil.copytree(shakespeare, data)
     common = ["--data_dir", data, "--log_dir", copy_run(shared_run, tmp_path / "log", until=2),
               *SHARED_RUN]
     train = data / "shakespeare_train_000001.bin"
     write_shard(train, gpt2.read_shard(train)[::-1].copy())  # same name, same size, other text
-    assert_one_error_line(cli(gpt2.main, *common, "--resume", "--max_steps", "3"),
+    assert_one_error_line(run_main(cli.main, *common, "--resume", "--max_steps", "3"),
                           "cannot resume", "other shards under the same names")
 
 
@@ -1430,25 +1511,25 @@ def test_resuming_on_other_data_under_the_same_shard_names_is_refused(shakespear
     (5000, ["--val_tokens", "32"], "--val_tokens 32 < --seq_len 64"),
 ])
 def test_a_val_split_too_short_for_one_sequence_is_one_line_at_start(
-        shakespeare, tmp_path, cli, val_tokens, flags, message):
+        shakespeare, tmp_path, run_main, val_tokens, flags, message):
     data = tmp_path / "data"
     shutil.copytree(shakespeare, data)
     write_shard(data / "shakespeare_val_000000.bin", gpt2.read_shard(
         shakespeare / "shakespeare_val_000000.bin")[:val_tokens].copy())
-    assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
+    assert_one_error_line(run_main(cli.main, "--data_dir", data, "--log_dir", tmp_path / "log",
                               *TINY_RUN, "--max_steps", "1", *flags), message)
     assert not (tmp_path / "log/log.jsonl").exists()
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_a_token_id_outside_the_vocabulary_is_named_with_its_shard(shakespeare, tmp_path, cli, split):
+def test_a_token_id_outside_the_vocabulary_is_named_with_its_shard(shakespeare, tmp_path, run_main, split):
     data = tmp_path / "data"
     shutil.copytree(shakespeare, data)
     shard = next(data.glob(f"*_{split}_*.bin"))
     tokens = gpt2.read_shard(shard).copy()
     tokens[100] = 50300  # a padding row of the 50,304-row table
     write_shard(shard, tokens)
-    assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
+    assert_one_error_line(run_main(cli.main, "--data_dir", data, "--log_dir", tmp_path / "log",
                               *TINY_RUN, "--max_steps", "1"),
                           f"{shard}: token id 50300 is not one of GPT-2's 50257 tokens")
 
@@ -1470,18 +1551,18 @@ ZERO_IS_FINE = ["--max_steps", "--warmup_steps", "--hellaswag_every", "--hellasw
     ["sample", "--seed", "-1"], ["bench", "--reps", "0"], ["bench", "--batch_size", "-1"],
     ["--batch_size", "many"],
 ])
-def test_a_flag_out_of_its_range_is_one_line(cli, argv):
+def test_a_flag_out_of_its_range_is_one_line(run_main, argv):
     flag = next(a for a in argv if a.startswith("--"))
-    assert_one_error_line(cli(gpt2.main, *argv), f"argument {flag}")
+    assert_one_error_line(run_main(cli.main, *argv), f"argument {flag}")
 
 
 def test_after_a_resume_the_log_holds_each_step_and_evaluation_once(shakespeare, shared_run, tmp_path):
     full = shared_run  # evaluated at steps 0, 4 and 6
     resumed = copy_run(full, tmp_path / "resumed", until=4)  # as if killed after step 6's log line
-    gpt2.main(["--data_dir", shakespeare, *SHARED_RUN, "--log_dir", resumed, "--resume"])
+    cli.main(["--data_dir", shakespeare, *SHARED_RUN, "--log_dir", resumed, "--resume"])
     strip = lambda events: [{k: v for k, v in e.items() if k not in ("ms", "tokens_per_s")}
                             for e in events]
-    assert strip(gpt2.read_events(resumed)) == strip(gpt2.read_events(full))
+    assert strip(training.read_events(resumed)) == strip(training.read_events(full))
 
 
 def failing_rank_script(tmp_path, exception="RuntimeError"):
@@ -1489,14 +1570,14 @@ def failing_rank_script(tmp_path, exception="RuntimeError"):
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(f"""import os, sys
 sys.path.insert(0, {str(HERE)!r})
-import gpt2
+import cli, gpt2
 real_get_lr = gpt2.get_lr
 def get_lr(step, *args):
     if step == 2 and os.environ["RANK"] == "1":
         raise {exception}("injected failure on rank 1")
     return real_get_lr(step, *args)
 gpt2.get_lr = get_lr
-gpt2.main(sys.argv[1:])
+cli.main(sys.argv[1:])
 """)
     return script
 
@@ -1546,14 +1627,14 @@ def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, shared
                                                              monkeypatch):
     log_dir = copy_run(shared_run, tmp_path / "run", until=2)
     common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
-    load, loaded, alive_at_step = gpt2.load_checkpoint, [], []
+    load, loaded, alive_at_step = checkpoints.load_checkpoint, [], []
 
     def load_and_watch(path, *args, **kwargs):
         state = load(path, *args, **kwargs)
         loaded.append(weakref.ref(state["model"]["transformer.wpe.weight"]))
         return state
 
-    write = gpt2.EventLog.write
+    write = training.EventLog.write
 
     def write_and_look(self, **event):
         if "loss" in event:
@@ -1561,9 +1642,9 @@ def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, shared
             alive_at_step.append(loaded[0]() is not None)
         return write(self, **event)
 
-    monkeypatch.setattr(gpt2, "load_checkpoint", load_and_watch)
-    monkeypatch.setattr(gpt2.EventLog, "write", write_and_look)
-    gpt2.main([*common, "--max_steps", "3", "--resume"])
+    monkeypatch.setattr(checkpoints, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(training.EventLog, "write", write_and_look)
+    cli.main([*common, "--max_steps", "3", "--resume"])
     assert alive_at_step == [False]  # one step after the resume, the loaded copy is gone
 
 
@@ -1578,20 +1659,20 @@ def test_the_readme_two_node_command_gets_a_valid_split_of_16_processes(monkeypa
     line = next(line for line in (HERE / "README.md").read_text().splitlines() if "--nnodes=2" in line)
     command = line[line.index("torchrun"):].strip("` ")
     flags = command.split()[command.split().index("gpt2.py") + 1:]
-    args = gpt2.train_parser().parse_args(flags)
+    args = cli.train_parser().parse_args(flags)
     nodes = int(re.search(r"--nnodes=(\d+)", command)[1])
     world = nodes * int(re.search(r"--nproc_per_node=(\d+)", command)[1])
     assert world == 16
     monkeypatch.setattr(gpt2, "micro_batch_fits", fits_up_to(64))  # an 80 GB GPU
-    monkeypatch.setattr(gpt2, "smallest_over_ranks", lambda value, runtime: value)  # no 16 ranks here
+    monkeypatch.setattr(parallel, "smallest_over_ranks", lambda value, runtime: value)  # no 16 ranks here
     args.batch_size = gpt2.fitting_batch_size(None, args, gpt2.Runtime(world_size=world))
-    assert args.batch_size * args.seq_len * world * gpt2.accumulation_steps(args, world) == 2 ** 19
+    assert args.batch_size * args.seq_len * world * training.accumulation_steps(args, world) == 2 ** 19
     assert args.batch_size == 32  # 64 would make 2**20 tokens a step
 
 
 def test_a_micro_batch_that_does_not_divide_the_step_is_refused_with_one_that_does(shakespeare,
-                                                                                   tmp_path, cli):
-    err = assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+                                                                                   tmp_path, run_main):
+    err = assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                                     *TINY_RUN, "--batch_size", "3"))
     assert err.endswith("--batch_size 2 divides it (or --batch_size auto)")
 
@@ -1606,20 +1687,20 @@ def test_batch_size_auto_keeps_the_total_and_agrees_across_2_gloo_ranks(two_rank
 def test_with_dropout_each_rank_draws_its_own_masks_and_a_2_process_resume_is_exact(
         two_ranks_run):
     _, full, resumed = two_ranks_run
-    rng = torch.load(gpt2.checkpoint_path(full, 2), weights_only=True)["rng"]
+    rng = torch.load(checkpoints.checkpoint_path(full, 2), weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     a, b = final_weights(full, 4), final_weights(resumed, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(resumed) == train_losses(full)[2:]
 
 
-def test_a_gpu_out_of_memory_is_one_line_that_names_the_batch_size(shakespeare, tmp_path, cli,
+def test_a_gpu_out_of_memory_is_one_line_that_names_the_batch_size(shakespeare, tmp_path, run_main,
                                                                    monkeypatch):
     def forward_that_runs_out_of_memory(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.14 GiB")
 
     monkeypatch.setattr(gpt2.GPT, "forward", forward_that_runs_out_of_memory)
-    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+    assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                               *TINY_RUN, "--max_steps", "1"),
                           "out of GPU memory: lower --batch_size (or use --batch_size auto)")
 
@@ -1643,7 +1724,7 @@ def test_the_batch_handed_to_to_device_is_one_contiguous_window(shakespeare, tmp
     handed = []
     to_device = gpt2.to_device
     monkeypatch.setattr(gpt2, "to_device", lambda t, device: handed.append(t) or to_device(t, device))
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"])
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2"])
     assert len(handed) == 4 and all(t.is_contiguous() and t.shape == (4, 65) for t in handed)  # 2 x 2
 
 
@@ -1671,18 +1752,18 @@ def test_the_tools_make_their_gpu_the_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda *a: None)
-    runtime = gpt2.tool_runtime("cuda:1")
+    runtime = tools.tool_runtime("cuda:1")
     assert chosen == [torch.device("cuda", 1)] and runtime.dtype == torch.bfloat16
 
 
-def test_training_refuses_a_data_folder_fineweb_py_has_not_finished(tmp_path, samples, cli,
+def test_training_refuses_a_data_folder_fineweb_py_has_not_finished(tmp_path, samples, run_main,
                                                                    disk_full_at):
     disk_full_at("_000003.bin")
     data = tmp_path / "data"
     assert fineweb.main(["--input", str(samples / "tinyshakespeare.txt"), "--out_dir", str(data),
                          "--shard_size", "40000", "--num_proc", "1"]) == 1
     assert len(list(data.glob("*_train_*.bin"))) == 2  # enough to train on, silently, before
-    assert_one_error_line(cli(gpt2.main, "--data_dir", data, "--log_dir", tmp_path / "log",
+    assert_one_error_line(run_main(cli.main, "--data_dir", data, "--log_dir", tmp_path / "log",
                               *TINY_RUN, "--max_steps", "1"), f"{data} is not finished")
 
 
@@ -1698,7 +1779,7 @@ def sharded_and_plain(shakespeare, tmp_path_factory):
     process (4 micro-batches of 2): their log folders."""
     root = tmp_path_factory.mktemp("fsdp")
     common = ["--data_dir", shakespeare, *SHARDED_RUN]
-    gpt2.main([*common, "--log_dir", root / "plain"])
+    cli.main([*common, "--log_dir", root / "plain"])
     finish(torchrun(*common, "--log_dir", root / "fsdp", "--fsdp", extra=["--standalone"]))
     return root
 
@@ -1708,18 +1789,18 @@ def test_fsdp_on_2_processes_matches_1_process_step_by_step_and_in_the_final_wei
     plain, fsdp = sharded_and_plain / "plain", sharded_and_plain / "fsdp"
     # float32; the sums of sharded gradients and norms run in another order: 1e-5 of noise
     np.testing.assert_allclose(train_losses(fsdp), train_losses(plain), atol=1e-5, rtol=0)
-    val = [[e["val_loss"] for e in gpt2.read_events(d) if "val_loss" in e] for d in (fsdp, plain)]
+    val = [[e["val_loss"] for e in training.read_events(d) if "val_loss" in e] for d in (fsdp, plain)]
     np.testing.assert_allclose(*val, atol=1e-5, rtol=0)
     a, b = final_weights(fsdp, 6), final_weights(plain, 6)
     assert a.keys() == b.keys()  # one checkpoint format, plain names, the tie kept
     assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
-    samples = [next(e["samples"] for e in gpt2.read_events(d) if "samples" in e) for d in (fsdp, plain)]
+    samples = [next(e["samples"] for e in training.read_events(d) if "samples" in e) for d in (fsdp, plain)]
     assert samples[0] == samples[1]  # evaluation and sampling from the gathered copy
 
 
 def test_fsdp_on_2_processes_holds_half_the_parameters_gradients_and_adamw_moments_on_each(
         sharded_and_plain):
-    memory = {mode: next(e["memory_mib"] for e in gpt2.read_events(sharded_and_plain / mode)
+    memory = {mode: next(e["memory_mib"] for e in training.read_events(sharded_and_plain / mode)
                          if "memory_mib" in e) for mode in ("plain", "fsdp")}
     plain, fsdp = memory["plain"], memory["fsdp"]
     assert plain["gradients"] == plain["parameters"]
@@ -1735,9 +1816,9 @@ def test_an_fsdp_checkpoint_resumes_exactly_under_fsdp_and_alike_in_1_process_or
     common = ["--data_dir", shakespeare, *SHARDED_RUN]
     for mode in ("fsdp", "single", "ddp"):
         (tmp_path / mode).mkdir()
-        shutil.copy(gpt2.checkpoint_path(fsdp, 3), tmp_path / mode)
+        shutil.copy(checkpoints.checkpoint_path(fsdp, 3), tmp_path / mode)
     finish(torchrun(*common, "--log_dir", tmp_path / "fsdp", "--fsdp", "--resume", extra=["--standalone"]))
-    gpt2.main([*common, "--log_dir", tmp_path / "single", "--resume"])
+    cli.main([*common, "--log_dir", tmp_path / "single", "--resume"])
     finish(torchrun(*common, "--log_dir", tmp_path / "ddp", "--resume", extra=["--standalone"]))
     uninterrupted = final_weights(fsdp, 6)
     resumed = final_weights(tmp_path / "fsdp", 6)
@@ -1755,7 +1836,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_with_dropo
         model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32,
                               dropout=0.1))
         if recompute:
-            gpt2.recompute_activations(model)
+            parallel.recompute_activations(model)
         torch.manual_seed(1)  # the same dropout masks, if the recomputation replays them
         idx = random_tokens(256, (2, 32))
         _, loss = model(idx, idx)
@@ -1766,15 +1847,15 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients_with_dropo
     runs = {}
     for flags in ([], ["--activation_checkpointing"]):
         log_dir = tmp_path / ("ac" if flags else "plain")
-        gpt2.main(["--data_dir", shakespeare, "--log_dir", log_dir, *TINY_RUN, "--max_steps", "3",
+        cli.main(["--data_dir", shakespeare, "--log_dir", log_dir, *TINY_RUN, "--max_steps", "3",
                    "--dropout", "0.1", *flags])
         runs[bool(flags)] = train_losses(log_dir)
     assert runs[True] == runs[False]
 
 
-def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path, cli):
+def test_fsdp_refuses_batch_size_auto_with_one_line(shakespeare, tmp_path, run_main):
     # refused before any collective: one process shows it
-    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
+    assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN,
                               "--batch_size", "auto", "--fsdp", "--device", "cpu"),
                           "--fsdp needs a --batch_size")
 
@@ -1803,14 +1884,14 @@ def test_muon_step_is_torchs_step_bit_for_bit_in_bfloat16_and_close_in_float32()
     runs = {}
     for name in ("torch", "bfloat16", "float32"):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
-        muon = torch.optim.Muon(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+        optimizer = torch.optim.Muon(params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
         for step in range(3):  # the momentum buffer carries over
             for p, w in zip(params, weights):
                 p.grad = torch.sin(w * (step + 1))
             if name == "torch":
-                muon.step()
+                optimizer.step()
             else:
-                gpt2.muon_step(muon, getattr(torch, name))
+                muon.muon_step(optimizer, getattr(torch, name))
         runs[name] = [p.detach() for p in params]
     assert all(torch.equal(a, b) for a, b in zip(runs["bfloat16"], runs["torch"]))
     moved = [(a - w).abs().max() for a, w in zip(runs["torch"], weights)]
@@ -1832,7 +1913,7 @@ def test_muon_step_split_3_is_torchs_step_on_q_k_and_v_as_three_parameters():
         fused.grad = grad.clone()
         for p, g in zip(parts, grad.chunk(3)):
             p.grad = g.clone()
-        gpt2.muon_step(ours, torch.bfloat16)
+        muon.muon_step(ours, torch.bfloat16)
         torchs.step()
     assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts]))
 
@@ -1842,29 +1923,29 @@ MUON_RUN = [*TINY_RUN, "--optimizer", "muon", "--max_steps", "6", "--checkpoint_
 
 
 def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw_or_with_qkv_whole(shakespeare, tmp_path,
-                                                                               cli):
+                                                                               run_main):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = ["--data_dir", shakespeare, *MUON_RUN, "--dropout", "0.1"]
-    gpt2.main([*common, "--log_dir", full])
+    cli.main([*common, "--log_dir", full])
     resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(full, 3), resumed)
-    gpt2.main([*common, "--log_dir", resumed, "--resume"])
+    shutil.copy(checkpoints.checkpoint_path(full, 3), resumed)
+    cli.main([*common, "--log_dir", resumed, "--resume"])
     assert train_losses(resumed) == train_losses(full)[3:]
     a, b = final_weights(full, 6), final_weights(resumed, 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", full, *TINY_RUN,
+    assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", full, *TINY_RUN,
                               "--dropout", "0.1", "--max_steps", "8", "--resume"),
                           "the checkpoint was trained with --optimizer muon: resume with it")
-    assert_one_error_line(cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", full, *MUON_RUN,
+    assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", full, *MUON_RUN,
                               "--dropout", "0.1", "--max_steps", "8", "--resume", "--muon_qkv",
                               "whole"), "the checkpoint was trained with --muon_qkv split: resume with it")
 
 
 @pytest.mark.slow  # torch.compile on a CPU: up to a minute of Inductor's C++ builds
 def test_compiled_muon_training_in_float16_scales_saves_plain_keys_evaluates_and_samples(
-        shakespeare, tmp_path, cli):
+        shakespeare, tmp_path, run_main):
     # The one CPU compile of the suites, for every fact that needs one.
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
                "--eval_every", "3", "--num_samples", "1", "--dtype", "float16", "--loss_chunk", "0",
                "--compile", "on"])
     losses = train_losses(tmp_path)
@@ -1872,15 +1953,15 @@ def test_compiled_muon_training_in_float16_scales_saves_plain_keys_evaluates_and
     state = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)
     assert state["scaler"]["_growth_tracker"] == 3  # 3 scaled steps of both optimizers, none skipped
     assert not [k for k in state["model"] if "_orig_mod" in k]
-    evals = [e for e in gpt2.read_events(tmp_path) if "val_loss" in e]
+    evals = [e for e in training.read_events(tmp_path) if "val_loss" in e]
     assert [e["step"] for e in evals] == [0, 3] and all(e["samples"] for e in evals)
-    code, out, err = cli(gpt2.main, "sample", "--checkpoint", tmp_path / "ckpt_00000003.pt",
+    code, out, err = run_main(cli.main, "sample", "--checkpoint", tmp_path / "ckpt_00000003.pt",
                          "--num_samples", "1", "--max_new_tokens", "5", "--seed", "0")
     assert code == 0 and out.startswith("-" * 80), err
 
 
 def test_muon_trains_in_bfloat16(shakespeare, tmp_path):
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *MUON_RUN, "--max_steps", "3",
                "--dtype", "bfloat16"])  # the CPU's chunked loss: the lm_head in float32
     losses = train_losses(tmp_path)
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
@@ -1888,8 +1969,8 @@ def test_muon_trains_in_bfloat16(shakespeare, tmp_path):
 
 def test_a_fine_tune_from_a_transformers_folder_with_muon_lowers_the_val_loss(shakespeare, tmp_path):
     hf_model(n_layer=2, n_head=4, n_embd=64, vocab_size=gpt2.VOCAB_SIZE).save_pretrained(tmp_path / "hf")
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", tmp_path / "log", *FINETUNE_RUN,
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path / "log", *FINETUNE_RUN,
                "--init_from", tmp_path / "hf", "--optimizer", "muon", "--max_steps", "6",
                "--eval_every", "6", "--max_lr", "3e-3", "--warmup_steps", "0"])
-    val = [e["val_loss"] for e in gpt2.read_events(tmp_path / "log") if "val_loss" in e]
+    val = [e["val_loss"] for e in training.read_events(tmp_path / "log") if "val_loss" in e]
     assert val[1] < val[0] - 0.5

@@ -21,6 +21,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from transformers import GPT2LMHeadModel
 
+import checkpoints
+import cli
 import gpt2
 import hellaswag
 from conftest import (assert_one_error_line, free_port, random_transformers_gpt2, run_script,
@@ -338,13 +340,13 @@ def test_losses_that_are_not_finite_are_an_error_not_an_accuracy(logits, val_100
     assert "diverged" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_cli_on_a_diverged_checkpoint_is_one_error_line_not_an_accuracy(val_file, tmp_path, cli):
+def test_cli_on_a_diverged_checkpoint_is_one_error_line_not_an_accuracy(val_file, tmp_path, run_main):
     diverged = gpt2.GPT(gpt2.GPTConfig(block_size=64, n_layer=1, n_head=1, n_embd=8))
     with torch.no_grad():
         diverged.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))  # as a diverged run leaves it
-    path = gpt2.checkpoint_path(tmp_path, 0)
+    path = checkpoints.checkpoint_path(tmp_path, 0)
     torch.save(dict(model=diverged.state_dict(), config=asdict(diverged.config)), path)
-    result = cli(gpt2.main, "hellaswag", "--checkpoint", path, "--file", val_file, "--limit", "4",
+    result = run_main(cli.main, "hellaswag", "--checkpoint", path, "--file", val_file, "--limit", "4",
                  "--device", "cpu")
     # The checkpoint's weights are checked as it is read, before any scoring.
     assert_one_error_line(result, "NaN or infinite weights", str(path))
@@ -553,11 +555,11 @@ def report_lines(scored, n: int) -> list[str]:
 
 
 def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
-        github, model_folder, scored, cli, monkeypatch):
+        github, model_folder, scored, run_main, monkeypatch):
     # In this process, where our 1,000 rows are pinned as the val split (a subprocess would
     # expect the real file's 10,042).
     monkeypatch.setenv("HELLASWAG_URL", "http://127.0.0.1:9/nothing")  # --base_url wins over it
-    code, out, err = cli(gpt2.main, "hellaswag", "--model", model_folder, "--limit", "12",
+    code, out, err = run_main(cli.main, "hellaswag", "--model", model_folder, "--limit", "12",
                          "--device", "cpu", "--base_url", github.url)
     assert code == 0, err
     lines = out.splitlines()
@@ -567,9 +569,9 @@ def test_cli_downloads_from_base_url_and_prints_acc_acc_norm_n_and_speed(
 
 def test_help_gives_every_flags_default_or_says_what_happens_without_it(capsys):
     with pytest.raises(SystemExit):
-        gpt2.hellaswag_parser().parse_args(["--help"])
+        cli.hellaswag_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    defaults = vars(gpt2.hellaswag_parser().parse_args([]))
+    defaults = vars(cli.hellaswag_parser().parse_args([]))
     said = {"limit": "none = all 10,042 of val", "base_url": "none = $HELLASWAG_URL",
             "file": "instead of downloading", "checkpoint": "[--model MODEL | --checkpoint"}
     assert set(defaults) == {"model", "checkpoint", "split", "file", "limit", "batch_size",
@@ -592,21 +594,21 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", BAD_FILES)
-def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, cli):
+def test_a_bad_file_is_one_line_naming_the_line_and_exit_1(case, tmp_path, run_main):
     rows, message = BAD_FILES[case]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
     # The data is read before the model is loaded: this folder is never looked at.
-    code, out, err = cli(gpt2.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
+    code, out, err = run_main(cli.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
     assert code == 1
     assert out == "" and err.startswith(f"error: {path}: {message}") and err.count("\n") == 1
     assert path.exists()  # the user's own file, never deleted
 
 
-def test_a_binary_file_is_one_line_and_exit_1_not_a_traceback(tmp_path, cli):
+def test_a_binary_file_is_one_line_and_exit_1_not_a_traceback(tmp_path, run_main):
     path = tmp_path / "weights.jsonl"
     path.write_bytes(json.dumps(ROOF).encode() + b"\n\xff\xfe\x00\x81 not text\n")
-    code, out, err = cli(gpt2.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
+    code, out, err = run_main(cli.main, "hellaswag", "--file", path, "--model", tmp_path / "no_model")
     assert (code, out) == (1, "")
     assert err == f"error: {path}: not UTF-8 text (invalid start byte): not a HellaSwag jsonl file\n"
 
@@ -617,8 +619,8 @@ def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
 
 
 def test_cli_scores_a_training_checkpoint(model, val_file, scored, tmp_path, capsys):
-    path = gpt2.checkpoint_path(tmp_path, 0)
+    path = checkpoints.checkpoint_path(tmp_path, 0)
     torch.save(dict(model=model.state_dict(), config=asdict(model.config)), path)
-    gpt2.main(["hellaswag", "--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
+    cli.main(["hellaswag", "--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
                "--device", "cpu"])
     assert capsys.readouterr().out.splitlines()[:2] == report_lines(scored, 12)

@@ -10,7 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoints
+import cli
 import gpt2
+import muon
+import training
 from conftest import TINY_RUN, assert_one_error_line, finish, torchrun, train_losses
 from gpt2 import GPT, GPTConfig
 
@@ -42,7 +46,7 @@ def shared_steps_equal_one_process_bit_for_bit():
             fully_shard(block, mesh=mesh)
         fully_shard(models["fsdp"], mesh=mesh)
         optimizers = {mode: muon_optimizer(m, split, share=mode != "alone") for mode, m in models.items()}
-        owners = gpt2.muon_owners(optimizers["ddp"].muon.param_groups, dist.get_world_size())
+        owners = muon.muon_owners(optimizers["ddp"].muon.param_groups, dist.get_world_size())
         assert set(owners.values()) == set(range(dist.get_world_size()))
         for step in range(4):
             gen = torch.Generator().manual_seed(step)
@@ -53,11 +57,11 @@ def shared_steps_equal_one_process_bit_for_bit():
                               if mode == "fsdp" else grads[n].clone())
                 optimizers[mode].step()
         alone = dict(models["alone"].named_parameters())
-        muon = {n for n in alone if n.endswith(gpt2.CONV1D_WEIGHTS)}
+        matrices = {n for n in alone if n.endswith(gpt2.CONV1D_WEIGHTS)}
         for mode in ("ddp", "fsdp"):
             for n, p in models[mode].named_parameters():
                 p = p.full_tensor() if hasattr(p, "full_tensor") else p
-                if n in muon or mode == "ddp":
+                if n in matrices or mode == "ddp":
                     assert torch.equal(p, alone[n]), (mode, split, n)
                 else:  # AdamW on DTensors runs another kernel than on plain tensors
                     torch.testing.assert_close(p, alone[n], atol=1e-6, rtol=0)
@@ -73,7 +77,7 @@ def test_muon_shared_over_3_processes_is_one_process_step_bit_for_bit_under_ddp_
 
 
 def final_weights(log_dir, step):
-    return torch.load(gpt2.checkpoint_path(log_dir, step), weights_only=True)["model"]
+    return torch.load(checkpoints.checkpoint_path(log_dir, step), weights_only=True)["model"]
 
 
 def test_muon_split_shared_over_2_ddp_processes_ends_with_1_processs_weights(shakespeare, tmp_path):
@@ -81,7 +85,7 @@ def test_muon_split_shared_over_2_ddp_processes_ends_with_1_processs_weights(sha
     # c_attn's Q, K and V apart (the default), each rank orthogonalizing its share.
     common = ["--data_dir", shakespeare, *TINY_RUN, "--optimizer", "muon", "--max_steps", "4",
               "--device", "cpu"]
-    gpt2.main([*common, "--log_dir", str(tmp_path / "alone")])
+    cli.main([*common, "--log_dir", str(tmp_path / "alone")])
     finish(torchrun(*common, "--log_dir", tmp_path / "ddp", extra=["--standalone"]))
     np.testing.assert_allclose(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "alone"),
                                atol=1e-5, rtol=0)
@@ -101,22 +105,22 @@ MUON_RUN = [*TINY_RUN, "--batch_size", "2", "--total_batch_size", "256", "--opti
 def test_muon_with_fsdp_on_2_processes_equals_1_process_and_its_checkpoint_resumes_under_fsdp_ddp_and_alone(
         shakespeare, tmp_path):
     common = ["--data_dir", shakespeare, *MUON_RUN]
-    gpt2.main([*common, "--log_dir", str(tmp_path / "alone")])
+    cli.main([*common, "--log_dir", str(tmp_path / "alone")])
     fsdp = tmp_path / "fsdp"
     finish(torchrun(*common, "--log_dir", fsdp, "--fsdp", extra=["--standalone"]))
     alone, sharded = final_weights(tmp_path / "alone", 4), final_weights(fsdp, 4)
     assert sharded.keys() == alone.keys()
     for k in alone:  # the gradients' sums run in another order: float32 noise (as AdamW's test)
         torch.testing.assert_close(sharded[k], alone[k], atol=1e-4, rtol=0)
-    momentum = torch.load(gpt2.checkpoint_path(fsdp, 2), weights_only=True)["optimizer"]["muon"]
+    momentum = torch.load(checkpoints.checkpoint_path(fsdp, 2), weights_only=True)["optimizer"]["muon"]
     assert all(s["momentum_buffer"].shape[0] in (64, 192, 256) for s in momentum["state"].values())
     for mode in ("fsdp", "ddp", "alone"):  # the sharded step-2 checkpoint, resumed three ways
         (tmp_path / "from_fsdp" / mode).mkdir(parents=True)
-        shutil.copy(gpt2.checkpoint_path(fsdp, 2), tmp_path / "from_fsdp" / mode)
+        shutil.copy(checkpoints.checkpoint_path(fsdp, 2), tmp_path / "from_fsdp" / mode)
     resumed = {mode: tmp_path / "from_fsdp" / mode for mode in ("fsdp", "ddp", "alone")}
     finish(torchrun(*common, "--log_dir", resumed["fsdp"], "--fsdp", "--resume", extra=["--standalone"]))
     finish(torchrun(*common, "--log_dir", resumed["ddp"], "--resume", extra=["--standalone"]))
-    gpt2.main([*common, "--log_dir", str(resumed["alone"]), "--resume"])
+    cli.main([*common, "--log_dir", str(resumed["alone"]), "--resume"])
     assert train_losses(resumed["fsdp"]) == train_losses(fsdp)[2:]
     assert all(torch.equal(final_weights(resumed["fsdp"], 4)[k], sharded[k]) for k in sharded)
     for mode in ("ddp", "alone"):
@@ -135,35 +139,35 @@ SPIKE_RUN = [*TINY_RUN, "--max_steps", "8", "--checkpoint_every", "1", "--keep_c
 @pytest.fixture
 def spike_at(monkeypatch):
     """Gradient norms 1000 times the true ones at the given steps, as the guard sees them."""
-    monkeypatch.setattr(gpt2, "SPIKE_WARMUP", 4)
-    check = gpt2.check_finite
+    monkeypatch.setattr(training, "SPIKE_WARMUP", 4)
+    check = training.check_finite
 
     def inject(steps):
         def check_finite(loss, norm, state, args):
             return check(loss, norm * (1000 if state.step in steps else 1), state, args)
-        monkeypatch.setattr(gpt2, "check_finite", check_finite)
+        monkeypatch.setattr(training, "check_finite", check_finite)
     return inject
 
 
 def test_the_spike_guard_skips_an_injected_spike_resumes_with_its_statistics_and_stops_after_k_in_a_row(
-        shakespeare, tmp_path, spike_at, cli):
+        shakespeare, tmp_path, spike_at, run_main):
     spike_at({5})
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", str(full), *SPIKE_RUN])
-    events = [e for e in gpt2.read_events(full) if "loss" in e]
+    cli.main(["--data_dir", shakespeare, "--log_dir", str(full), *SPIKE_RUN])
+    events = [e for e in training.read_events(full) if "loss" in e]
     assert [e["step"] for e in events if "skipped" in e] == [5]
     assert "gradient norm" in events[5]["skipped"] and "standard deviations" in events[5]["skipped"]
-    before, after = (torch.load(gpt2.checkpoint_path(full, s), weights_only=True) for s in (5, 6))
+    before, after = (torch.load(checkpoints.checkpoint_path(full, s), weights_only=True) for s in (5, 6))
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     assert len(after["spikes"]["loss"]) == 5 and after["spikes"]["in_a_row"] == 1  # 5 taken
     resumed.mkdir()
-    shutil.copy(gpt2.checkpoint_path(full, 3), resumed)  # before the spike: the statistics carry it
-    gpt2.main(["--data_dir", shakespeare, "--log_dir", str(resumed), *SPIKE_RUN, "--resume"])
+    shutil.copy(checkpoints.checkpoint_path(full, 3), resumed)  # before the spike: the statistics carry it
+    cli.main(["--data_dir", shakespeare, "--log_dir", str(resumed), *SPIKE_RUN, "--resume"])
     assert train_losses(resumed) == train_losses(full)[3:]
-    a, b = (torch.load(gpt2.checkpoint_path(d, 8), weights_only=True) for d in (full, resumed))
+    a, b = (torch.load(checkpoints.checkpoint_path(d, 8), weights_only=True) for d in (full, resumed))
     assert a["spikes"] == b["spikes"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     spike_at(set(range(5, 8)))
-    assert_stops = cli(gpt2.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "stops",
+    assert_stops = run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "stops",
                        *SPIKE_RUN, "--checkpoint_every", "100", "--skip_spikes_limit", "2")
     assert_one_error_line(assert_stops, "step 6: 2 steps in a row skipped as spikes (--skip_spikes 4.0)")
 

@@ -2,7 +2,7 @@
 before training, inputs that change under a job, hostile servers (bodies without end, a byte a
 second, redirect loops, no DNS), and the rule for "<|endoftext|>" in the user's text.
 
-Small and in this process (conftest's `cli`, `local_hub`): a few thousand tokens of Tiny
+Small and in this process (conftest's `run_main`, `local_hub`): a few thousand tokens of Tiny
 Shakespeare, shards of a few hundred tokens, a server on 127.0.0.1 whose stall thresholds the
 tests lower so that a slow line is judged in a second, not a minute.
 """
@@ -19,9 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
+import cli
 import fineweb
 import gpt2
 import hellaswag
+import plumbing
+import shards
+import tools
 from conftest import TINY_RUN, assert_one_error_line
 
 FLAGS = ["--num_proc", "1", "--docs_per_batch", "4"]
@@ -42,9 +46,9 @@ def jsonl(tmp_path, samples):
 
 
 @pytest.fixture
-def convert(cli):
+def convert(run_main):
     """convert(out_dir, inputs, *flags): fineweb.py on local files, in this process."""
-    return lambda out_dir, inputs, *flags: cli(fineweb.main, "--input", *inputs, "--out_dir", out_dir,
+    return lambda out_dir, inputs, *flags: run_main(fineweb.main, "--input", *inputs, "--out_dir", out_dir,
                                                *FLAGS, *flags)
 
 
@@ -92,25 +96,25 @@ def finished(tmp_path, jsonl, convert):
 
 def test_check_finished_refuses_a_deleted_train_shard_naming_it(finished):
     (finished / "fineweb_edu_train_000002.bin").unlink()
-    with pytest.raises(fineweb.UserError, match="fineweb_edu_train_000002.bin is missing"):
+    with pytest.raises(plumbing.UserError, match="fineweb_edu_train_000002.bin is missing"):
         fineweb.check_finished(finished)
 
 
 def test_check_finished_refuses_a_stray_shard_the_manifest_does_not_list(finished):
     fineweb.write_shard(finished / "fineweb_edu_train_000099.bin", [50256, 1, 2])
-    with pytest.raises(fineweb.UserError, match="fineweb_edu_train_000099.bin.*not one fineweb.py listed"):
+    with pytest.raises(plumbing.UserError, match="fineweb_edu_train_000099.bin.*not one fineweb.py listed"):
         fineweb.check_finished(finished)
 
 
 def test_check_finished_refuses_a_shard_with_other_token_counts_than_the_manifest(finished):
     fineweb.write_shard(finished / "fineweb_edu_train_000001.bin", [50256, 1, 2])
-    with pytest.raises(fineweb.UserError, match="fineweb_edu_train_000001.bin holds 3 tokens, the manifest lists"):
+    with pytest.raises(plumbing.UserError, match="fineweb_edu_train_000001.bin holds 3 tokens, the manifest lists"):
         fineweb.check_finished(finished)
 
 
-def test_gpt2_refuses_to_train_on_a_folder_with_a_missing_shard(finished, tmp_path, cli):
+def test_gpt2_refuses_to_train_on_a_folder_with_a_missing_shard(finished, tmp_path, run_main):
     (finished / "fineweb_edu_train_000001.bin").unlink()
-    assert_one_error_line(cli(gpt2.main, "--data_dir", finished, "--log_dir", tmp_path / "log", *TINY_RUN,
+    assert_one_error_line(run_main(cli.main, "--data_dir", finished, "--log_dir", tmp_path / "log", *TINY_RUN,
                               "--seq_len", "16", "--batch_size", "1", "--total_batch_size", "16",
                               "--max_steps", "1", "--device", "cpu"),
                           "fineweb_edu_train_000001.bin is missing")
@@ -121,12 +125,12 @@ def test_fineweb_records_each_shards_sha256_and_the_fingerprint_is_over_them(fin
     for shard in manifest["shards"]:
         assert shard["sha256"] == hashlib.sha256((finished / shard["name"]).read_bytes()).hexdigest()
     train = sorted(finished.glob("*train*.bin"))
-    before = gpt2.data_fingerprint(train)
+    before = shards.data_fingerprint(train)
     # another fineweb.py output under the same names and sizes, differing only in the middle of
     # one shard (what a cheap head-and-tail digest cannot see): its manifest says so
     manifest["shards"][2]["sha256"] = "0" * 64
     (finished / "manifest.json").write_text(json.dumps(manifest))
-    assert gpt2.data_fingerprint(train) != before
+    assert shards.data_fingerprint(train) != before
 
 
 def test_the_fingerprint_of_shards_without_recorded_digests_still_sees_their_bytes(finished):
@@ -135,11 +139,11 @@ def test_the_fingerprint_of_shards_without_recorded_digests_still_sees_their_byt
         del shard["sha256"]  # a manifest of an older fineweb.py
     (finished / "manifest.json").write_text(json.dumps(manifest))
     train = sorted(finished.glob("*train*.bin"))
-    before = gpt2.data_fingerprint(train)
+    before = shards.data_fingerprint(train)
     tokens = gpt2.read_shard(train[0]).copy()
     tokens[-1] ^= 1
     fineweb.write_shard(train[0], tokens)
-    assert gpt2.data_fingerprint(train) != before
+    assert shards.data_fingerprint(train) != before
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,8 +171,8 @@ def test_an_endless_body_stops_at_the_expected_size_and_leaves_no_part(tmp_path,
     hub = local_hub({"f.bin": DATA})
     hub.faults["f.bin"] = ["endless"]
     dest = tmp_path / "cache" / "f.bin"
-    with pytest.raises(fineweb.UserError, match="more than the 2,048 bytes expected"):
-        fineweb.download(f"{hub.url}/f.bin", dest, size=len(DATA))
+    with pytest.raises(plumbing.UserError, match="more than the 2,048 bytes expected"):
+        plumbing.download(f"{hub.url}/f.bin", dest, size=len(DATA))
     assert os.listdir(dest.parent) == []
 
 
@@ -177,32 +181,32 @@ def test_an_endless_body_of_unknown_size_stops_at_the_cap_and_leaves_no_part(tmp
     hub.faults["config.json"] = ["endless"]
     dest = tmp_path / "cache" / "config.json"
     started = time.monotonic()
-    with pytest.raises(fineweb.UserError, match="more than 1,048,576 bytes"):
-        fineweb.download(f"{hub.url}/config.json", dest)  # no size: as gpt2.py asks for a config
+    with pytest.raises(plumbing.UserError, match="more than 1,048,576 bytes"):
+        plumbing.download(f"{hub.url}/config.json", dest)  # no size: as gpt2.py asks for a config
     assert os.listdir(dest.parent) == []
     assert time.monotonic() - started < 5
 
 
 def test_a_server_sending_a_byte_at_a_time_is_given_up_and_retried(tmp_path, local_hub, no_backoff, monkeypatch,
                                                                   capsys):
-    monkeypatch.setattr(fineweb, "STALL_SECONDS", 1)
+    monkeypatch.setattr(plumbing, "STALL_SECONDS", 1)
     hub = local_hub({"f.bin": DATA})
     hub.faults["f.bin"] = ["trickle"]
     dest = tmp_path / "f.bin"
     started = time.monotonic()
-    fineweb.download(f"{hub.url}/f.bin", dest, size=len(DATA))
+    plumbing.download(f"{hub.url}/f.bin", dest, size=len(DATA))
     assert time.monotonic() - started < 5  # the trickle alone would take 200 s
     assert dest.read_bytes() == DATA and len(hub.downloads("f.bin")) == 2
     assert "under 65,536 bytes in 1 s; retrying" in capsys.readouterr().err  # the retry's line says why
 
 
 def test_a_server_that_always_trickles_is_given_up_after_the_tries(tmp_path, local_hub, no_backoff, monkeypatch):
-    monkeypatch.setattr(fineweb, "STALL_SECONDS", 0.3)
+    monkeypatch.setattr(plumbing, "STALL_SECONDS", 0.3)
     hub = local_hub({"f.bin": DATA})
-    hub.faults["f.bin"] = ["trickle"] * fineweb.MAX_TRIES
-    with pytest.raises(fineweb.UserError, match="gave up after"):
-        fineweb.download(f"{hub.url}/f.bin", tmp_path / "f.bin", size=len(DATA))
-    assert len(no_backoff) == fineweb.MAX_TRIES - 1  # a few bytes a try is no progress
+    hub.faults["f.bin"] = ["trickle"] * plumbing.MAX_TRIES
+    with pytest.raises(plumbing.UserError, match="gave up after"):
+        plumbing.download(f"{hub.url}/f.bin", tmp_path / "f.bin", size=len(DATA))
+    assert len(no_backoff) == plumbing.MAX_TRIES - 1  # a few bytes a try is no progress
 
 
 @pytest.fixture
@@ -211,14 +215,14 @@ def offline_hub(tmp_path, monkeypatch):
     return lambda url: monkeypatch.setenv("HF_ENDPOINT", url)
 
 
-def test_a_redirect_loop_is_one_line_naming_the_url(local_hub, offline_hub, cli):
+def test_a_redirect_loop_is_one_line_naming_the_url(local_hub, offline_hub, run_main):
     hub = local_hub({})
     offline_hub(f"{hub.url}/loop")
-    line = assert_one_error_line(cli(gpt2.main, "sample", "--model", "gpt2", "--device", "cpu"), "redirects")
+    line = assert_one_error_line(run_main(cli.main, "sample", "--model", "gpt2", "--device", "cpu"), "redirects")
     assert f"{hub.url}/loop/openai-community/gpt2/resolve/main/config.json" in line
 
 
-def test_a_name_that_does_not_resolve_is_one_line_at_once(offline_hub, cli, no_backoff, monkeypatch):
+def test_a_name_that_does_not_resolve_is_one_line_at_once(offline_hub, run_main, no_backoff, monkeypatch):
     real = socket.getaddrinfo
 
     def no_dns(host, *args, **kwargs):
@@ -228,17 +232,17 @@ def test_a_name_that_does_not_resolve_is_one_line_at_once(offline_hub, cli, no_b
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     offline_hub("http://hub.invalid")
-    assert_one_error_line(cli(gpt2.main, "sample", "--model", "gpt2", "--device", "cpu"),
+    assert_one_error_line(run_main(cli.main, "sample", "--model", "gpt2", "--device", "cpu"),
                           "cannot reach hub.invalid: offline?", "HF_ENDPOINT", "--model")
     assert no_backoff == []
 
 
-def test_a_refused_connection_is_retried_each_on_one_short_line(offline_hub, cli, no_backoff):
+def test_a_refused_connection_is_retried_each_on_one_short_line(offline_hub, run_main, no_backoff):
     offline_hub("http://127.0.0.1:9")  # nothing listens there
-    code, out, err = cli(gpt2.main, "sample", "--model", "gpt2", "--device", "cpu")
+    code, out, err = run_main(cli.main, "sample", "--model", "gpt2", "--device", "cpu")
     assert_one_error_line((code, out, err), "127.0.0.1:9", "Connection refused", "gave up", alone=False)
     lines = err.strip().splitlines()
-    assert len(lines) == fineweb.MAX_TRIES and len(no_backoff) == fineweb.MAX_TRIES - 1
+    assert len(lines) == plumbing.MAX_TRIES and len(no_backoff) == plumbing.MAX_TRIES - 1
     assert all(len(line) < 200 and "object at 0x" not in line and "Pool" not in line for line in lines), lines
 
 
@@ -251,13 +255,13 @@ TEXT = "one<|endoftext|>two"
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
-    gpt2.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=32, vocab_size=gpt2.VOCAB_SIZE, n_layer=1, n_head=1,
+    tools.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=32, vocab_size=gpt2.VOCAB_SIZE, n_layer=1, n_head=1,
                                                  n_embd=8)), folder)
     return folder
 
 
-def test_endoftext_in_a_prompt_is_plain_text_to_sample(tiny_folder, cli, enc):
-    code, out, err = cli(gpt2.main, "sample", "--model", tiny_folder, "--prompt", TEXT, "--num_samples", "1",
+def test_endoftext_in_a_prompt_is_plain_text_to_sample(tiny_folder, run_main, enc):
+    code, out, err = run_main(cli.main, "sample", "--model", tiny_folder, "--prompt", TEXT, "--num_samples", "1",
                          "--max_new_tokens", "2", "--device", "cpu")
     assert code == 0, err
     assert out.splitlines()[1].startswith(TEXT)
@@ -280,7 +284,7 @@ def test_endoftext_in_an_input_file_is_plain_text_to_fineweb(tmp_path, convert, 
 
 def test_endoftext_is_plain_text_to_the_exported_tokenizer(tmp_path, enc):
     transformers = pytest.importorskip("transformers")
-    for name, data in gpt2.tokenizer_files(1024).items():
+    for name, data in tools.tokenizer_files(1024).items():
         (tmp_path / name).write_bytes(data)
     tokenizer = transformers.GPT2Tokenizer.from_pretrained(tmp_path)
     assert tokenizer(TEXT)["input_ids"] == enc.encode_ordinary(TEXT)

@@ -10,7 +10,12 @@ import struct
 import pytest
 import torch
 
+import checkpoints
+import cli
 import gpt2
+import tools
+import training
+import weights
 from conftest import SAMPLES, TINY_RUN, assert_one_error_line, torchrun, wait_for_step
 
 
@@ -19,7 +24,7 @@ def run_args(data, log_dir, *more):
 
 
 def events(log_dir, key):
-    return [e["step"] for e in gpt2.read_events(log_dir) if key in e]
+    return [e["step"] for e in training.read_events(log_dir) if key in e]
 
 
 def names(folder):
@@ -40,38 +45,38 @@ def signal_at_step(monkeypatch, step, *signals):
 
 
 def test_resume_with_max_steps_below_the_checkpoint_step_is_refused_and_keeps_it(
-        shakespeare, tmp_path, cli):
-    gpt2.main(run_args(shakespeare, tmp_path, "--max_steps", "4"))
+        shakespeare, tmp_path, run_main):
+    cli.main(run_args(shakespeare, tmp_path, "--max_steps", "4"))
     before = names(tmp_path)
-    result = cli(gpt2.main, *run_args(shakespeare, tmp_path, "--max_steps", "2", "--resume"))
+    result = run_main(cli.main, *run_args(shakespeare, tmp_path, "--max_steps", "2", "--resume"))
     assert_one_error_line(result, "--max_steps 2", "step 4")
     assert names(tmp_path) == before
 
 
 def test_only_ckpt_and_eight_digits_is_a_checkpoint_and_other_names_are_never_deleted(
-        shakespeare, tmp_path, cli):
+        shakespeare, tmp_path, run_main):
     common = run_args(shakespeare, tmp_path, "--checkpoint_every", "2", "--keep_checkpoints", "1")
-    gpt2.main([*common, "--max_steps", "4"])
+    cli.main([*common, "--max_steps", "4"])
     mine = {"ckpt_00000001_good.pt": b"a user's", "ckpt_00000008-good.pt": b"another",
             "ckpt_00000009.corrupt.pt": b"moved aside, as the README advises"}
     for name, data in mine.items():
         (tmp_path / name).write_bytes(data)
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
-    code, out, err = cli(gpt2.main, *common, "--max_steps", "6", "--resume")
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
+    code, out, err = run_main(cli.main, *common, "--max_steps", "6", "--resume")
     assert code == 0, err
     assert "resumed from" in out and "ckpt_00000004.pt at step 4" in out
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000006.pt"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000006.pt"]
     assert all((tmp_path / name).read_bytes() == data for name, data in mine.items())
     # A folder holding only such files holds no run: a fresh run starts, and deletes none.
     other = tmp_path / "other"
     other.mkdir()
     (other / "ckpt_00000001_good.pt").write_bytes(b"a user's")
-    assert cli(gpt2.main, *run_args(shakespeare, other, "--max_steps", "1", "--overwrite"))[0] == 0
+    assert run_main(cli.main, *run_args(shakespeare, other, "--max_steps", "1", "--overwrite"))[0] == 0
     assert (other / "ckpt_00000001_good.pt").read_bytes() == b"a user's"
 
 
 def test_sigterm_under_torchrun_during_an_evaluation_saves_at_once_and_resume_evaluates_there(
-        shakespeare, tmp_path, cli):
+        shakespeare, tmp_path, run_main):
     # A long evaluation (124 sequences, one a batch) at step 4, the last; SIGTERM reaches
     # torchrun once step 3 is logged, so the ranks are evaluating: they cut it short and save.
     common = run_args(shakespeare, tmp_path, "--batch_size", "1", "--val_tokens", "8000",
@@ -82,50 +87,50 @@ def test_sigterm_under_torchrun_during_an_evaluation_saves_at_once_and_resume_ev
     out, _ = run.communicate(timeout=120)
     assert "stopped: SIGTERM after step 4" in out, out
     assert 'gpt2.py", line' not in out, out  # torchrun's own traceback for its signal only
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
     assert events(tmp_path, "val_loss") == [0]  # no partial val loss logged at step 4
-    code, _, err = cli(gpt2.main, *common, "--eval_every", "4", "--resume")
+    code, _, err = run_main(cli.main, *common, "--eval_every", "4", "--resume")
     assert code == 0, err
     assert events(tmp_path, "val_loss") == [0, 4]
 
 
 def test_a_run_stopped_at_its_final_step_gets_its_final_evaluation_on_resume_and_only_once(
-        shakespeare, tmp_path, cli, monkeypatch):
+        shakespeare, tmp_path, run_main, monkeypatch):
     common = run_args(shakespeare, tmp_path, "--max_steps", "4")
     signal_at_step(monkeypatch, 3, "SIGTERM")  # during the last training step
-    code, _, err = cli(gpt2.main, *common)
+    code, _, err = run_main(cli.main, *common)
     assert code == 128 + signal.SIGTERM, err
     assert events(tmp_path, "val_loss") == [0]
     monkeypatch.undo()
-    assert cli(gpt2.main, *common, "--resume")[0] == 0
+    assert run_main(cli.main, *common, "--resume")[0] == 0
     assert events(tmp_path, "val_loss") == [0, 4]
-    assert cli(gpt2.main, *common, "--resume")[0] == 0  # done: its evaluation is not repeated
+    assert run_main(cli.main, *common, "--resume")[0] == 0  # done: its evaluation is not repeated
     assert events(tmp_path, "val_loss") == [0, 4]
 
 
 def test_flags_changed_on_resume_are_printed_and_their_param_group_values_are_used(
-        shakespeare, tmp_path, cli):
-    gpt2.main(run_args(shakespeare, tmp_path, "--max_steps", "2"))
-    code, out, err = cli(gpt2.main, *run_args(shakespeare, tmp_path, "--max_steps", "4",
+        shakespeare, tmp_path, run_main):
+    cli.main(run_args(shakespeare, tmp_path, "--max_steps", "2"))
+    code, out, err = run_main(cli.main, *run_args(shakespeare, tmp_path, "--max_steps", "4",
                                               "--weight_decay", "0.0", "--grad_clip", "0.5",
                                               "--resume"))
     assert code == 0, err
     changed = next(line for line in out.splitlines() if line.startswith("flags changed"))
     for fragment in ("--max_steps 2 -> 4", "--weight_decay 0.1 -> 0.0", "--grad_clip 1.0 -> 0.5"):
         assert fragment in changed, changed
-    saved = torch.load(gpt2.checkpoint_path(tmp_path, 4), weights_only=True)
+    saved = torch.load(checkpoints.checkpoint_path(tmp_path, 4), weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.0  # the flag, not the old
     assert saved["args"]["weight_decay"] == 0.0
     assert saved["args"]["changed_on_resume"] == [
         {"step": 2, "max_steps": [2, 4], "weight_decay": [0.1, 0.0], "grad_clip": [1.0, 0.5]}]
-    card = gpt2.model_card(gpt2.load_checkpoint_model(gpt2.checkpoint_path(tmp_path, 4)), saved,
-                           gpt2.checkpoint_path(tmp_path, 4), "tiny")
+    card = tools.model_card(gpt2.load_checkpoint_model(checkpoints.checkpoint_path(tmp_path, 4)), saved,
+                           checkpoints.checkpoint_path(tmp_path, 4), "tiny")
     assert '"changed_on_resume"' in card
 
 
 def test_hellaswag_runs_on_its_own_schedule_when_not_a_multiple_of_eval_every(
         shakespeare, tmp_path):
-    gpt2.main(run_args(shakespeare, tmp_path, "--max_steps", "6", "--hellaswag_every", "3",
+    cli.main(run_args(shakespeare, tmp_path, "--max_steps", "6", "--hellaswag_every", "3",
                        "--hellaswag_file", SAMPLES / "hellaswag_val_1000.jsonl",
                        "--hellaswag_limit", "4"))
     assert events(tmp_path, "hellaswag") == [0, 3, 6]
@@ -150,39 +155,39 @@ class FullDisk:
 
 
 def test_a_full_disk_appending_to_log_jsonl_saves_a_checkpoint_then_says_one_line(
-        shakespeare, tmp_path, cli, monkeypatch):
+        shakespeare, tmp_path, run_main, monkeypatch):
     common = run_args(shakespeare, tmp_path, "--max_steps", "8")
     FullDisk(monkeypatch, "log.jsonl", after=4)  # config, eval 0, steps 0 and 1: then full
-    line = assert_one_error_line(cli(gpt2.main, *common), "log.jsonl", "No space left on device")
-    saved = gpt2.list_checkpoints(tmp_path)
+    line = assert_one_error_line(run_main(cli.main, *common), "log.jsonl", "No space left on device")
+    saved = checkpoints.list_checkpoints(tmp_path)
     assert saved and str(saved[-1]) in line, line
     monkeypatch.undo()
-    assert cli(gpt2.main, *common, "--resume")[0] == 0
+    assert run_main(cli.main, *common, "--resume")[0] == 0
     # the lines of the steps that could not be written are gone; the run is not
-    assert events(tmp_path, "loss") == [0, 1, *range(gpt2.checkpoint_step(saved[-1]), 8)]
+    assert events(tmp_path, "loss") == [0, 1, *range(checkpoints.checkpoint_step(saved[-1]), 8)]
 
 
 def test_every_oserror_reaching_main_is_one_line_naming_the_path(
-        shakespeare, tmp_path, cli, monkeypatch):
+        shakespeare, tmp_path, run_main, monkeypatch):
     log_dir = tmp_path / "log"
-    gpt2.main(run_args(shakespeare, log_dir, "--max_steps", "1"))
+    cli.main(run_args(shakespeare, log_dir, "--max_steps", "1"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert_one_error_line(cli(gpt2.main, "plot", "--log_dir", log_dir, "--out", a_file / "x.png"),
+    assert_one_error_line(run_main(cli.main, "plot", "--log_dir", log_dir, "--out", a_file / "x.png"),
                           str(a_file / "x.png"))
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / ".lock").mkdir()  # the lock file cannot be opened
-    assert_one_error_line(cli(gpt2.main, *run_args(shakespeare, tmp_path / "locked")), ".lock")
+    assert_one_error_line(run_main(cli.main, *run_args(shakespeare, tmp_path / "locked")), ".lock")
     # export on a full disk: one line, and no half-written folder
-    real = gpt2.write_safetensors
+    real = weights.write_safetensors
 
     def full(path, tensors):
         real(path, tensors)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    monkeypatch.setattr(gpt2, "write_safetensors", full)
+    monkeypatch.setattr(tools, "write_safetensors", full)
     out = tmp_path / "export"
-    assert_one_error_line(cli(gpt2.main, "export", "--checkpoint",
-                              gpt2.checkpoint_path(log_dir, 1), "--out", out),
+    assert_one_error_line(run_main(cli.main, "export", "--checkpoint",
+                              checkpoints.checkpoint_path(log_dir, 1), "--out", out),
                           "model.safetensors", "No space left on device")
     assert not out.exists() and names(tmp_path) == ["a_file", "locked", "log"]
 
@@ -190,7 +195,7 @@ def test_every_oserror_reaching_main_is_one_line_naming_the_path(
 @pytest.fixture
 def weights_folder(tmp_path):
     folder = tmp_path / "model"
-    gpt2.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)),
+    tools.save_pretrained(gpt2.GPT(gpt2.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=8)),
                          folder)
     return folder
 
@@ -209,7 +214,7 @@ def first_tensor(header):
 
 @pytest.mark.parametrize("damage", ["a JSON list", "a negative shape", "negative offsets",
                                     "negative n_positions", "a string n_layer"])
-def test_a_malformed_weights_folder_is_one_line(weights_folder, cli, damage):
+def test_a_malformed_weights_folder_is_one_line(weights_folder, run_main, damage):
     weights = weights_folder / "model.safetensors"
     if damage == "a JSON list":
         rewrite_header(weights, lambda h: list(h))
@@ -224,7 +229,7 @@ def test_a_malformed_weights_folder_is_one_line(weights_folder, cli, damage):
         config = json.loads((weights_folder / "config.json").read_text())
         key, value = ("n_positions", -1) if "n_positions" in damage else ("n_layer", "2")
         (weights_folder / "config.json").write_text(json.dumps({**config, key: value}))
-    result = cli(gpt2.main, "sample", "--model", weights_folder, "--max_new_tokens", "1",
+    result = run_main(cli.main, "sample", "--model", weights_folder, "--max_new_tokens", "1",
                  "--device", "cpu")
     assert_one_error_line(result, str(weights_folder))
 
@@ -237,7 +242,7 @@ def test_a_malformed_weights_folder_is_one_line(weights_folder, cli, damage):
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "free"}, "2 processes"),
 ])
 def test_torchruns_variables_are_checked_first_and_a_failed_rendezvous_is_one_line(
-        shakespeare, tmp_path, cli, monkeypatch, env, fragment):
+        shakespeare, tmp_path, run_main, monkeypatch, env, fragment):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -248,65 +253,65 @@ def test_torchruns_variables_are_checked_first_and_a_failed_rendezvous_is_one_li
             monkeypatch.setenv(key, str(port) if key == "MASTER_PORT" else value)
         if "MASTER_PORT" in env:
             monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        result = cli(gpt2.main, *run_args(shakespeare, tmp_path, "--device", "cpu",
+        result = run_main(cli.main, *run_args(shakespeare, tmp_path, "--device", "cpu",
                                           "--dist_timeout", "3"))
     assert_one_error_line(result, fragment)
     assert not torch.distributed.is_initialized()
 
 
 def test_a_hand_edited_log_keeps_its_well_formed_events_and_warns_about_the_rest(
-        shakespeare, tmp_path, cli):
+        shakespeare, tmp_path, run_main):
     common = run_args(shakespeare, tmp_path, "--max_steps", "4")
-    gpt2.main(common)
+    cli.main(common)
     log = tmp_path / "log.jsonl"
     lines = log.read_text().splitlines()
     lines[2] = lines[2].replace('"loss": ', '"loss": null, "was": ')  # step 0's loss
     lines.insert(5, '{"step": "3"}')
     lines.insert(6, '[1, 2]')
     log.write_text("\n".join(lines) + "\n")
-    code, out, err = cli(gpt2.main, "plot", "--log_dir", tmp_path, "--out", tmp_path / "p.png")
+    code, out, err = run_main(cli.main, "plot", "--log_dir", tmp_path, "--out", tmp_path / "p.png")
     assert code == 0 and "warning" in err and "3 malformed" in err, err
     assert events(tmp_path, "loss") == [1, 2, 3]
-    code, out, err = cli(gpt2.main, *common[:-1], "6", "--resume")
+    code, out, err = run_main(cli.main, *common[:-1], "6", "--resume")
     assert code == 0 and "warning" in err, err
     assert events(tmp_path, "loss") == [1, 2, 3, 4, 5]
 
 
 def test_the_first_ctrl_c_says_how_to_quit_and_the_second_quits_with_one_line(
-        shakespeare, tmp_path, cli, monkeypatch):
+        shakespeare, tmp_path, run_main, monkeypatch):
     common = run_args(shakespeare, tmp_path, "--max_steps", "8")
     signal_at_step(monkeypatch, 1, "SIGINT")
-    code, out, err = cli(gpt2.main, *common)
+    code, out, err = run_main(cli.main, *common)
     assert code == 128 + signal.SIGINT, err
     assert "stopping after this step; Ctrl-C again to quit without a checkpoint" in out
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
     signal_at_step(monkeypatch, 3, "SIGINT", "SIGINT")
     try:
-        code, out, err = cli(gpt2.main, *common, "--resume")
+        code, out, err = run_main(cli.main, *common, "--resume")
     except KeyboardInterrupt:
         pytest.fail("the second Ctrl-C escaped main as a KeyboardInterrupt")
     assert code == 128 + signal.SIGINT and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
-    assert [p.name for p in gpt2.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
 
 
-def test_sample_refuses_more_new_tokens_than_a_sane_cap_with_one_line(weights_folder, cli):
-    assert_one_error_line(cli(gpt2.main, "sample", "--model", weights_folder,
+def test_sample_refuses_more_new_tokens_than_a_sane_cap_with_one_line(weights_folder, run_main):
+    assert_one_error_line(run_main(cli.main, "sample", "--model", weights_folder,
                               "--max_new_tokens", "10000000000"), "--max_new_tokens")
 
 
-def test_a_run_without_data_says_so_before_probing_the_batch_size(tmp_path, cli):
+def test_a_run_without_data_says_so_before_probing_the_batch_size(tmp_path, run_main):
     (tmp_path / "data").mkdir()
     args = [a for a in run_args(tmp_path / "data", tmp_path / "log") if a != "--batch_size"]
     args.remove("4")
-    code, out, err = cli(gpt2.main, *args)
+    code, out, err = run_main(cli.main, *args)
     assert_one_error_line((code, out, err), "no token shards")
     assert "--batch_size auto" not in out and "parameters" not in out, out
 
 
-@pytest.mark.parametrize("command", list(gpt2.COMMANDS))
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_help_shows_one_default_for_each_flag(command):
-    parser = gpt2.COMMANDS[command][0]()
+    parser = cli.COMMANDS[command][0]()
     formatter = parser._get_formatter()
     for action in parser._actions:
         shown = formatter._expand_help(action) if action.help else ""
