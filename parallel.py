@@ -167,12 +167,13 @@ def fail_together(runtime: Runtime):
     store = dist.distributed_c10d._get_default_store()
     watching = threading.Event()
     watching.set()
-    threading.Thread(target=watch_for_failure, args=(store, watching), daemon=True).start()
+    watcher = threading.Thread(target=watch_for_failure, args=(store, watching), daemon=True)
+    watcher.start()
     try:
         with out_of_memory_as_one_line():
             yield
     except Stopped:
-        watching.clear()
+        stop_watching(watching, watcher)
         dist.destroy_process_group()  # every rank stopped together: leave politely
         raise
     except BaseException as e:
@@ -192,8 +193,16 @@ def fail_together(runtime: Runtime):
         else:  # a consequence (a peer gone mid-collective): the cause is the first failure
             print(f"error: stopping: {store.get(FAILURE_KEY).decode()}", file=sys.stderr, flush=True)
         os._exit(1)
-    watching.clear()
+    stop_watching(watching, watcher)
     dist.destroy_process_group()
+
+
+def stop_watching(watching: threading.Event, watcher: threading.Thread):
+    """End the watcher before the process group goes: a thread still inside a call to the
+    store when the store is torn down aborts the process at exit ("terminate called without
+    an active exception", exit code -6)."""
+    watching.clear()
+    watcher.join(timeout=10)
 
 
 def store_has(store, key: str) -> bool:

@@ -4,6 +4,7 @@ The oracle is Hugging Face transformers' GPT2LMHeadModel, built from a config wi
 weights (nothing is downloaded): if our model computes what GPT-2 computes, the two agree.
 """
 import argparse
+import ast
 import contextlib
 import errno
 import gc
@@ -915,6 +916,41 @@ def test_each_line_the_video_map_names_defines_what_its_row_says():
         if owner:  # a method: the nearest class above it is its owner
             above = [line for line in lines[:int(number)] if line.startswith("class ")]
             assert above[-1].startswith(f"class {owner[0]}("), (name, number)
+
+
+LAYERS = ["plumbing", "fineweb", "hellaswag", "core", "weights", "parallel", "shards", "muon",
+          "checkpoints", "training", "gpt2", "tools", "cli"]  # each imports only those before it
+DOORS = ("TYPE_CHECKING", "__name__ == '__main__'")
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules a file imports when it runs: not under TYPE_CHECKING (annotations only), nor
+    in its `if __name__ == "__main__":` block, nor in a function that only its command line
+    calls (the doors named `parser`, `main`)."""
+    names = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in DOORS:
+            return
+        if isinstance(node, ast.FunctionDef) and node.name in ("parser", "main") and path.stem != "cli":
+            return
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+    visit(ast.parse(path.read_text()))
+    return names
+
+
+def test_imports_run_one_way_down_the_layers_and_plumbing_needs_no_torch():
+    for i, name in enumerate(LAYERS):
+        ours = imports_of(HERE / f"{name}.py") & set(LAYERS)
+        assert ours <= set(LAYERS[:i]), (name, ours - set(LAYERS[:i]))
+    assert not imports_of(HERE / "plumbing.py") & {"torch", "numpy"}
+    assert not imports_of(HERE / "fineweb.py") & {"torch"}
+    assert set(LAYERS) | {"conftest"} >= {p.stem for p in HERE.glob("*.py") if not p.stem.startswith("test_")}
 
 
 def test_the_readme_is_at_most_300_lines():
