@@ -1494,6 +1494,19 @@ def test_a_checkpoint_with_a_flipped_byte_or_nan_weights_is_refused_with_one_lin
     assert_one_error_line(run_main(cli.main, "sample", "--checkpoint", path), "NaN or infinite")
 
 
+def test_a_checkpoint_older_than_a_config_field_loads_and_one_from_a_newer_config_is_one_line(
+        shared_run, tmp_path, run_main):
+    state = torch.load(checkpoints.checkpoint_path(shared_run, 6), weights_only=True)
+    del state["config"]["dropout"]  # as if saved before GPTConfig had it
+    torch.save(state, tmp_path / "old.pt")
+    model = gpt2.load_checkpoint_model(tmp_path / "old.pt")
+    assert model.config.dropout == GPTConfig().dropout
+    state["config"]["rope"] = True  # a field this gpt2.py does not know
+    torch.save(state, tmp_path / "new.pt")
+    assert_one_error_line(run_main(cli.main, "sample", "--checkpoint", tmp_path / "new.pt"),
+                          "fields this gpt2.py lacks: rope")
+
+
 def test_a_foreign_checkpoint_or_a_log_dir_that_is_a_file_is_one_line(shakespeare, tmp_path, run_main):
     nanogpt = {"model": {}, "optimizer": {}, "model_args": {"n_layer": 2}, "iter_num": 5,
                "best_val_loss": 3.0, "config": {"out_dir": "out", "eval_interval": 2000}}
