@@ -488,7 +488,7 @@ def load_hellaswag(args, runtime: Runtime):
 def load_core(args, runtime: Runtime) -> list | None:
     """CORE's tasks for the training hook (core.py; None without it)."""
     def load():
-        import core  # the appendix's alone: the story needs no CORE to read
+        import core  # only when CORE is asked for
         return core.load_tasks(args.core_bundle, max_per_task=args.core_max_per_task or None)
     return evaluation_data("CORE", "--core_every", args.core_every, runtime, load)
 
