@@ -1151,10 +1151,11 @@ def lm_head_for_generation(model: GPT, batch_size: int):
 # ===============================================================================================
 # B. Appendix: the model from the flags, a checkpoint or a fine-tune's source
 #
-# What the story calls that builds a GPT, and so lives beside it: the config from the flags, a
-# checkpoint's model, a fine-tune's start, the largest micro-batch that fits (tried on the real
-# model), the val split, text in and out of generate(). The rest of the machinery is in files
-# named by their layer, each of which gpt2.py imports and none of which imports gpt2.py:
+# What the story calls that needs the story's own names (GPT, read_shard, generate), and so
+# lives beside it: the config from the flags, a checkpoint's model, a fine-tune's start, the
+# largest micro-batch that fits (tried on the real model), the val split, text in and out of
+# generate(). The rest of the machinery is in files named by their layer, each of which gpt2.py
+# imports and none of which imports gpt2.py:
 #
 #   plumbing.py     no torch: the one-line error, flag types, atomic writes, locks, downloads
 #   weights.py      safetensors by hand, the hub's files, a state dict copied in with checks
