@@ -100,43 +100,44 @@ def hub_file(name: str, filename: str, architecture: dict) -> Path:
     dest = cache_dir("hub", f"openai-community--{name}", filename)
     if dest.exists():
         return dest
+    size, sha256 = HUB_WEIGHTS.get(name, (None, None)) if filename == "model.safetensors" else (None, None)
     theirs = hf_cache_file(name, filename)
-    if theirs is not None and hub_file_problem(theirs, name, filename, architecture, "") is None:
+    if (theirs is not None and has_bytes(theirs, size, sha256)
+            and hub_file_problem(theirs, architecture, f"{theirs} holds as {name} ") is None):
         return theirs  # not ours to move or delete: a failing one is left as it is
     base = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    size, sha256 = HUB_WEIGHTS.get(name, (None, None)) if filename == "model.safetensors" else (None, None)
     # a size the hub does not say is capped: gpt2-xl's float32 weights are 6.4 GB, a config 1 KB
     most = 8 * 10**9 if filename == "model.safetensors" else UNKNOWN_SIZE_CAP
     download(f"{base}/openai-community/{name}/resolve/main/{filename}", dest, size=size, sha256=sha256,
              max_size=most, offline="set HF_ENDPOINT, or pass a local folder (--model or --init_from FOLDER)")
-    problem = hub_file_problem(dest, name, filename, architecture, f"{base} serves as {name} ")
+    problem = hub_file_problem(dest, architecture, f"{base} serves as {name} ")
     if problem:
         dest.unlink()
         raise UserError(problem)
     return dest
 
 
-def hub_file_problem(path: Path, name: str, filename: str, architecture: dict,
-                     source: str) -> str | None:
-    """What is wrong with a hub file for OpenAI's `name` (None: nothing). The downloader has
-    checked a download's size and sha256; a file from elsewhere is checked here."""
-    size, sha256 = HUB_WEIGHTS.get(name, (None, None)) if filename == "model.safetensors" else (None, None)
+def has_bytes(path: Path, size: int | None, sha256: str | None) -> bool:
+    """Whether a file we did not download has the size and sha256 pinned for it, if any (the
+    downloader checks its own downloads)."""
+    return ((size is None or path.stat().st_size == size)
+            and (sha256 is None or file_sha256(path) == sha256))
+
+
+def hub_file_problem(path: Path, architecture: dict, source: str) -> str | None:
+    """What is wrong with the contents of a hub file (None: nothing): a config.json of another
+    architecture than OpenAI's (said as `source` + "a model of ..."), weights that do not parse."""
     try:
-        if size is not None and path.stat().st_size != size:
-            return f"{path}: {path.stat().st_size:,} bytes, OpenAI's {name} weights are {size:,}"
-        if filename == "config.json":
-            served = config_from_hf(path)
-            if any(served[k] != v for k, v in architecture.items()):
-                return (f"{source or f'{path} holds as {name} '}a model of {served['n_layer']} "
-                        f"layers, {served['n_head']} heads, {served['n_embd']} wide; OpenAI's has "
-                        f"{architecture['n_layer']}, {architecture['n_head']}, "
-                        f"{architecture['n_embd']}: a wrong mirror (HF_ENDPOINT)?")
+        if path.name != "config.json":
+            read_safetensors(path)  # a file that parses is complete
             return None
-        if sha256 is not None and not source and file_sha256(path) != sha256:
-            return f"{path}: not the bytes of OpenAI's {name} weights (sha256)"
-        read_safetensors(path)  # a file that parses is complete
+        served = config_from_hf(path)
     except UserError as e:
         return str(e)
+    if any(served[k] != v for k, v in architecture.items()):
+        return (f"{source}a model of {served['n_layer']} layers, {served['n_head']} heads, "
+                f"{served['n_embd']} wide; OpenAI's has {architecture['n_layer']}, "
+                f"{architecture['n_head']}, {architecture['n_embd']}: a wrong mirror (HF_ENDPOINT)?")
     return None
 
 
