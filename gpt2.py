@@ -491,7 +491,7 @@ class ShardedDataLoader:
                             f"({self.step_windows:,}): lower --total_batch_size")
         self.fingerprint = shards.data_fingerprint(self.files)  # is it the same data?
         self.step_start = self.micro = 0  # g of this step's first window; micro-step in it
-        self._perm = self._tokens = None  # the shard order and tokens last read, kept
+        self._perm = self._tokens = None  # the window order and tokens last read, kept
 
     @property
     def steps_per_epoch(self) -> int:
@@ -1193,7 +1193,11 @@ def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int,
 
 def load_checkpoint_model(path) -> GPT:
     """The model of a training checkpoint (on the CPU), for sampling, evaluation, export."""
-    saved = checkpoints.load_checkpoint(path, for_training=False)
+    return checkpoint_model(checkpoints.load_checkpoint(path, for_training=False))
+
+
+def checkpoint_model(saved: dict) -> GPT:
+    """The model a loaded checkpoint holds (export keeps the rest of it for the model card)."""
     model = GPT(GPTConfig.from_saved(saved["config"]))
     model.load_state_dict(saved["model"])
     return model

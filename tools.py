@@ -24,10 +24,10 @@ from parallel import recompute_activations, torch_version
 from muon import MUON_MIN_TORCH
 from checkpoints import load_checkpoint
 from training import datasheet_peak_flops, flops_per_token, peak_memory_mib, read_events, rusage
-from gpt2 import (CONV1D_WEIGHTS, EOT, GPT, GPTConfig, Runtime, ShardedDataLoader, VOCAB_SIZE,
-                  apply_speed_settings, autocast_context, configure_optimizer, enable_tf32,
-                  generate, load_checkpoint_model, load_pretrained, model_config, pick_device,
-                  pick_dtype, setup_distributed)
+from gpt2 import (CONV1D_WEIGHTS, EOT, GPT, Runtime, ShardedDataLoader, VOCAB_SIZE,
+                  apply_speed_settings, autocast_context, checkpoint_model, configure_optimizer,
+                  enable_tf32, generate, load_checkpoint_model, load_pretrained, model_config,
+                  pick_device, pick_dtype, setup_distributed)
 
 
 # An export is a folder the Hugging Face tools take as they take OpenAI's gpt2: the weights
@@ -271,8 +271,7 @@ def export(args):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     saved = load_checkpoint(checkpoint, for_training=False)  # its step and flags: the card's
-    model = GPT(GPTConfig.from_saved(saved["config"]))
-    model.load_state_dict(saved["model"])
+    model = checkpoint_model(saved)
     files = tokenizer_files(model.config.block_size)  # offline without tiktoken's files: stop here
     files["README.md"] = model_card(model, saved, checkpoint, out.resolve().name).encode()
     # A folder with other files (an old tokenizer.json, pytorch_model.bin) would be read by
