@@ -81,9 +81,13 @@ NOT_RUN_FLAGS = ("resume", "overwrite", "command", "changed_on_resume")
 
 def note_changed_flags(args, saved: dict, runtime: Runtime):
     """--resume with other flags than the checkpoint's: every flag is this run's from here on
-    (the param groups take them: with_our_groups). They are printed, and kept with each
-    resume's step in args.changed_on_resume, which the checkpoints and the model card hold."""
+    (the param groups take them: with_our_groups), but --optimizer, whose state would not fit
+    another's: refused. They are printed, and kept with each resume's step in
+    args.changed_on_resume, which the checkpoints and the model card hold."""
     old = saved.get("args") or {}
+    trained_with = old.get("optimizer", "adamw")  # the flag's default before it existed
+    if trained_with != args.optimizer:
+        raise UserError(f"the checkpoint was trained with --optimizer {trained_with}: resume with it")
     changed = {k: [old[k], v] for k, v in vars(args).items()
                if k in old and k not in NOT_RUN_FLAGS and old[k] != v
                and not (k == "batch_size" and v == "auto")}
@@ -225,9 +229,6 @@ def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | Non
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: GPT | None = None):
     """A checkpoint's optimizer state, with this machine's flags; into a sharded model's
     optimizer (--fsdp) through the parameters' names."""
-    if isinstance(optimizer, MuonAndAdamW) != ("muon" in saved):
-        raise UserError(f"the checkpoint was trained with --optimizer "
-                        f"{'muon' if 'muon' in saved else 'adamw'}: resume with it")
     if isinstance(optimizer, MuonAndAdamW):
         saved_split = splits_qkv(saved["muon"]["param_groups"])
         if saved_split != splits_qkv(optimizer.muon.param_groups):

@@ -565,17 +565,16 @@ class ShardedDataLoader:
 
 
 def training_data(args, runtime: Runtime, position: dict | None = None):
-    """The train loader (at a checkpoint's `position`, if given), the val tokens (None without
-    a val shard) and the accumulation steps."""
+    """The train loader (at a checkpoint's `position`, if given) and the accumulation steps."""
     # fineweb.py's shards, *train* and *val*, in name order, of a folder it finished
-    train_files, val_files = shards.data_files(args.data_dir)
+    train_files, _ = shards.data_files(args.data_dir)
     grad_accum = training.accumulation_steps(args, runtime.world_size)  # total / (B*T*processes)
     loader = ShardedDataLoader(train_files, args.batch_size, args.seq_len, grad_accum,
                                runtime.rank, runtime.world_size, args.seed, vocab_size=VOCAB_SIZE)
     shards.agree_on_data(loader, args.data_dir, runtime)  # every machine, the same shards
     if position is not None:
         loader.load_state_dict(position)
-    return loader, val_split(val_files, args) if val_files else None, grad_accum
+    return loader, grad_accum
 
 
 # -----------------------------------------------------------------------------------------------
@@ -699,6 +698,14 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return muon.MuonAndAdamW(matrices, adamw, lr, **muon_args) if muon_args else adamw
 
 
+# --optimizer's choices: (model, args) -> a torch.optim.Optimizer. A checkpoint's flags say which
+# made it; resuming with another is refused (checkpoints.note_changed_flags).
+OPTIMIZERS = {
+    "adamw": lambda model, args: configure_optimizer(model, args.max_lr, args.weight_decay),
+    "muon": lambda model, args: configure_optimizer(model, args.max_lr, args.weight_decay,
+                                                    muon.muon_settings(args))}
+
+
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
     if step < warmup_steps:
@@ -740,25 +747,34 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int,
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def evaluate(state: TrainState, args, runtime: Runtime, val_tokens, hellaswag_examples,
-             last: bool, stop: training.StopSignals, core_tasks=None) -> dict:
-    """The evaluation event of this step: val loss and samples, HellaSwag, CORE, each when due."""
+def validation_loss(model: GPT, tokens: np.ndarray, args, runtime: Runtime,
+                    stop: training.StopSignals) -> dict:
+    # The chunked loss (appendix A) on GPUs too: the plain one would hold 13 GB of logits.
+    return dict(val_loss=evaluate_loss(model, tokens, args.seq_len, args.batch_size,
+                                       args.val_tokens, runtime, args.loss_chunk or 4096, stop))
+
+
+def all_evaluations() -> list[training.Evaluation]:
+    """In the order an event holds them: the key each writes in log.jsonl (and plot's and the
+    model card's name for it), its schedule's flag, its data and its score of a model."""
+    return [
+        training.Evaluation("val_loss", "Validation loss", "eval_every", val_split, validation_loss),
+        training.Evaluation("hellaswag", "HellaSwag acc_norm", "hellaswag_every",
+                            training.load_hellaswag, training.hellaswag_score),
+        training.Evaluation("core", "CORE (centered)", "core_every", training.load_core,
+                            training.core_score),
+        training.Evaluation("samples", None, "eval_every", samples_wanted, samples)]  # appendix B
+
+
+def evaluate(state: TrainState, args, runtime: Runtime, evaluations: list, last: bool,
+             stop: training.StopSignals) -> dict:
+    """The evaluation event of this step: each evaluation with data, when due."""
     model = parallel.evaluation_model(state.model, runtime, GPT)  # --fsdp: a plain copy
-    event, validates = dict(step=state.step), state.step % args.eval_every == 0 or last
-    if val_tokens is not None and validates:
-        # The chunked loss (appendix A) on GPUs too: the plain one would hold 13 GB of logits.
-        event["val_loss"] = evaluate_loss(model, val_tokens, args.seq_len, args.batch_size,
-                                          args.val_tokens, runtime, args.loss_chunk or 4096, stop)
-    if hellaswag_examples and (state.step % args.hellaswag_every == 0 or last):
-        stop.check(runtime)  # a signal during the val loss: no minute of HellaSwag more
-        event["hellaswag"] = hellaswag.evaluate(  # acc_norm; each rank scores its share
-            model, hellaswag_examples, runtime.device, rank=runtime.rank,
-            world_size=runtime.world_size, autocast_dtype=runtime.dtype)["acc_norm"]
-    event.update(training.core_event(model, core_tasks, args, runtime, state.step, last, stop))
-    if runtime.is_main and args.num_samples and validates:
-        event["samples"] = sample_texts(  # chapter 2's generate, from text to text: appendix B
-            model, args.sample_prompt, args.num_samples, args.sample_tokens,
-            runtime.device, args.seed)
+    event = dict(step=state.step)
+    for evaluation, data in evaluations:  # (None: no data, it does not run)
+        if data is not None and (state.step % getattr(args, evaluation.every) == 0 or last):
+            stop.check(runtime)  # a signal during the one before: not a minute more
+            event.update(evaluation.score(model, data, args, runtime, stop))
     return event
 
 
@@ -810,9 +826,9 @@ def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None]:
             parallel.say(runtime,
                          f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
         return state, None
+    checkpoints.note_changed_flags(args, agreed[1], runtime)  # printed, then used; saved with it
     state.load_state_dict(agreed[1], agreed[0], runtime)
     parallel.say(runtime, f"resumed from {agreed[0]} at step {state.step}")
-    checkpoints.note_changed_flags(args, agreed[1], runtime)  # printed, then used; saved with it
     return state, agreed[1]["loader"]
 
 
@@ -826,7 +842,7 @@ def new_train_state(args, runtime: Runtime, resuming: dict | None = None) -> Tra
     torch.manual_seed(args.seed + 1 + runtime.rank)
     # --activation_checkpointing, --fsdp: before the optimizer, which must see the shards.
     parallel.prepare_for_memory(model, args, runtime)
-    optimizer = configure_optimizer(model, args.max_lr, args.weight_decay, muon.muon_settings(args))
+    optimizer = OPTIMIZERS[args.optimizer](model, args)  # chapter 6
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
     return TrainState(model, optimizer, scaler)
@@ -871,7 +887,7 @@ def add_recipe_flags(p):
          help="linear warmup: GPT-3 warms up over 375M tokens = 715 steps of 2**19")
     flag("--weight_decay", type=float_at_least_0, default=0.1, help="AdamW's, on 2-D weights (GPT-3)")
     flag("--grad_clip", type=positive_float, default=1.0, help="max gradient norm (GPT-3)")
-    flag("--optimizer", choices=["adamw", "muon"], default="adamw",
+    flag("--optimizer", choices=list(OPTIMIZERS), default="adamw",
          help="muon: Muon for the blocks' matrices, AdamW for the rest (chapter 6); the default "
               "stays GPT-3's AdamW until Muon is measured at 124M on GPUs")
     muon.add_muon_flags(flag)  # its learning rate, momentum, decay, and Q, K, V apart
@@ -959,20 +975,17 @@ def run_training(args, runtime: Runtime, stop: training.StopSignals):
     # Resumed before compile and DDP: DDP copies rank 0's weights when it wraps the model.
     state, position = start_state(args, runtime)  # chapter 8
     train_model = wrap_for_training(state.model, args, runtime)
-    loader, val_tokens, grad_accum = training_data(args, runtime, position)  # chapter 4
-    state.loader = loader
-    max_steps = training.run_length(args, loader, state)  # --max_steps, or --num_epochs of the data
-    hellaswag_examples = training.load_hellaswag(args, runtime)
-    core_tasks = training.load_core(args, runtime)
+    state.loader, grad_accum = training_data(args, runtime, position)  # chapter 4
+    max_steps = training.run_length(args, state)  # --max_steps, or --num_epochs of the data
+    evaluations = training.load_evaluations(all_evaluations(), args, runtime)  # chapter 7
     # log.jsonl and the console, with MFU; a fresh run's first event is its config
     log = training.EventLog(args, runtime, state, grad_accum, max_steps, stop)
     stop.on_stop(lambda: save_checkpoint(state, args, runtime))  # mid-evaluation: save at once
     while True:
         last = state.step >= max_steps
         # Once in a while, evaluate (once a step: a resumed run's log may hold this one).
-        if training.evaluation_due(state.step, args, last) and not log.evaluated(state.step):
-            log.write(**evaluate(state, args, runtime, val_tokens, hellaswag_examples, last, stop,
-                                 core_tasks))
+        if training.evaluation_due(state.step, evaluations, args, last) and not log.evaluated(state.step):
+            log.write(**evaluate(state, args, runtime, evaluations, last, stop))
         if last:
             break
 
@@ -1169,8 +1182,11 @@ def lm_head_for_generation(model: GPT, batch_size: int):
 # ===============================================================================================
 
 
-def val_split(val_files, args) -> np.ndarray:
-    """The val shard's tokens, checked to hold the sequences --val_tokens asks for."""
+def val_split(args, runtime: Runtime) -> np.ndarray | None:
+    """The val shard's tokens (None without one), checked to hold a sequence of --seq_len."""
+    val_files = shards.data_files(args.data_dir)[1]  # fineweb.py's *val* shard
+    if not val_files:
+        return None
     tokens = read_shard(val_files[0])
     shards.check_token_ids(tokens, val_files[0], VOCAB_SIZE)
     if len(tokens) < args.seq_len + 1:
@@ -1178,6 +1194,18 @@ def val_split(val_files, args) -> np.ndarray:
                         f"--seq_len {args.seq_len} + 1: write a larger validation split "
                         f"(fineweb.py --val_size) or lower --seq_len")
     return tokens
+
+
+def samples_wanted(args, runtime: Runtime) -> int | None:
+    return args.num_samples or None  # --num_samples 0: none
+
+
+def samples(model: GPT, num_samples: int, args, runtime: Runtime, stop) -> dict:
+    """Rank 0's samples from --sample_prompt, at the val loss's steps."""
+    if not runtime.is_main:
+        return {}
+    return dict(samples=sample_texts(model, args.sample_prompt, num_samples, args.sample_tokens,
+                                     runtime.device, args.seed))
 
 
 def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,

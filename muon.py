@@ -57,14 +57,15 @@ def muon_settings(args) -> dict | None:
                 weight_decay=args.muon_weight_decay, split_qkv=args.muon_qkv == "split")
 
 
-class MuonAndAdamW:
-    """torch.optim.Muon for the blocks' matrices, AdamW for the rest, driven as one optimizer:
-    one step, one zero_grad, their param_groups side by side (which is all GradScaler and the
-    training loop touch), and one state_dict holding both. Muon's groups carry lr_scale, its
-    learning rate over AdamW's, so that one schedule drives both. With split_qkv the c_attn
-    weights get a group of their own with "split": 3, which muon_step (below) honours. In a
-    process group (share, the default) each process orthogonalizes its share of the matrices
-    and sends the others the results (muon_step)."""
+class MuonAndAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon for the blocks' matrices, AdamW for the rest, as one torch optimizer:
+    its param_groups are the two optimizers' own group dicts side by side (so GradScaler, a
+    learning-rate scheduler, zero_grad and the training loop's lr see one optimizer, and a
+    change to a group is its owner's), one step, one state_dict holding both. Muon's groups
+    carry lr_scale, its learning rate over AdamW's, so that one schedule drives both. With
+    split_qkv the c_attn weights get a group of their own with "split": 3, which muon_step
+    (below) honours. In a process group (share, the default) each process orthogonalizes its
+    share of the matrices and sends the others the results (muon_step)."""
 
     def __init__(self, matrices: dict, adamw, lr: float, muon_lr: float, momentum: float,
                  weight_decay: float, split_qkv: bool, share: bool = True):
@@ -79,16 +80,17 @@ class MuonAndAdamW:
         self.adamw = adamw
         self.rank, self.world = process_group_place() if share else (0, 1)
         self.orthogonalize_s = 0.0  # the last step's Newton-Schulz, this process's CPU seconds
+        super().__init__([{"params": []}], {})  # a torch optimizer, whose groups are below
 
     @property
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict]:  # the two optimizers' own, even once a load replaced them
         return self.muon.param_groups + self.adamw.param_groups
 
-    def zero_grad(self, set_to_none: bool = True):
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
+    @param_groups.setter
+    def param_groups(self, groups):  # torch.optim.Optimizer.__init__'s empty list: ours are above
+        pass
 
-    def step(self):
+    def step(self, closure=None):
         on_cpu = self.muon.param_groups[0]["params"][0].device.type == "cpu"
         if on_cpu or splits_qkv(self.muon.param_groups) or self.world > 1:
             # bfloat16 matmuls are slow on most CPUs; else torch's own dtype
@@ -100,6 +102,10 @@ class MuonAndAdamW:
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict):
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
 
 
 def process_group_place() -> tuple[int, int]:

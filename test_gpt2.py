@@ -38,6 +38,7 @@ import gpt2
 import muon
 import parallel
 import plumbing
+import shards
 import tools
 import training
 import weights
@@ -845,6 +846,32 @@ def test_fp16_autocast_with_a_gradient_scaler_trains_on_the_cpu(shakespeare, tmp
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path))
     scaler = torch.load(tmp_path / "ckpt_00000003.pt", weights_only=True)["scaler"]
     assert scaler["scale"] > 1 and scaler["_growth_tracker"] == 3  # 3 unskipped scaled steps
+
+
+def test_an_evaluation_added_to_chapter_7s_list_is_logged_plotted_and_on_the_model_card(
+        shakespeare, tmp_path, monkeypatch):
+    # One entry in the list and its score, nothing else: the event, plot and the card follow.
+    def val_mean(model, tokens, args, runtime, stop):
+        return {"val_mean": float(tokens[:100].mean())}
+    extra = training.Evaluation("val_mean", "Mean val token", "eval_every", gpt2.val_split, val_mean)
+    listed = gpt2.all_evaluations
+    monkeypatch.setattr(gpt2, "all_evaluations", lambda: [*listed(), extra])
+    monkeypatch.setattr(tools, "all_evaluations", gpt2.all_evaluations)
+    cli.main(["--data_dir", shakespeare, "--log_dir", tmp_path, *TINY_RUN, "--max_steps", "2",
+              "--eval_every", "1"])
+    val = gpt2.read_shard(shards.data_files(shakespeare)[1][0])
+    events = [e for e in training.read_events(tmp_path) if "val_mean" in e]
+    assert [(e["step"], e["val_mean"]) for e in events] == [(s, float(val[:100].mean())) for s in (0, 1, 2)]
+    import matplotlib.axes
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: drawn.append(k.get("label")) or plot(self, *a, **k))
+    cli.main(["plot", "--log_dir", tmp_path])
+    assert drawn == ["train loss", "Validation loss", "Mean val token"]
+    cli.main(["export", "--checkpoint", checkpoints.checkpoint_path(tmp_path, 2), "--out", tmp_path / "hf"])
+    card = (tmp_path / "hf/README.md").read_text()
+    assert f"- Mean val token: {events[-1]['val_mean']:.4f} at step 2" in card
+    assert "- CORE" not in card and "- HellaSwag" not in card  # the run had neither
 
 
 # -- 8. Tools -------------------------------------------------------------------------------------
@@ -1965,6 +1992,17 @@ def test_muon_step_split_3_is_torchs_step_on_q_k_and_v_as_three_parameters():
         muon.muon_step(ours, torch.bfloat16)
         torchs.step()
     assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts]))
+
+
+def test_the_checkpoint_names_its_optimizer_and_resuming_with_another_is_refused_in_one_line():
+    # --optimizer in the checkpoint's flags decides, whatever its state looks like; a
+    # checkpoint from before the flag existed was AdamW's.
+    for saved, trained_with, ours in (({"optimizer": "adamw"}, "adamw", "muon"), ({}, "adamw", "muon"),
+                                      ({"optimizer": "muon"}, "muon", "adamw")):
+        args = argparse.Namespace(optimizer=ours, max_lr=1e-3)
+        with pytest.raises(plumbing.UserError, match=f"trained with --optimizer {trained_with}: resume"):
+            checkpoints.note_changed_flags(args, {"args": saved, "step": 3}, gpt2.Runtime())
+    assert list(gpt2.OPTIMIZERS) == cli.train_parser()._option_string_actions["--optimizer"].choices
 
 
 MUON_RUN = [*TINY_RUN, "--optimizer", "muon", "--max_steps", "6", "--checkpoint_every", "3",

@@ -69,6 +69,23 @@ def shared_steps_equal_one_process_bit_for_bit():
     dist.destroy_process_group()
 
 
+def test_muon_with_adamw_is_one_torch_optimizer_whose_groups_stay_its_parts_after_a_load():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    optimizer = muon_optimizer(model, split=True, share=False)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    idx = torch.randint(0, 64, (2, 16))
+    model(idx, idx)[1].backward()
+    torch.amp.GradScaler("cpu", enabled=False).step(optimizer)  # GradScaler drives it as one
+    optimizer.load_state_dict(optimizer.state_dict())  # Muon's and AdamW's groups replaced
+    for group in optimizer.param_groups:  # what the training loop sets every step
+        group["lr"] = 0.5 * group.get("lr_scale", 1.0)
+    assert [g["lr"] for g in optimizer.muon.param_groups] == [10.0, 10.0]
+    assert [g["lr"] for g in optimizer.adamw.param_groups] == [0.5, 0.5]
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1)  # a scheduler takes it too
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(1.0)
+
+
 def test_muon_shared_over_3_processes_is_one_process_step_bit_for_bit_under_ddp_and_fsdp():
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=3", str(HERE / "test_muon.py")], capture_output=True,

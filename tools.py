@@ -25,9 +25,9 @@ from muon import MUON_MIN_TORCH
 from checkpoints import load_checkpoint
 from training import datasheet_peak_flops, flops_per_token, peak_memory_mib, read_events, rusage
 from gpt2 import (CONV1D_WEIGHTS, EOT, GPT, Runtime, ShardedDataLoader, VOCAB_SIZE,
-                  apply_speed_settings, autocast_context, checkpoint_model, configure_optimizer,
-                  enable_tf32, generate, load_checkpoint_model, load_pretrained, model_config,
-                  pick_device, pick_dtype, setup_distributed)
+                  all_evaluations, apply_speed_settings, autocast_context, checkpoint_model,
+                  configure_optimizer, enable_tf32, generate, load_checkpoint_model,
+                  load_pretrained, model_config, pick_device, pick_dtype, setup_distributed)
 
 
 # An export is a folder the Hugging Face tools take as they take OpenAI's gpt2: the weights
@@ -216,6 +216,9 @@ def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
             f"all of {rows}" if flags.get("hellaswag_file") else "its 10,042 val rows")
     data = data_description(flags["data_dir"]) if flags.get("data_dir") else "unknown"
     shown = {k: v for k, v in flags.items() if k != "command"}
+    detail = {"hellaswag": f" (completion style, {rows})"}
+    figures = [f"- {e.label}{detail.get(e.key, '')}: {newest(e.key)}" for e in all_evaluations()
+               if e.label and flags.get(e.every, 1)]  # those the run had (all: flags unknown)
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "tags:", "- gpt2", "- gpt2.py",
@@ -228,8 +231,7 @@ def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
         f"({c.vocab_size:,} tokens)",
         f"- Data: {data}",
         f"- Steps: {steps}",
-        f"- Validation loss: {newest('val_loss')}",
-        f"- HellaSwag acc_norm (completion style, {rows}): {newest('hellaswag')}", "",
+        *figures, "",
         "## Use", "", "```python", "from transformers import pipeline", "",
         f'generate = pipeline("text-generation", model="{name}")',
         'print(generate("Hello, I\'m a language model,", max_new_tokens=32)[0]["generated_text"])',
@@ -616,12 +618,14 @@ def print_bench(rows: list, result: dict):
     print(json.dumps(result))
 
 
-# `plot` draws a run's log.jsonl: train and val loss, and HellaSwag, against steps and tokens.
-# For the 124M model it adds OpenAI GPT-2 124M's own figures as reference lines: val loss 3.2924
-# on the FineWeb-Edu val shard (measured by build-nanogpt) and HellaSwag acc_norm 0.2955
-# (completion style, all 10,042 examples; build-nanogpt and llm.c), and CORE 0.1139 (nanochat's
-# dev/estimate_gpt3_core.ipynb, from its base_eval.py on OpenAI's weights).
-GPT2_124M_VAL_LOSS, GPT2_124M_HELLASWAG, GPT2_124M_CORE = 3.2924, 0.2955, 0.1139
+# `plot` draws a run's log.jsonl: the training loss and each evaluation's figure (chapter 7's
+# list: its key and name), losses on the left, scores (accuracies, CORE) on the right, against
+# steps and tokens. For the 124M model it adds OpenAI GPT-2 124M's own figures as reference
+# lines: val loss 3.2924 on the FineWeb-Edu val shard (measured by build-nanogpt), HellaSwag
+# acc_norm 0.2955 (completion style, all 10,042 examples; build-nanogpt and llm.c), and CORE
+# 0.1139 (nanochat's dev/estimate_gpt3_core.ipynb, from its base_eval.py on OpenAI's weights).
+GPT2_124M = {"val_loss": 3.2924, "hellaswag": 0.2955, "core": 0.1139}
+CHANCE = {"hellaswag": 0.25}  # four endings; CORE is centered: 0 is chance
 
 
 def plot(args):
@@ -634,34 +638,29 @@ def plot(args):
     is_124m = run.get("config", {}).get("n_embd") == 768 and run["config"].get("n_layer") == 12
     tokens_per_step = run.get("total_batch_size")
     train = [(e["step"], e["loss"]) for e in events if "loss" in e]
-    val = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
-    hella = [(e["step"], e["hellaswag"]) for e in events if "hellaswag" in e]
-    cores = [(e["step"], e["core"]) for e in events if "core" in e]
     if not train:
         raise UserError(f"{args.log_dir}/log.jsonl has no training steps yet")
-    two = bool(hella or cores)
+    series = {e: [(v["step"], v[e.key]) for v in events if isinstance(v.get(e.key), (int, float))]
+              for e in all_evaluations() if e.label}
+    losses = {e: points for e, points in series.items() if points and e.key.endswith("loss")}
+    scores = {e: points for e, points in series.items() if points and not e.key.endswith("loss")}
+    two = bool(scores)
     fig, axes = plt.subplots(1, 2 if two else 1, figsize=(13 if two else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", ms=3, label="val loss")
-    if is_124m:
-        ax.axhline(GPT2_124M_VAL_LOSS, color="r", ls="--", label="OpenAI GPT-2 124M val loss")
+    for panel, drawn in ((ax, losses), (axes[0][-1], scores)):
+        for e, points in drawn.items():
+            line, = panel.plot(*zip(*points), "o-", ms=3, label=e.label)
+            if e.key in CHANCE:
+                panel.axhline(CHANCE[e.key], color="gray", ls=":", label=f"{e.label}: chance")
+            if is_124m and e.key in GPT2_124M:
+                panel.axhline(GPT2_124M[e.key], color=line.get_color(), ls="--",
+                              label=f"OpenAI GPT-2 124M {e.label}")
     ax.set(xlabel="step", ylabel="loss (nats per token)", title=f"{run.get('model', '')} loss")
     ax.set_ylim(top=min(11.5, max(l for _, l in train) + 0.2))
-    if hella:
-        hx = axes[0][1]
-        hx.plot(*zip(*hella), "o-", ms=3, color="g", label="HellaSwag acc_norm")
-        hx.axhline(0.25, color="gray", ls=":", label="chance")
-        if is_124m:
-            hx.axhline(GPT2_124M_HELLASWAG, color="r", ls="--", label="OpenAI GPT-2 124M")
-        hx.set(xlabel="step", ylabel="accuracy", title="HellaSwag")
-    if cores:  # centered: 0 is chance, on the same axes as HellaSwag's accuracy
-        hx = axes[0][1]
-        hx.plot(*zip(*cores), "s-", ms=3, color="m", label="CORE (centered)")
-        if is_124m:
-            hx.axhline(GPT2_124M_CORE, color="m", ls="--", label="OpenAI GPT-2 124M CORE")
-        hx.set(xlabel="step", ylabel="accuracy; CORE", title="HellaSwag and CORE" if hella else "CORE")
+    if scores:
+        axes[0][1].set(xlabel="step", ylabel="score",
+                       title=" and ".join(e.label for e in scores))
     for a in fig.axes:
         a.grid(alpha=0.3)
         a.legend()

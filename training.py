@@ -15,9 +15,9 @@ import re
 import signal
 import sys
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from shards import data_files
 from checkpoints import checkpoint_step, list_checkpoints, optimizer_tensors
 
 if TYPE_CHECKING:  # annotations only: gpt2.py imports this file, never the other way
-    from gpt2 import GPT, GPTConfig, Runtime, ShardedDataLoader, TrainState
+    from gpt2 import GPT, GPTConfig, Runtime, TrainState
 
 
 LEFTOVER_NAME = re.compile(r"(ckpt_\d{8}\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp")
@@ -426,17 +426,17 @@ def evaluation_batches(n_seq: int, batch_size: int, stop: StopSignals | None, ru
             yield mine
 
 
-def evaluation_due(step: int, args, last: bool) -> bool:
-    """An evaluation at this step: the val loss's schedule, HellaSwag's and CORE's (their own,
-    when not multiples of --eval_every), and the end."""
-    return last or step % args.eval_every == 0 or any(
-        every and step % every == 0 for every in (args.hellaswag_every, args.core_every))
+def evaluation_due(step: int, evaluations: list[tuple], args, last: bool) -> bool:
+    """An evaluation at this step: on any evaluation's schedule (--eval_every's, HellaSwag's,
+    CORE's), whether it runs or not, and at the end."""
+    return last or any(every and step % every == 0
+                       for every in {getattr(args, e.every) for e, _ in evaluations})
 
 
-def run_length(args, loader: ShardedDataLoader, state: TrainState) -> int:
+def run_length(args, state: TrainState) -> int:
     """The run's steps: --max_steps, else --num_epochs of the data. Never fewer than a resumed
     run has taken: it would train past its end for ever, rotating away what it resumed from."""
-    max_steps = args.max_steps or args.num_epochs * loader.steps_per_epoch
+    max_steps = args.max_steps or args.num_epochs * state.loader.steps_per_epoch
     if state.step > max_steps:
         asked = (f"--max_steps {args.max_steps}" if args.max_steps else
                  f"--num_epochs {args.num_epochs} ({max_steps} steps)")
@@ -478,11 +478,38 @@ def micro_batches_that_divide(total_batch_size: int, seq_len: int, world_size: i
     return [] if left else [b for b in range(sequences, 0, -1) if sequences % b == 0]
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One of training's evaluations (gpt2.py's chapter 7 lists them): the key of log.jsonl it
+    writes, which plot and the model card read, and their name for it (None: not a figure);
+    the recipe flag of its schedule (steps between runs; 0: never), on which it runs, and at
+    the end; its data, loaded once (None: it does not run); its score of a model, which every
+    rank computes with the others (each its share, reduced alike), so that all make the same
+    collectives."""
+    key: str
+    label: str | None
+    every: str
+    load: Callable  # (args, runtime) -> its data, or None
+    score: Callable  # (model, data, args, runtime, stop) -> what the event gets
+
+
+def load_evaluations(evaluations: list[Evaluation], args, runtime: Runtime) -> list[tuple]:
+    """Each evaluation with its data (None: it does not run)."""
+    return [(evaluation, evaluation.load(args, runtime)) for evaluation in evaluations]
+
+
 def load_hellaswag(args, runtime: Runtime):
     """HellaSwag's val examples for the training hook (None without it)."""
     return evaluation_data("HellaSwag", "--hellaswag_every", args.hellaswag_every, runtime,
                            lambda: hellaswag.load_examples(file=args.hellaswag_file,
                                                            limit=args.hellaswag_limit or None))
+
+
+def hellaswag_score(model: GPT, examples, args, runtime: Runtime, stop: StopSignals) -> dict:
+    """HellaSwag's acc_norm; each rank scores its share."""
+    return dict(hellaswag=hellaswag.evaluate(model, examples, runtime.device, rank=runtime.rank,
+                                             world_size=runtime.world_size,
+                                             autocast_dtype=runtime.dtype)["acc_norm"])
 
 
 def load_core(args, runtime: Runtime) -> list | None:
@@ -491,6 +518,15 @@ def load_core(args, runtime: Runtime) -> list | None:
         import core  # only when CORE is asked for
         return core.load_tasks(args.core_bundle, max_per_task=args.core_max_per_task or None)
     return evaluation_data("CORE", "--core_every", args.core_every, runtime, load)
+
+
+def core_score(model: GPT, tasks, args, runtime: Runtime, stop: StopSignals) -> dict:
+    """CORE and each task's centered accuracy, every rank scoring its share."""
+    import core
+    result = core.evaluate(model, tasks, runtime.device, rank=runtime.rank,
+                           world_size=runtime.world_size, autocast_dtype=runtime.dtype)
+    return dict(core=result["core"],
+                core_tasks={label: r["centered"] for label, r in result["tasks"].items()})
 
 
 def evaluation_data(name: str, flag: str, every: int, runtime: Runtime, load):
@@ -505,19 +541,6 @@ def evaluation_data(name: str, flag: str, every: int, runtime: Runtime, load):
         except UserError as e:
             raise UserError(f"{name} data: {e} (or train with {flag} 0)") from None
     return local_rank0_first(runtime, guarded)
-
-
-def core_event(model: GPT, tasks, args, runtime: Runtime, step: int, last: bool,
-               stop: StopSignals) -> dict:
-    """When due, CORE and each task's centered accuracy, every rank scoring its share."""
-    if not tasks or not (step % args.core_every == 0 or last):
-        return {}
-    import core
-    stop.check(runtime)  # a signal during the evaluations before: no minutes of CORE more
-    result = core.evaluate(model, tasks, runtime.device, rank=runtime.rank,
-                           world_size=runtime.world_size, autocast_dtype=runtime.dtype)
-    return dict(core=result["core"],
-                core_tasks={label: r["centered"] for label, r in result["tasks"].items()})
 
 
 # Dashboards. --tensorboard DIR and --wandb PROJECT mirror each event of log.jsonl as it is
