@@ -32,7 +32,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     # torch.set_rng_state and torch.cuda.set_rng_state take CPU ByteTensors only, which is
-    # why checkpoints are always loaded onto the CPU (load_checkpoint).
+    # why checkpoints are always loaded onto the CPU (Checkpoints.load).
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     name, key, *rest = state["numpy"]
@@ -89,8 +89,7 @@ def note_changed_flags(args, saved: dict, runtime: Runtime):
     if trained_with != args.optimizer:
         raise UserError(f"the checkpoint was trained with --optimizer {trained_with}: resume with it")
     changed = {k: [old[k], v] for k, v in vars(args).items()
-               if k in old and k not in NOT_RUN_FLAGS and old[k] != v
-               and not (k == "batch_size" and v == "auto")}
+               if k in old and k not in NOT_RUN_FLAGS and old[k] != v}
     args.changed_on_resume = [*old.get("changed_on_resume", []),
                               *([{"step": saved["step"], **changed}] if changed else [])]
     if changed:
@@ -103,44 +102,6 @@ def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
     # to load: it then starts from its default scale, as a fresh fp16 run would.
     if saved and scaler.is_enabled():
         scaler.load_state_dict(saved)
-
-
-def checkpoint_path(log_dir, step: int) -> Path:
-    return Path(log_dir) / f"ckpt_{step:08d}.pt"
-
-
-# Only checkpoint_path's names are checkpoints: listed, rotated, held, overwritten and resumed
-# from. A user's ckpt_00000004_good.pt, or a damaged one moved aside as
-# ckpt_00000008.corrupt.pt, is someone else's file: never read, never deleted.
-CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})\.pt")
-
-
-def list_checkpoints(log_dir) -> list[Path]:
-    """The checkpoints in log_dir, oldest step first."""
-    return sorted(p for p in Path(log_dir).glob("ckpt_*.pt") if CHECKPOINT_NAME.fullmatch(p.name))
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT_NAME.fullmatch(Path(path).name)[1])
-
-
-def write_checkpoint(path: Path, contents: dict):
-    """torch.save, atomically; a write that fails (a full disk) is one line, and the previous
-    checkpoint is untouched."""
-    try:
-        with atomic_write(path) as f:
-            torch.save(contents, f)
-    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on ENOSPC
-        older = [p for p in list_checkpoints(path.parent) if p != path]
-        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); the previous "
-                        f"checkpoint, {older[-1] if older else 'none'}, is intact") from None
-
-
-def rotate_checkpoints(path: Path, keep: int):
-    """Keep the newest `keep` checkpoints up to this one; never one of a later step."""
-    older = [p for p in list_checkpoints(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
-    for old in older[:max(0, len(older) - (keep - 1))]:
-        old.unlink(missing_ok=True)
 
 
 # A model's config in a checkpoint must hold its architecture; a field added to GPTConfig
@@ -158,72 +119,123 @@ def optimizer_tensors(value) -> list:
     return [t for v in value for t in optimizer_tensors(v)] if isinstance(value, (list, tuple)) else []
 
 
-def load_checkpoint(path, for_training: bool = True) -> dict:
-    """A checkpoint's contents, verified, every tensor on the CPU. Never onto the run's GPU: the
-    RNG states must stay CPU tensors, and load_state_dict moves weights where they belong.
-
-    torch.load does not check the zip archive's CRCs, so a flipped byte would load as a wrong
-    weight: they are checked first (reading the file once more: about a second per GB). Then
-    the contents must be ours, and every tensor of the model and the optimizer finite.
-    `for_training=False` (sampling, export, --init_from) needs only the model and its config.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-        if damaged:
-            raise UserError(f"{path}: corrupt checkpoint (the CRC of {damaged} does not match); "
-                            f"move it away to resume from an older one")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint") from None
-    except UserError:
-        raise
-    except Exception as e:  # zipfile and torch raise several kinds for a damaged file
-        raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
-                        f"move it away to resume from an older one") from None
-    needed = CHECKPOINT_KEYS if for_training else ("model", "config")
-    if (not isinstance(state, dict) or any(k not in state for k in needed)
-            or not isinstance(state["config"], dict) or not set(ARCHITECTURE) <= set(state["config"])):
-        raise UserError(f"{path}: not a checkpoint of gpt2.py (another program's, or "
-                        f"damaged): expected {', '.join(needed)} and a GPT-2 config in it")
-    tensors = [*state["model"].values(), *optimizer_tensors(state.get("optimizer") or {})]
-    if not all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
-        raise UserError(f"{path}: holds NaN or infinite weights; move it away to resume from "
-                        f"an older one")
-    return state
+# Only Checkpoints.path's names are checkpoints: listed, rotated, held, overwritten and resumed
+# from. A user's ckpt_00000004_good.pt, or a damaged one moved aside as
+# ckpt_00000008.corrupt.pt, is someone else's file: never read, never deleted.
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d{8})\.pt")
 
 
-def load_agreed_checkpoint(log_dir, runtime: Runtime) -> tuple[Path, dict] | None:
-    """The checkpoint every rank resumes from, and its contents: rank 0's newest, or None if
-    rank 0 has none.
+class Checkpoints:
+    """A run's checkpoints, in its --log_dir: named by their step, written atomically by rank 0,
+    the newest `keep` kept, verified when read, and the one to resume from agreed by every
+    rank. The one owner of checkpoint files: training, --resume, the log folder's lock and the
+    tests all go through it."""
 
-    Only rank 0 writes checkpoints. Without a filesystem shared by all machines, the other
-    nodes' --log_dir may hold an older checkpoint or none: each rank resuming from its own
-    newest would diverge silently, or hang in a collective until the timeout. So rank 0
-    decides, every rank checks that it can read that very file, and if one cannot, all stop
-    with the same line.
-    """
-    newest = list_checkpoints(log_dir)
-    step = torch.tensor([checkpoint_step(newest[-1]) if newest else -1], device=runtime.device)
-    if runtime.ddp:
-        dist.broadcast(step, src=0)
-    if step.item() < 0:
-        return None
-    path = checkpoint_path(log_dir, step.item())
-    failed, state, error = torch.zeros(runtime.world_size, device=runtime.device), None, None
-    try:
-        state = load_checkpoint(path)
-    except UserError as e:
-        failed[runtime.rank], error = 1, e
-    if not runtime.ddp and error:
-        raise error
-    all_reduce_sum(failed, runtime)
-    if failed.any():
-        ranks = failed.nonzero().flatten().tolist()
-        raise UserError(f"cannot resume from {path}: rank(s) {ranks} cannot read it "
-                        f"({error or 'missing or damaged there'}); without a shared "
-                        f"filesystem, copy it to every node")
-    return path, state
+    def __init__(self, log_dir, keep: int = 2):
+        self.log_dir, self.keep = Path(log_dir), keep
+
+    def path(self, step: int) -> Path:
+        return self.log_dir / f"ckpt_{step:08d}.pt"
+
+    def list(self) -> list[Path]:
+        """The checkpoints in log_dir, oldest step first."""
+        return sorted(p for p in self.log_dir.glob("ckpt_*.pt") if CHECKPOINT_NAME.fullmatch(p.name))
+
+    @staticmethod
+    def step_of(path) -> int:
+        return int(CHECKPOINT_NAME.fullmatch(Path(path).name)[1])
+
+    def save(self, step: int, contents: dict, runtime: Runtime) -> Path:
+        """Rank 0 writes the checkpoint of `step` and drops the oldest; every rank gets its path."""
+        path = self.path(step)
+        if runtime.is_main:
+            self.write(path, contents)
+            self.rotate(path)
+        return path
+
+    def write(self, path: Path, contents: dict):
+        """torch.save, atomically; a write that fails (a full disk) is one line, and the previous
+        checkpoint is untouched."""
+        try:
+            with atomic_write(path) as f:
+                torch.save(contents, f)
+        except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on ENOSPC
+            older = [p for p in self.list() if p != path]
+            raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); the "
+                            f"previous checkpoint, {older[-1] if older else 'none'}, is intact") from None
+
+    def rotate(self, path: Path):
+        """Keep the newest `keep` checkpoints up to this one; never one of a later step."""
+        older = [p for p in self.list() if self.step_of(p) < self.step_of(path)]
+        for old in older[:max(0, len(older) - (self.keep - 1))]:
+            old.unlink(missing_ok=True)
+
+    @staticmethod
+    def load(path, for_training: bool = True) -> dict:
+        """A checkpoint's contents, verified, every tensor on the CPU. Never onto the run's GPU: the
+        RNG states must stay CPU tensors, and load_state_dict moves weights where they belong.
+
+        torch.load does not check the zip archive's CRCs, so a flipped byte would load as a wrong
+        weight: they are checked first (reading the file once more: about a second per GB). Then
+        the contents must be ours, and every tensor of the model and the optimizer finite.
+        `for_training=False` (sampling, export, --init_from) needs only the model and its config.
+        """
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged:
+                raise UserError(f"{path}: corrupt checkpoint (the CRC of {damaged} does not match); "
+                                f"move it away to resume from an older one")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such checkpoint") from None
+        except UserError:
+            raise
+        except Exception as e:  # zipfile and torch raise several kinds for a damaged file
+            raise UserError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}); "
+                            f"move it away to resume from an older one") from None
+        needed = CHECKPOINT_KEYS if for_training else ("model", "config")
+        if (not isinstance(state, dict) or any(k not in state for k in needed)
+                or not isinstance(state["config"], dict) or not set(ARCHITECTURE) <= set(state["config"])):
+            raise UserError(f"{path}: not a checkpoint of gpt2.py (another program's, or "
+                            f"damaged): expected {', '.join(needed)} and a GPT-2 config in it")
+        tensors = [*state["model"].values(), *optimizer_tensors(state.get("optimizer") or {})]
+        if not all(torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()):
+            raise UserError(f"{path}: holds NaN or infinite weights; move it away to resume from "
+                            f"an older one")
+        return state
+
+    def agreed(self, runtime: Runtime) -> tuple[Path, dict] | None:
+        """The checkpoint every rank resumes from, and its contents: rank 0's newest, or None if
+        rank 0 has none.
+
+        Only rank 0 writes checkpoints. Without a filesystem shared by all machines, the other
+        nodes' --log_dir may hold an older checkpoint or none: each rank resuming from its own
+        newest would diverge silently, or hang in a collective until the timeout. So rank 0
+        decides, every rank checks that it can read that very file, and if one cannot, all stop
+        with the same line.
+        """
+        newest = self.list()
+        step = torch.tensor([self.step_of(newest[-1]) if newest else -1], device=runtime.device)
+        if runtime.ddp:
+            dist.broadcast(step, src=0)
+        if step.item() < 0:
+            return None
+        path = self.path(step.item())
+        failed, state, error = torch.zeros(runtime.world_size, device=runtime.device), None, None
+        try:
+            state = self.load(path)
+        except UserError as e:
+            failed[runtime.rank], error = 1, e
+        if not runtime.ddp and error:
+            raise error
+        all_reduce_sum(failed, runtime)
+        if failed.any():
+            ranks = failed.nonzero().flatten().tolist()
+            raise UserError(f"cannot resume from {path}: rank(s) {ranks} cannot read it "
+                            f"({error or 'missing or damaged there'}); without a shared "
+                            f"filesystem, copy it to every node")
+        return path, state
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: GPT | None = None):

@@ -328,8 +328,8 @@ def copy_run(log_dir, to, until: int | None = None) -> Path:
     """A copy of a run's log_dir at `to`; with `until`, only its checkpoints up to that step
     (as if it had been stopped after it, its log.jsonl whole)."""
     shutil.copytree(log_dir, to)
-    for path in checkpoints.list_checkpoints(to):
-        if until is not None and checkpoints.checkpoint_step(path) > until:
+    for path in checkpoints.Checkpoints(to).list():
+        if until is not None and checkpoints.Checkpoints.step_of(path) > until:
             path.unlink()
     return to
 
@@ -400,7 +400,7 @@ def two_ranks_run(shakespeare, tmp_path_factory):
                           "gpt2-tests", script=script, extra=["--standalone"],
                           env={"WANDB_MODE": "offline"}))
     resumed.mkdir()
-    shutil.copy(checkpoints.checkpoint_path(full, 2), resumed)
+    shutil.copy(checkpoints.Checkpoints(full).path(2), resumed)
     finish(torchrun(*common, "--log_dir", resumed, "--resume", script=script,
                     extra=["--standalone"]))
     return out, full, resumed

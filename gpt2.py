@@ -816,36 +816,39 @@ class TrainState:
         self.step, self.spikes = saved["step"], saved.get("spikes", {})
 
 
-def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None]:
+def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None, nn.Module]:
     """Step 0's state; with --resume, the newest checkpoint's, the same file on every rank.
-    Also the checkpoint's loader position (None for a fresh run), for the loader to come."""
-    agreed = checkpoints.load_agreed_checkpoint(args.log_dir, runtime) if args.resume else None
-    state = new_train_state(args, runtime, agreed[1] if agreed else None)
+    Also the checkpoint's loader position (None for a fresh run), for the loader to come, and
+    the model as training runs it (new_train_state)."""
+    agreed = checkpoints.Checkpoints(args.log_dir).agreed(runtime) if args.resume else None
+    state, train_model = new_train_state(args, runtime, agreed[1] if agreed else None)
     if not agreed:
         if args.resume:
-            parallel.say(runtime,
-                         f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
-        return state, None
+            parallel.say(runtime, f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
+        return state, None, train_model
     checkpoints.note_changed_flags(args, agreed[1], runtime)  # printed, then used; saved with it
+    # Into the raw model, on every rank: DDP's copy of rank 0's weights at its wrap is replaced.
     state.load_state_dict(agreed[1], agreed[0], runtime)
     parallel.say(runtime, f"resumed from {agreed[0]} at step {state.step}")
-    return state, agreed[1]["loader"]
+    return state, agreed[1]["loader"], train_model
 
 
-def new_train_state(args, runtime: Runtime, resuming: dict | None = None) -> TrainState:
+def new_train_state(args, runtime: Runtime,
+                    resuming: dict | None = None) -> tuple[TrainState, nn.Module]:
     """The state of step 0: random weights, or --init_from's; `resuming`, the checkpoint that
-    will replace them, if any (a resumed fine-tune then never reads its source again)."""
+    will replace them, if any (a resumed fine-tune then never reads its source again). And the
+    model as training runs it: compiled, on several GPUs (parallel.py)."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = initial_model(args, runtime, resuming).to(runtime.device)  # appendix B
     # From here on each rank draws its own random numbers (dropout): the same masks on every
     # GPU would make a batch of n GPUs' micro-batches less random than one GPU's.
     torch.manual_seed(args.seed + 1 + runtime.rank)
-    # --activation_checkpointing, --fsdp: before the optimizer, which must see the shards.
-    parallel.prepare_for_memory(model, args, runtime)
+    # DDP or FSDP, compile, --batch_size auto (appendix B): before the optimizer (FSDP's shards)
+    train_model = parallel.parallelize(model, args, runtime, fitting_batch_size)
     optimizer = OPTIMIZERS[args.optimizer](model, args)  # chapter 6
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    return TrainState(model, optimizer, scaler)
+    return TrainState(model, optimizer, scaler), train_model
 
 
 def save_checkpoint(state: TrainState, args, runtime: Runtime):
@@ -853,11 +856,7 @@ def save_checkpoint(state: TrainState, args, runtime: Runtime):
     this run's oldest; the other ranks go on."""
     rng = checkpoints.gather_rng_states(runtime)
     contents = state.state_dict(args, rng)  # on every rank: under --fsdp, gathered from all
-    path = checkpoints.checkpoint_path(args.log_dir, state.step)
-    if runtime.is_main:
-        checkpoints.write_checkpoint(path, contents)
-        checkpoints.rotate_checkpoints(path, args.keep_checkpoints)
-    return path
+    return checkpoints.Checkpoints(args.log_dir, args.keep_checkpoints).save(state.step, contents, runtime)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -911,22 +910,6 @@ def add_recipe_flags(p):
 # (DDP). Evaluation and generation use the raw one: they need no gradient sync, and a compiled
 # model would recompile for their shapes.
 
-def wrap_for_training(model: GPT, args, runtime: Runtime) -> nn.Module:
-    """torch.compile, then DDP around the compiled model (torch's advice: compile handles DDP's
-    wrapper poorly, so compile the inner module); in between, --batch_size auto (appendix B)."""
-    if args.fsdp:
-        return model  # sharded, each block compiled, by parallel.prepare_for_memory
-    # dynamic=False: one graph per shape, so the sizes tried never make it compile a slower,
-    # shape-generic one.
-    train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
-    if args.batch_size == "auto":
-        args.batch_size = fitting_batch_size(train_model, args, runtime)
-    if runtime.ddp:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
-    return train_model
-
-
 def train(args):
     """The whole run, in the order things happen."""
     runtime = setup_distributed(args.device, args.dtype, args.dist_timeout, args.dist_backend)
@@ -972,9 +955,7 @@ def train_step(state: TrainState, train_model: nn.Module, lr: float, grad_accum:
 
 
 def run_training(args, runtime: Runtime, stop: training.StopSignals):
-    # Resumed before compile and DDP: DDP copies rank 0's weights when it wraps the model.
-    state, position = start_state(args, runtime)  # chapter 8
-    train_model = wrap_for_training(state.model, args, runtime)
+    state, position, train_model = start_state(args, runtime)  # chapter 8
     state.loader, grad_accum = training_data(args, runtime, position)  # chapter 4
     max_steps = training.run_length(args, state)  # --max_steps, or --num_epochs of the data
     evaluations = training.load_evaluations(all_evaluations(), args, runtime)  # chapter 7
@@ -1004,7 +985,7 @@ def run_training(args, runtime: Runtime, stop: training.StopSignals):
         if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
             save_checkpoint(state, args, runtime)
         if stopping:
-            path = checkpoints.checkpoint_path(args.log_dir, state.step)
+            path = checkpoints.Checkpoints(args.log_dir).path(state.step)
             raise stop.stopped(state.step, path, runtime)
 
 
@@ -1221,7 +1202,7 @@ def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int,
 
 def load_checkpoint_model(path) -> GPT:
     """The model of a training checkpoint (on the CPU), for sampling, evaluation, export."""
-    return checkpoint_model(checkpoints.load_checkpoint(path, for_training=False))
+    return checkpoint_model(checkpoints.Checkpoints.load(path, for_training=False))
 
 
 def checkpoint_model(saved: dict) -> GPT:

@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -254,12 +254,29 @@ def torch_version() -> tuple[int, int]:
     return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
 
 
-def prepare_for_memory(model: GPT, args, runtime: Runtime):
-    """--activation_checkpointing and --fsdp, on the model before its optimizer is made."""
+def parallelize(model: GPT, args, runtime: Runtime, fitting_batch_size: Callable) -> nn.Module:
+    """The model as training runs it, made before its optimizer (which must see FSDP's shards):
+    --activation_checkpointing; then --fsdp's shards (each block compiled first), or
+    torch.compile and DDP around the compiled model (torch's advice: compile handles DDP's
+    wrapper poorly, so compile the inner module), with --batch_size auto tried in between,
+    on each process alone, before DDP's collectives.
+    The raw model keeps its parameters and plain state_dict keys; what the rest needs of the
+    sharding reads it off the model: model_state and load_model_state (the checkpoint's
+    tensors in and out), evaluation_model (a plain copy), and training.memory_per_process."""
     if args.activation_checkpointing:
         recompute_activations(model)
     if args.fsdp:
         shard_model(model, args, runtime)
+        return model
+    # dynamic=False: one graph per shape, so the sizes tried never make it compile a slower,
+    # shape-generic one.
+    train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
+    if args.batch_size == "auto":
+        args.batch_size = fitting_batch_size(train_model, args, runtime)
+    if runtime.ddp:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
+    return train_model
 
 
 def recompute_activations(model: GPT):

@@ -336,7 +336,7 @@ def test_the_command_prints_each_task_then_core_and_ends_with_json(
     assert result["core"] == pytest.approx(sum(centered) / len(centered))
     assert lines[len(LABELS)].startswith(f"CORE {result['core']:.4f}")
     # A checkpoint of ours, and a subset of the tasks in the order asked for.
-    path = checkpoints.checkpoint_path(tmp_path, 0)
+    path = checkpoints.Checkpoints(tmp_path).path(0)
     torch.save(dict(model=model.state_dict(), config=asdict(model.config)), path)
     code, out, err = run_main(core.main, "--model", path, "--bundle", built["folder"], "--tasks",
                          "winograd_like,arc_like", "--device", "cpu")

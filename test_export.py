@@ -229,7 +229,7 @@ def test_a_checkpoint_without_its_log_gets_a_card_that_says_unknown(trained, tmp
 
 
 def test_the_card_names_fineweb_edu_when_fineweb_py_made_the_data(trained, tmp_path):
-    saved = checkpoints.load_checkpoint(trained / "log/ckpt_00000003.pt", for_training=False)
+    saved = checkpoints.Checkpoints.load(trained / "log/ckpt_00000003.pt", for_training=False)
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text(json.dumps({

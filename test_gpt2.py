@@ -632,7 +632,7 @@ def test_resume_continues_bit_exactly(shakespeare, shared_run, tmp_path):
     # step-2 checkpoint alone: its last 4 losses and final weights must equal the first run's.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copy(checkpoints.checkpoint_path(shared_run, 2), resumed)
+    shutil.copy(checkpoints.Checkpoints(shared_run).path(2), resumed)
     cli.main(["--data_dir", shakespeare, "--log_dir", resumed, *SHARED_RUN, "--resume"])
     assert train_losses(resumed) == train_losses(shared_run)[2:]
     a = torch.load(shared_run / "ckpt_00000006.pt", weights_only=True)
@@ -678,7 +678,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, sha
     common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
     err = assert_one_error_line(run_main(cli.main, *common, "--max_steps", "4", "--resume", "--max_lr", "1e30"))
     assert "loss is nan" in err and "ckpt_00000002.pt" in err
-    assert [p.name for p in checkpoints.list_checkpoints(log_dir)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(log_dir).list()] == ["ckpt_00000002.pt"]
 
 
 # -- 5. Device and precision choice ---------------------------------------------------------------
@@ -801,7 +801,7 @@ def test_compile_defaults_to_on_for_cuda_and_off_elsewhere(monkeypatch):
 
 
 def test_checkpoints_load_onto_the_cpu_and_restore_the_rng_states(shared_run):
-    state = checkpoints.load_checkpoint(shared_run / "ckpt_00000002.pt")
+    state = checkpoints.Checkpoints.load(shared_run / "ckpt_00000002.pt")
     tensors = [state["rng"][0]["torch"], *state["model"].values()]
     assert all(t.device.type == "cpu" for t in tensors)
     checkpoints.set_rng_state(state["rng"][0])
@@ -868,7 +868,7 @@ def test_an_evaluation_added_to_chapter_7s_list_is_logged_plotted_and_on_the_mod
                         lambda self, *a, **k: drawn.append(k.get("label")) or plot(self, *a, **k))
     cli.main(["plot", "--log_dir", tmp_path])
     assert drawn == ["train loss", "Validation loss", "Mean val token"]
-    cli.main(["export", "--checkpoint", checkpoints.checkpoint_path(tmp_path, 2), "--out", tmp_path / "hf"])
+    cli.main(["export", "--checkpoint", checkpoints.Checkpoints(tmp_path).path(2), "--out", tmp_path / "hf"])
     card = (tmp_path / "hf/README.md").read_text()
     assert f"- Mean val token: {events[-1]['val_mean']:.4f} at step 2" in card
     assert "- CORE" not in card and "- HellaSwag" not in card  # the run had neither
@@ -997,7 +997,7 @@ def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shak
     common = ["--data_dir", shakespeare, *TINY_RUN, "--max_steps", "3", "--device", "cpu",
               "--resume", "--dist_timeout", "120"]
     (tmp_path / "node0").mkdir()
-    shutil.copy(checkpoints.checkpoint_path(shared_run, 2), tmp_path / "node0")
+    shutil.copy(checkpoints.Checkpoints(shared_run).path(2), tmp_path / "node0")
     (tmp_path / "node1").mkdir()
     rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
@@ -1007,7 +1007,7 @@ def test_nodes_without_the_checkpoint_stop_with_one_line_instead_of_hanging(shak
         path = tmp_path / f"node{rank}" / "ckpt_00000002.pt"  # each rank names its own path
         assert node.returncode != 0, out
         assert f"error: cannot resume from {path}: rank(s) [1] cannot read it" in out, out
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "node0")] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path / "node0").list()] == ["ckpt_00000002.pt"]
 
 
 def test_two_nodes_resuming_a_1_process_checkpoint_take_the_1_process_runs_steps(
@@ -1019,7 +1019,7 @@ def test_two_nodes_resuming_a_1_process_checkpoint_take_the_1_process_runs_steps
     # checkpoint continued by 2 processes gives the losses and val losses the 1-process run gave.
     for rank in (0, 1):  # no shared filesystem: each node has its own copy
         (tmp_path / f"node{rank}").mkdir()
-        shutil.copy(checkpoints.checkpoint_path(shared_run, 2), tmp_path / f"node{rank}")
+        shutil.copy(checkpoints.Checkpoints(shared_run).path(2), tmp_path / f"node{rank}")
     common = ["--data_dir", shakespeare, *SHARED_RUN, "--device", "cpu", "--resume"]
     rendezvous = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     nodes = [torchrun(*common, "--log_dir", tmp_path / f"node{rank}", nproc=1,
@@ -1186,7 +1186,7 @@ def test_gpu_muon_split_and_whole_train_compiled_and_resume_with_the_same_losses
                   "--max_steps", "6", "--compile", "on"]
         cli.main([*common, "--log_dir", full])
         resumed.mkdir(parents=True)
-        shutil.copy(checkpoints.checkpoint_path(full, 3), resumed)
+        shutil.copy(checkpoints.Checkpoints(full).path(3), resumed)
         cli.main([*common, "--log_dir", resumed, "--resume"])
         losses = train_losses(full)
         assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
@@ -1341,7 +1341,7 @@ def test_dropout_changes_training_but_not_evaluation_or_greedy_generation(shakes
 # -- Nothing lost, nothing silently wrong: preemption, reruns, bad flags, bad files, faults -------
 
 def final_weights(log_dir, step):
-    return torch.load(checkpoints.checkpoint_path(log_dir, step), weights_only=True)["model"]
+    return torch.load(checkpoints.Checkpoints(log_dir).path(step), weights_only=True)["model"]
 
 
 LONG_RUN = [*TINY_RUN, "--max_steps", "8", "--checkpoint_every", "100", "--eval_every", "100",
@@ -1377,8 +1377,8 @@ def assert_stopped_then_resumed(stopped, signal_name, data_dir, log_dir, uninter
     assert code == 128 + getattr(signal, signal_name), err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stopped: {signal_name} after step "), err
-    stopped_at = checkpoints.checkpoint_step(checkpoints.list_checkpoints(log_dir)[-1])
-    assert 3 <= stopped_at < 8 and f"saved {checkpoints.checkpoint_path(log_dir, stopped_at)}" in lines[0]
+    stopped_at = checkpoints.Checkpoints.step_of(checkpoints.Checkpoints(log_dir).list()[-1])
+    assert 3 <= stopped_at < 8 and f"saved {checkpoints.Checkpoints(log_dir).path(stopped_at)}" in lines[0]
     with torch_on_one_thread():
         assert run_main(cli.main, "--data_dir", data_dir, "--log_dir", log_dir, *LONG_RUN,
                    "--resume")[0] == 0
@@ -1408,7 +1408,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_to_the_unint
     wait_for_step(tmp_path, 5, run)
     run.kill()
     run.communicate(timeout=60)
-    assert 4 <= checkpoints.checkpoint_step(checkpoints.list_checkpoints(tmp_path)[-1]) < 8
+    assert 4 <= checkpoints.Checkpoints.step_of(checkpoints.Checkpoints(tmp_path).list()[-1]) < 8
     with torch_on_one_thread():
         assert run_main(cli.main, *common, "--resume")[0] == 0
     resumed = final_weights(tmp_path, 8)
@@ -1444,15 +1444,15 @@ def test_a_fresh_run_in_a_folder_that_holds_a_run_is_refused_and_deletes_nothing
                           "--overwrite")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     cli.main([*common, "--overwrite", "--max_steps", "1"])  # on purpose: the old run is gone
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000001.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == ["ckpt_00000001.pt"]
     assert [e["step"] for e in training.read_events(tmp_path) if "loss" in e] == [0]
 
 
 def test_rotation_keeps_the_newest_and_never_a_checkpoint_of_a_later_step(tmp_path):
     for step in (2, 4, 6, 10):
-        checkpoints.checkpoint_path(tmp_path, step).write_bytes(b"x")
-    checkpoints.rotate_checkpoints(checkpoints.checkpoint_path(tmp_path, 6), keep=2)
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == [
+        checkpoints.Checkpoints(tmp_path).path(step).write_bytes(b"x")
+    checkpoints.Checkpoints(tmp_path, keep=2).rotate(checkpoints.Checkpoints(tmp_path).path(6))
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == [
         "ckpt_00000004.pt", "ckpt_00000006.pt", "ckpt_00000010.pt"]
 
 
@@ -1497,8 +1497,8 @@ def test_an_inf_gradient_stops_before_the_optimizer_step_and_writes_no_checkpoin
                                     *TINY_RUN, "--max_steps", "6", "--checkpoint_every", "1",
                                     "--keep_checkpoints", "10"))
     assert "gradient norm is inf at step 3: stopping before the optimizer step" in err
-    assert err.endswith(f"last good checkpoint: {checkpoints.checkpoint_path(tmp_path, 3)}")
-    assert [checkpoints.checkpoint_step(p) for p in checkpoints.list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert err.endswith(f"last good checkpoint: {checkpoints.Checkpoints(tmp_path).path(3)}")
+    assert [checkpoints.Checkpoints.step_of(p) for p in checkpoints.Checkpoints(tmp_path).list()] == [1, 2, 3]
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path, 3).values())
 
 
@@ -1506,7 +1506,7 @@ def test_a_checkpoint_with_a_flipped_byte_or_nan_weights_is_refused_with_one_lin
         shakespeare, shared_run, tmp_path, run_main):
     tmp_path = copy_run(shared_run, tmp_path / "run", until=2)
     common = ["--data_dir", shakespeare, "--log_dir", tmp_path, *SHARED_RUN]
-    path = checkpoints.checkpoint_path(tmp_path, 2)
+    path = checkpoints.Checkpoints(tmp_path).path(2)
     good = path.read_bytes()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 1  # torch.load alone would load this, a wrong weight and all
@@ -1523,7 +1523,7 @@ def test_a_checkpoint_with_a_flipped_byte_or_nan_weights_is_refused_with_one_lin
 
 def test_a_checkpoint_older_than_a_config_field_loads_and_one_from_a_newer_config_is_one_line(
         shared_run, tmp_path, run_main):
-    state = torch.load(checkpoints.checkpoint_path(shared_run, 6), weights_only=True)
+    state = torch.load(checkpoints.Checkpoints(shared_run).path(6), weights_only=True)
     del state["config"]["dropout"]  # as if saved before GPTConfig had it
     torch.save(state, tmp_path / "old.pt")
     model = gpt2.load_checkpoint_model(tmp_path / "old.pt")
@@ -1563,10 +1563,10 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_file_and_the_intact_one
     monkeypatch.setattr(os, "fsync", fsync_on_a_disk_that_fills_up)
     err = assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
                                     *TINY_RUN, "--max_steps", "4", "--checkpoint_every", "2"))
-    assert f"cannot write {checkpoints.checkpoint_path(tmp_path, 4)} (No space left on device)" in err
-    assert f"the previous checkpoint, {checkpoints.checkpoint_path(tmp_path, 2)}, is intact" in err
+    assert f"cannot write {checkpoints.Checkpoints(tmp_path).path(4)} (No space left on device)" in err
+    assert f"the previous checkpoint, {checkpoints.Checkpoints(tmp_path).path(2)}, is intact" in err
     assert [p.name for p in tmp_path.iterdir() if ".pt" in p.name] == ["ckpt_00000002.pt"]
-    checkpoints.load_checkpoint(checkpoints.checkpoint_path(tmp_path, 2))
+    checkpoints.Checkpoints.load(checkpoints.Checkpoints(tmp_path).path(2))
 
 
 def test_resuming_on_other_data_under_the_same_shard_names_is_refused(shakespeare, shared_run,
@@ -1703,7 +1703,7 @@ def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, shared
                                                              monkeypatch):
     log_dir = copy_run(shared_run, tmp_path / "run", until=2)
     common = ["--data_dir", shakespeare, "--log_dir", log_dir, *SHARED_RUN]
-    load, loaded, alive_at_step = checkpoints.load_checkpoint, [], []
+    load, loaded, alive_at_step = checkpoints.Checkpoints.load, [], []
 
     def load_and_watch(path, *args, **kwargs):
         state = load(path, *args, **kwargs)
@@ -1718,7 +1718,7 @@ def test_after_a_resume_the_checkpoint_is_not_kept_in_memory(shakespeare, shared
             alive_at_step.append(loaded[0]() is not None)
         return write(self, **event)
 
-    monkeypatch.setattr(checkpoints, "load_checkpoint", load_and_watch)
+    monkeypatch.setattr(checkpoints.Checkpoints, "load", staticmethod(load_and_watch))
     monkeypatch.setattr(training.EventLog, "write", write_and_look)
     cli.main([*common, "--max_steps", "3", "--resume"])
     assert alive_at_step == [False]  # one step after the resume, the loaded copy is gone
@@ -1763,7 +1763,7 @@ def test_batch_size_auto_keeps_the_total_and_agrees_across_2_gloo_ranks(two_rank
 def test_with_dropout_each_rank_draws_its_own_masks_and_a_2_process_resume_is_exact(
         two_ranks_run):
     _, full, resumed = two_ranks_run
-    rng = torch.load(checkpoints.checkpoint_path(full, 2), weights_only=True)["rng"]
+    rng = torch.load(checkpoints.Checkpoints(full).path(2), weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     a, b = final_weights(full, 4), final_weights(resumed, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -1892,7 +1892,7 @@ def test_an_fsdp_checkpoint_resumes_exactly_under_fsdp_and_alike_in_1_process_or
     common = ["--data_dir", shakespeare, *SHARDED_RUN]
     for mode in ("fsdp", "single", "ddp"):
         (tmp_path / mode).mkdir()
-        shutil.copy(checkpoints.checkpoint_path(fsdp, 3), tmp_path / mode)
+        shutil.copy(checkpoints.Checkpoints(fsdp).path(3), tmp_path / mode)
     finish(torchrun(*common, "--log_dir", tmp_path / "fsdp", "--fsdp", "--resume", extra=["--standalone"]))
     cli.main([*common, "--log_dir", tmp_path / "single", "--resume"])
     finish(torchrun(*common, "--log_dir", tmp_path / "ddp", "--resume", extra=["--standalone"]))
@@ -2015,7 +2015,7 @@ def test_muon_resumes_exactly_and_refuses_to_resume_as_adamw_or_with_qkv_whole(s
     common = ["--data_dir", shakespeare, *MUON_RUN, "--dropout", "0.1"]
     cli.main([*common, "--log_dir", full])
     resumed.mkdir()
-    shutil.copy(checkpoints.checkpoint_path(full, 3), resumed)
+    shutil.copy(checkpoints.Checkpoints(full).path(3), resumed)
     cli.main([*common, "--log_dir", resumed, "--resume"])
     assert train_losses(resumed) == train_losses(full)[3:]
     a, b = final_weights(full, 6), final_weights(resumed, 6)

@@ -344,7 +344,7 @@ def test_cli_on_a_diverged_checkpoint_is_one_error_line_not_an_accuracy(val_file
     diverged = gpt2.GPT(gpt2.GPTConfig(block_size=64, n_layer=1, n_head=1, n_embd=8))
     with torch.no_grad():
         diverged.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))  # as a diverged run leaves it
-    path = checkpoints.checkpoint_path(tmp_path, 0)
+    path = checkpoints.Checkpoints(tmp_path).path(0)
     torch.save(dict(model=diverged.state_dict(), config=asdict(diverged.config)), path)
     result = run_main(cli.main, "hellaswag", "--checkpoint", path, "--file", val_file, "--limit", "4",
                  "--device", "cpu")
@@ -619,7 +619,7 @@ def test_a_missing_file_is_one_line_and_exit_1(tmp_path):
 
 
 def test_cli_scores_a_training_checkpoint(model, val_file, scored, tmp_path, capsys):
-    path = checkpoints.checkpoint_path(tmp_path, 0)
+    path = checkpoints.Checkpoints(tmp_path).path(0)
     torch.save(dict(model=model.state_dict(), config=asdict(model.config)), path)
     cli.main(["hellaswag", "--checkpoint", str(path), "--file", str(val_file), "--limit", "12",
                "--device", "cpu"])

@@ -94,7 +94,7 @@ def test_muon_shared_over_3_processes_is_one_process_step_bit_for_bit_under_ddp_
 
 
 def final_weights(log_dir, step):
-    return torch.load(checkpoints.checkpoint_path(log_dir, step), weights_only=True)["model"]
+    return torch.load(checkpoints.Checkpoints(log_dir).path(step), weights_only=True)["model"]
 
 
 def test_muon_split_shared_over_2_ddp_processes_ends_with_1_processs_weights(shakespeare, tmp_path):
@@ -129,11 +129,11 @@ def test_muon_with_fsdp_on_2_processes_equals_1_process_and_its_checkpoint_resum
     assert sharded.keys() == alone.keys()
     for k in alone:  # the gradients' sums run in another order: float32 noise (as AdamW's test)
         torch.testing.assert_close(sharded[k], alone[k], atol=1e-4, rtol=0)
-    momentum = torch.load(checkpoints.checkpoint_path(fsdp, 2), weights_only=True)["optimizer"]["muon"]
+    momentum = torch.load(checkpoints.Checkpoints(fsdp).path(2), weights_only=True)["optimizer"]["muon"]
     assert all(s["momentum_buffer"].shape[0] in (64, 192, 256) for s in momentum["state"].values())
     for mode in ("fsdp", "ddp", "alone"):  # the sharded step-2 checkpoint, resumed three ways
         (tmp_path / "from_fsdp" / mode).mkdir(parents=True)
-        shutil.copy(checkpoints.checkpoint_path(fsdp, 2), tmp_path / "from_fsdp" / mode)
+        shutil.copy(checkpoints.Checkpoints(fsdp).path(2), tmp_path / "from_fsdp" / mode)
     resumed = {mode: tmp_path / "from_fsdp" / mode for mode in ("fsdp", "ddp", "alone")}
     finish(torchrun(*common, "--log_dir", resumed["fsdp"], "--fsdp", "--resume", extra=["--standalone"]))
     finish(torchrun(*common, "--log_dir", resumed["ddp"], "--resume", extra=["--standalone"]))
@@ -174,14 +174,14 @@ def test_the_spike_guard_skips_an_injected_spike_resumes_with_its_statistics_and
     events = [e for e in training.read_events(full) if "loss" in e]
     assert [e["step"] for e in events if "skipped" in e] == [5]
     assert "gradient norm" in events[5]["skipped"] and "standard deviations" in events[5]["skipped"]
-    before, after = (torch.load(checkpoints.checkpoint_path(full, s), weights_only=True) for s in (5, 6))
+    before, after = (torch.load(checkpoints.Checkpoints(full).path(s), weights_only=True) for s in (5, 6))
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     assert len(after["spikes"]["loss"]) == 5 and after["spikes"]["in_a_row"] == 1  # 5 taken
     resumed.mkdir()
-    shutil.copy(checkpoints.checkpoint_path(full, 3), resumed)  # before the spike: the statistics carry it
+    shutil.copy(checkpoints.Checkpoints(full).path(3), resumed)  # before the spike: the statistics carry it
     cli.main(["--data_dir", shakespeare, "--log_dir", str(resumed), *SPIKE_RUN, "--resume"])
     assert train_losses(resumed) == train_losses(full)[3:]
-    a, b = (torch.load(checkpoints.checkpoint_path(d, 8), weights_only=True) for d in (full, resumed))
+    a, b = (torch.load(checkpoints.Checkpoints(d).path(8), weights_only=True) for d in (full, resumed))
     assert a["spikes"] == b["spikes"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     spike_at(set(range(5, 8)))
     assert_stops = run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path / "stops",

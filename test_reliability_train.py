@@ -61,11 +61,11 @@ def test_only_ckpt_and_eight_digits_is_a_checkpoint_and_other_names_are_never_de
             "ckpt_00000009.corrupt.pt": b"moved aside, as the README advises"}
     for name, data in mine.items():
         (tmp_path / name).write_bytes(data)
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == ["ckpt_00000004.pt"]
     code, out, err = run_main(cli.main, *common, "--max_steps", "6", "--resume")
     assert code == 0, err
     assert "resumed from" in out and "ckpt_00000004.pt at step 4" in out
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000006.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == ["ckpt_00000006.pt"]
     assert all((tmp_path / name).read_bytes() == data for name, data in mine.items())
     # A folder holding only such files holds no run: a fresh run starts, and deletes none.
     other = tmp_path / "other"
@@ -87,7 +87,7 @@ def test_sigterm_under_torchrun_during_an_evaluation_saves_at_once_and_resume_ev
     out, _ = run.communicate(timeout=120)
     assert "stopped: SIGTERM after step 4" in out, out
     assert 'gpt2.py", line' not in out, out  # torchrun's own traceback for its signal only
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000004.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == ["ckpt_00000004.pt"]
     assert events(tmp_path, "val_loss") == [0]  # no partial val loss logged at step 4
     code, _, err = run_main(cli.main, *common, "--eval_every", "4", "--resume")
     assert code == 0, err
@@ -118,13 +118,13 @@ def test_flags_changed_on_resume_are_printed_and_their_param_group_values_are_us
     changed = next(line for line in out.splitlines() if line.startswith("flags changed"))
     for fragment in ("--max_steps 2 -> 4", "--weight_decay 0.1 -> 0.0", "--grad_clip 1.0 -> 0.5"):
         assert fragment in changed, changed
-    saved = torch.load(checkpoints.checkpoint_path(tmp_path, 4), weights_only=True)
+    saved = torch.load(checkpoints.Checkpoints(tmp_path).path(4), weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.0  # the flag, not the old
     assert saved["args"]["weight_decay"] == 0.0
     assert saved["args"]["changed_on_resume"] == [
         {"step": 2, "max_steps": [2, 4], "weight_decay": [0.1, 0.0], "grad_clip": [1.0, 0.5]}]
-    card = tools.model_card(gpt2.load_checkpoint_model(checkpoints.checkpoint_path(tmp_path, 4)), saved,
-                           checkpoints.checkpoint_path(tmp_path, 4), "tiny")
+    card = tools.model_card(gpt2.load_checkpoint_model(checkpoints.Checkpoints(tmp_path).path(4)), saved,
+                           checkpoints.Checkpoints(tmp_path).path(4), "tiny")
     assert '"changed_on_resume"' in card
 
 
@@ -159,12 +159,12 @@ def test_a_full_disk_appending_to_log_jsonl_saves_a_checkpoint_then_says_one_lin
     common = run_args(shakespeare, tmp_path, "--max_steps", "8")
     FullDisk(monkeypatch, "log.jsonl", after=4)  # config, eval 0, steps 0 and 1: then full
     line = assert_one_error_line(run_main(cli.main, *common), "log.jsonl", "No space left on device")
-    saved = checkpoints.list_checkpoints(tmp_path)
+    saved = checkpoints.Checkpoints(tmp_path).list()
     assert saved and str(saved[-1]) in line, line
     monkeypatch.undo()
     assert run_main(cli.main, *common, "--resume")[0] == 0
     # the lines of the steps that could not be written are gone; the run is not
-    assert events(tmp_path, "loss") == [0, 1, *range(checkpoints.checkpoint_step(saved[-1]), 8)]
+    assert events(tmp_path, "loss") == [0, 1, *range(checkpoints.Checkpoints.step_of(saved[-1]), 8)]
 
 
 def test_every_oserror_reaching_main_is_one_line_naming_the_path(
@@ -187,7 +187,7 @@ def test_every_oserror_reaching_main_is_one_line_naming_the_path(
     monkeypatch.setattr(tools, "write_safetensors", full)
     out = tmp_path / "export"
     assert_one_error_line(run_main(cli.main, "export", "--checkpoint",
-                              checkpoints.checkpoint_path(log_dir, 1), "--out", out),
+                              checkpoints.Checkpoints(log_dir).path(1), "--out", out),
                           "model.safetensors", "No space left on device")
     assert not out.exists() and names(tmp_path) == ["a_file", "locked", "log"]
 
@@ -284,7 +284,7 @@ def test_the_first_ctrl_c_says_how_to_quit_and_the_second_quits_with_one_line(
     code, out, err = run_main(cli.main, *common)
     assert code == 128 + signal.SIGINT, err
     assert "stopping after this step; Ctrl-C again to quit without a checkpoint" in out
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == ["ckpt_00000002.pt"]
     signal_at_step(monkeypatch, 3, "SIGINT", "SIGINT")
     try:
         code, out, err = run_main(cli.main, *common, "--resume")
@@ -292,7 +292,7 @@ def test_the_first_ctrl_c_says_how_to_quit_and_the_second_quits_with_one_line(
         pytest.fail("the second Ctrl-C escaped main as a KeyboardInterrupt")
     assert code == 128 + signal.SIGINT and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["ckpt_00000002.pt"]
+    assert [p.name for p in checkpoints.Checkpoints(tmp_path).list()] == ["ckpt_00000002.pt"]
 
 
 def test_sample_refuses_more_new_tokens_than_a_sane_cap_with_one_line(weights_folder, run_main):

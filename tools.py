@@ -22,7 +22,7 @@ from plumbing import UserError, atomic_write, gpt2_tokenizer
 from weights import write_safetensors
 from parallel import recompute_activations, torch_version
 from muon import MUON_MIN_TORCH
-from checkpoints import load_checkpoint
+from checkpoints import Checkpoints
 from training import datasheet_peak_flops, flops_per_token, peak_memory_mib, read_events, rusage
 from gpt2 import (CONV1D_WEIGHTS, EOT, GPT, Runtime, ShardedDataLoader, VOCAB_SIZE,
                   all_evaluations, apply_speed_settings, autocast_context, checkpoint_model,
@@ -272,7 +272,7 @@ def export(args):
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    saved = load_checkpoint(checkpoint, for_training=False)  # its step and flags: the card's
+    saved = Checkpoints.load(checkpoint, for_training=False)  # its step and flags: the card's
     model = checkpoint_model(saved)
     files = tokenizer_files(model.config.block_size)  # offline without tiktoken's files: stop here
     files["README.md"] = model_card(model, saved, checkpoint, out.resolve().name).encode()

@@ -28,7 +28,7 @@ import hellaswag
 from plumbing import UserError, atomic_write, exclusive_lock
 from parallel import Stopped, all_reduce_sum, local_rank0_first, say
 from shards import data_files
-from checkpoints import checkpoint_step, list_checkpoints, optimizer_tensors
+from checkpoints import Checkpoints, optimizer_tensors
 
 if TYPE_CHECKING:  # annotations only: gpt2.py imports this file, never the other way
     from gpt2 import GPT, GPTConfig, Runtime, TrainState
@@ -61,7 +61,7 @@ def own_log_dir(args, runtime: Runtime):
         for leftover in log_dir.glob("*.tmp"):  # atomic_write's names for ours, and only those
             if LEFTOVER_NAME.fullmatch(leftover.name):
                 leftover.unlink(missing_ok=True)
-        held = [p for p in [log_dir / "log.jsonl", *list_checkpoints(log_dir)] if p.exists()]
+        held = [p for p in [log_dir / "log.jsonl", *Checkpoints(log_dir).list()] if p.exists()]
         if held and not args.resume:
             if not args.overwrite:
                 raise UserError(f"{log_dir} holds a run ({', '.join(p.name for p in held[:3])}"
@@ -300,7 +300,7 @@ def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
         return {}
     if math.isfinite(bad[1]):
         return skip_spike(loss, norm, state.spikes, state.step, args)
-    last = list_checkpoints(args.log_dir)
+    last = Checkpoints(args.log_dir).list()
     raise UserError(f"{bad[0]} is {bad[1]} at step {state.step}: stopping before the optimizer "
                     f"step. Lower --max_lr or check the data; last good checkpoint: "
                     f"{last[-1] if last else 'none'}")
@@ -395,7 +395,7 @@ class StopSignals:
         stopping = self.flag(torch.zeros((), device=runtime.device))
         if self.save is not None and all_reduce_sum(stopping, runtime).item() > 0:
             path = self.save()
-            raise self.stopped(checkpoint_step(path), path, runtime)
+            raise self.stopped(Checkpoints.step_of(path), path, runtime)
 
     def stopped(self, step: int, path: Path, runtime: Runtime) -> Exception:
         """What the run raises once the checkpoint of `step` is written: Stopped, or the error
