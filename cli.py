@@ -11,8 +11,8 @@ import sys
 import hellaswag
 from plumbing import (HelpFormatter, Parser, UserError, float_at_least_0, int_at_least,
                       open_fraction, os_error_line, positive_float)
-from parallel import Stopped
-from gpt2 import DTYPES, HUB_MODELS, add_model_flags, add_recipe_flags, train
+from parallel import DTYPES, Stopped
+from gpt2 import HUB_MODELS, add_model_flags, add_recipe_flags, train
 from tools import bench, export, hellaswag_command, plot, sample
 
 

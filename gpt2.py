@@ -597,7 +597,9 @@ def training_data(args, runtime: Runtime, position: dict | None = None):
 #
 # The precision: bf16 autocast on GPUs whose tensor cores have it (matmuls in bf16; weights,
 # reductions and the optimizer in float32: ~2x faster than TF32), fp16 with loss scaling on
-# older GPUs (bf16 would be emulated there), float32 on the CPU and Apple's mps.
+# older GPUs (bf16 would be emulated there), float32 on the CPU and Apple's mps. The edge cases
+# of both choices (a launcher showing each process one GPU, a dtype this GPU would emulate) are
+# parallel.py's pick_device and pick_dtype.
 
 @dataclass
 class Runtime:
@@ -617,33 +619,6 @@ class Runtime:
         return self.world_size > 1
 
 
-def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    """--device auto prefers a CUDA GPU, LOCAL_RANK's, then Apple's mps, then the CPU."""
-    if name != "auto":
-        return parallel.named_device(name, local_rank)  # checked
-    if torch.cuda.is_available():
-        # Modulo the GPUs this process sees: a launcher may show each process only its own.
-        return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 where tensor cores have it (compute capability 8.0, Ampere, and
-    newer), fp16 on older GPUs (T4, V100), float32 on CPU and mps. Not is_bf16_supported(): on
-    recent torch it says True on a T4 too, where bf16 is emulated and slower than float32."""
-    if name != "auto":
-        parallel.warn_if_emulated(DTYPES[name], device)
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return torch.float32
-
-
 def autocast_context(runtime: Runtime):
     """Mixed precision: matmuls in runtime.dtype, weights and reductions in float32. In float32
     no context at all (hellaswag.py holds it, since it may not import us)."""
@@ -655,15 +630,15 @@ def setup_distributed(device: str, dtype: str, timeout_s: float = 3600,
     """Read torchrun's variables, pick this process's device and join the process group.
     timeout_s bounds how long a collective waits for the slowest rank (--dist_timeout)."""
     rank, local_rank, world_size = parallel.torchrun_variables()  # checked; None without torchrun
-    dev = pick_device(device, local_rank)
+    dev = parallel.pick_device(device, local_rank)  # --device auto: cuda, mps, cpu
     if dev.type == "cuda":  # in one process too: else a library's "cuda" means GPU 0 (~500 MB)
         torch.cuda.set_device(dev)
     if rank is None:
-        return Runtime(device=dev, dtype=pick_dtype(dtype, dev))
+        return Runtime(device=dev, dtype=parallel.pick_dtype(dtype, dev))
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     parallel.join_process_group(backend, rank, world_size, timeout_s)
-    return Runtime(rank, local_rank, world_size, dev, pick_dtype(dtype, dev))
+    return Runtime(rank, local_rank, world_size, dev, parallel.pick_dtype(dtype, dev))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1147,17 +1122,18 @@ def lm_head_for_generation(model: GPT, batch_size: int):
 #
 # What the story calls that needs the story's own names (GPT, read_shard, generate), and so
 # lives beside it: the config from the flags, a checkpoint's model, a fine-tune's start, the
-# largest micro-batch that fits (tried on the real model), the val split, text in and out of
-# generate(). The rest of the machinery is in files named by their layer, each of which gpt2.py
-# imports and none of which imports gpt2.py:
+# largest micro-batch that fits (tried on the real model), the val split and the samples that
+# chapter 7's evaluations load and take, text in and out of generate(). The rest of the
+# machinery is in files named by their layer, each of which gpt2.py imports and none of which
+# imports gpt2.py:
 #
 #   plumbing.py     no torch: the one-line error, flag types, atomic writes, locks, downloads
 #   weights.py      safetensors by hand, the hub's files, a state dict copied in with checks
-#   parallel.py     devices, torchrun, the process group, failing together, FSDP2, sharded state
+#   parallel.py     devices, torchrun, the process group, failing together, parallelize, state
 #   shards.py       a data folder's shards, found, checked and agreed on by every process
 #   muon.py         Muon with AdamW, its Newton-Schulz shared over the processes
-#   checkpoints.py  names, the atomic write, rotation, the verified load, RNG and optimizer state
-#   training.py     the log folder, log.jsonl and the dashboards, stop signals, step checks
+#   checkpoints.py  Checkpoints (names, atomic write, rotation, verified load), RNG, optimizer
+#   training.py     the log folder, log.jsonl, dashboards, stop signals, step checks, Evaluation
 #
 # Above gpt2.py: tools.py (sample, hellaswag, export, bench, plot) and cli.py (the flags).
 # ===============================================================================================

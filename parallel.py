@@ -1,7 +1,7 @@
-"""The machine and its processes: device names, what torchrun passes, joining the process
-group, the agreement on a failure (one rank's error stops all of them, with its line), and
-the sharding: activation checkpointing, FSDP2's fully_shard, the state dicts in and out of a
-sharded model, and the plain copy evaluation runs on. Chapter 5 of gpt2.py tells the story;
+"""The machine and its processes: the device and dtype chosen, what torchrun passes, joining
+the process group, the agreement on a failure (one rank's error stops all of them, with its
+line), and parallelize (activation checkpointing, FSDP2's fully_shard, or compile and DDP),
+the state dicts in and out of a sharded model, and the plain copy evaluation runs on. Chapter 5 of gpt2.py tells the story;
 this is what it calls.
 """
 from __future__ import annotations
@@ -56,6 +56,33 @@ def named_device(name: str, local_rank: int | None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps, but torch has no MPS backend here")
     return device
+
+
+def pick_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """--device auto prefers a CUDA GPU, LOCAL_RANK's, then Apple's mps, then the CPU."""
+    if name != "auto":
+        return named_device(name, local_rank)  # checked
+    if torch.cuda.is_available():
+        # Modulo the GPUs this process sees: a launcher may show each process only its own.
+        return torch.device("cuda", (local_rank or 0) % torch.cuda.device_count())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 where tensor cores have it (compute capability 8.0, Ampere, and
+    newer), fp16 on older GPUs (T4, V100), float32 on CPU and mps. Not is_bf16_supported(): on
+    recent torch it says True on a T4 too, where bf16 is emulated and slower than float32."""
+    if name != "auto":
+        warn_if_emulated(DTYPES[name], device)
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.float32
 
 
 def torchrun_variables() -> tuple[int | None, int | None, int | None]:

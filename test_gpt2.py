@@ -686,14 +686,14 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(shakespeare, sha
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert gpt2.pick_device("auto", local_rank=3) == torch.device("cuda", 3)
+    assert parallel.pick_device("auto", local_rank=3) == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert gpt2.pick_device("auto") == torch.device("mps")
+    assert parallel.pick_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert gpt2.pick_device("auto") == torch.device("cpu")
+    assert parallel.pick_device("auto") == torch.device("cpu")
     with pytest.raises(plumbing.UserError, match="no CUDA GPU"):
-        gpt2.pick_device("cuda")
+        parallel.pick_device("cuda")
 
 
 def test_dtype_auto_is_bf16_on_new_gpus_fp16_on_old_ones_fp32_elsewhere(monkeypatch):
@@ -703,20 +703,20 @@ def test_dtype_auto_is_bf16_on_new_gpus_fp16_on_old_ones_fp32_elsewhere(monkeypa
     for capability, dtype in [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
                               ((7, 5), torch.float16), ((7, 0), torch.float16)]:  # H100 A100 T4 V100
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
-        assert gpt2.pick_dtype("auto", cuda) == dtype, capability
-    assert gpt2.pick_dtype("auto", torch.device("cpu")) == torch.float32
-    assert gpt2.pick_dtype("auto", torch.device("mps")) == torch.float32
-    assert gpt2.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+        assert parallel.pick_dtype("auto", cuda) == dtype, capability
+    assert parallel.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert parallel.pick_dtype("auto", torch.device("mps")) == torch.float32
+    assert parallel.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
 def test_each_process_takes_local_rank_modulo_the_gpus_it_sees(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM --gpus-per-task=1
-    assert gpt2.pick_device("auto", local_rank=5) == torch.device("cuda", 0)
-    assert gpt2.pick_device("cuda", local_rank=5) == torch.device("cuda", 0)
+    assert parallel.pick_device("auto", local_rank=5) == torch.device("cuda", 0)
+    assert parallel.pick_device("cuda", local_rank=5) == torch.device("cuda", 0)
     with pytest.raises(plumbing.UserError, match="--device cuda:1 under torchrun"):
-        gpt2.pick_device("cuda:1", local_rank=0)
-    assert gpt2.pick_device("cuda:0") == torch.device("cuda", 0)  # fine in a plain run
+        parallel.pick_device("cuda:1", local_rank=0)
+    assert parallel.pick_device("cuda:0") == torch.device("cuda", 0)  # fine in a plain run
 
 
 def test_a_single_process_run_makes_its_gpu_the_current_device(monkeypatch):
@@ -1806,10 +1806,10 @@ def test_the_batch_handed_to_to_device_is_one_contiguous_window(shakespeare, tmp
 
 def test_a_forced_bf16_on_a_gpu_without_it_warns(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4
-    assert gpt2.pick_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    assert parallel.pick_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
     assert "warning: --dtype bfloat16 on a GPU of compute capability 7.5: emulated" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    gpt2.pick_dtype("bfloat16", torch.device("cuda"))
+    parallel.pick_dtype("bfloat16", torch.device("cuda"))
     assert capsys.readouterr().err == ""
 
 

@@ -20,14 +20,14 @@ import torch.distributed as dist
 import hellaswag
 from plumbing import UserError, atomic_write, gpt2_tokenizer
 from weights import write_safetensors
-from parallel import recompute_activations, torch_version
+from parallel import pick_device, pick_dtype, recompute_activations, torch_version
 from muon import MUON_MIN_TORCH
 from checkpoints import Checkpoints
 from training import datasheet_peak_flops, flops_per_token, peak_memory_mib, read_events, rusage
 from gpt2 import (CONV1D_WEIGHTS, EOT, GPT, Runtime, ShardedDataLoader, VOCAB_SIZE,
                   all_evaluations, apply_speed_settings, autocast_context, checkpoint_model,
                   configure_optimizer, enable_tf32, generate, load_checkpoint_model,
-                  load_pretrained, model_config, pick_device, pick_dtype, setup_distributed)
+                  load_pretrained, model_config, setup_distributed)
 
 
 # An export is a folder the Hugging Face tools take as they take OpenAI's gpt2: the weights
