@@ -831,7 +831,8 @@ def save_checkpoint(state: TrainState, args, runtime: Runtime):
     this run's oldest; the other ranks go on."""
     rng = checkpoints.gather_rng_states(runtime)
     contents = state.state_dict(args, rng)  # on every rank: under --fsdp, gathered from all
-    return checkpoints.Checkpoints(args.log_dir, args.keep_checkpoints).save(state.step, contents, runtime)
+    kept = checkpoints.Checkpoints(args.log_dir, args.keep_checkpoints)
+    return kept.save(state.step, contents, runtime)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -940,7 +941,8 @@ def run_training(args, runtime: Runtime, stop: training.StopSignals):
     while True:
         last = state.step >= max_steps
         # Once in a while, evaluate (once a step: a resumed run's log may hold this one).
-        if training.evaluation_due(state.step, evaluations, args, last) and not log.evaluated(state.step):
+        due = training.evaluation_due(state.step, evaluations, args, last)
+        if due and not log.evaluated(state.step):
             log.write(**evaluate(state, args, runtime, evaluations, last, stop))
         if last:
             break
@@ -958,9 +960,8 @@ def run_training(args, runtime: Runtime, stop: training.StopSignals):
 
         # Once in a while, at the end, and when asked to stop, a checkpoint.
         if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
-            save_checkpoint(state, args, runtime)
+            path = save_checkpoint(state, args, runtime)
         if stopping:
-            path = checkpoints.Checkpoints(args.log_dir).path(state.step)
             raise stop.stopped(state.step, path, runtime)
 
 

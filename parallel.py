@@ -1,8 +1,8 @@
 """The machine and its processes: the device and dtype chosen, what torchrun passes, joining
 the process group, the agreement on a failure (one rank's error stops all of them, with its
 line), and parallelize (activation checkpointing, FSDP2's fully_shard, or compile and DDP),
-the state dicts in and out of a sharded model, and the plain copy evaluation runs on. Chapter 5 of gpt2.py tells the story;
-this is what it calls.
+the state dicts in and out of a sharded model, and the plain copy evaluation runs on. Chapter 5
+of gpt2.py tells the story; this is what it calls.
 """
 from __future__ import annotations
 
