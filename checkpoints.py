@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from config import NOT_RUN_FLAGS, TrainConfig, saved_flags
 from plumbing import UserError, atomic_write
 from parallel import all_reduce_sum, is_sharded, say
 from muon import MuonAndAdamW, shard_rows, splits_qkv
@@ -64,7 +65,7 @@ def restore_rng_states(saved: list[dict], runtime: Runtime, dropout: float):
 # A param group's settings are this run's, not the checkpoint's: optimizer.load_state_dict
 # would bring back the saved ones. The hyperparameters come from the flags (--weight_decay,
 # --muon_momentum, ... changed on --resume apply, as --max_lr and --grad_clip do: one rule for
-# every flag, note_changed_flags says which), and the implementation flags (fused, foreach)
+# every flag, changed_flags says which), and the implementation flags (fused, foreach)
 # describe this machine (a CPU checkpoint resumed on a GPU would run unfused; an unfused one
 # would leave a fused optimizer's step counters on the CPU, which fused AdamW refuses). So the
 # saved groups take all of ours but their parameters before loading, and torch then places
@@ -75,26 +76,29 @@ def with_our_groups(saved: dict, optimizer) -> dict:
     return {**saved, "param_groups": groups}
 
 
-# Flags that are not the run's: how this command was started.
-NOT_RUN_FLAGS = ("resume", "overwrite", "command", "changed_on_resume")
-
-
-def note_changed_flags(args, saved: dict, runtime: Runtime):
+def changed_flags(cfg: TrainConfig, saved: dict, runtime: Runtime) -> list[dict]:
     """--resume with other flags than the checkpoint's: every flag is this run's from here on
     (the param groups take them: with_our_groups), but --optimizer, whose state would not fit
-    another's: refused. They are printed, and kept with each resume's step in
-    args.changed_on_resume, which the checkpoints and the model card hold."""
-    old = saved.get("args") or {}
-    trained_with = old.get("optimizer", "adamw")  # the flag's default before it existed
-    if trained_with != args.optimizer:
+    another's: refused. They are printed, and returned with the checkpoint's step for the
+    training state's changed_on_resume, which the checkpoints and the model card hold. A flag
+    the checkpoint lacks (an older gpt2.py's) counts as unchanged."""
+    old = TrainConfig.from_saved(saved, cfg)
+    trained_with = old.optimizer.optimizer if saved_flags(saved).get("optimizer") else "adamw"
+    if trained_with != cfg.optimizer.optimizer:  # adamw: the flag's default before it existed
         raise UserError(f"the checkpoint was trained with --optimizer {trained_with}: resume with it")
-    changed = {k: [old[k], v] for k, v in vars(args).items()
-               if k in old and k not in NOT_RUN_FLAGS and old[k] != v}
-    args.changed_on_resume = [*old.get("changed_on_resume", []),
-                              *([{"step": saved["step"], **changed}] if changed else [])]
+    before = old.flags()
+    changed = {k: [before[k], v] for k, v in cfg.flags().items()
+               if k not in NOT_RUN_FLAGS and before[k] != v}
     if changed:
         say(runtime, "flags changed since the checkpoint, used from here on: " +
             ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    return [{"step": saved["step"], **changed}] if changed else []
+
+
+def changed_on_resume(saved: dict) -> list[dict]:
+    """The flags each earlier resume changed (before the sections: inside the flat flags)."""
+    return saved.get("changed_on_resume", (saved.get("args") or {}).get("changed_on_resume", []))
+
 
 
 def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
@@ -107,7 +111,7 @@ def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict):
 # A model's config in a checkpoint must hold its architecture; a field added to GPTConfig
 # later takes its default (GPTConfig.from_saved), so an older checkpoint still loads.
 ARCHITECTURE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "loader", "rng", "config", "args")
+CHECKPOINT_KEYS = ("step", "model", "optimizer", "scaler", "loader", "rng", "config")
 
 
 def optimizer_tensors(value) -> list:

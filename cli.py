@@ -9,6 +9,7 @@ import signal
 import sys
 
 import hellaswag
+from config import TrainConfig
 from plumbing import (HelpFormatter, Parser, UserError, float_at_least_0, int_at_least,
                       open_fraction, os_error_line, positive_float)
 from parallel import DTYPES, Stopped
@@ -206,7 +207,11 @@ def plot_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"train": (train_parser, train), "sample": (sample_parser, sample),
+def train_command(args):
+    train(TrainConfig.from_flags(vars(args)))  # the flags, typed and frozen, by section
+
+
+COMMANDS = {"train": (train_parser, train_command), "sample": (sample_parser, sample),
             "hellaswag": (hellaswag_parser, hellaswag_command),
             "export": (export_parser, export),
             "bench": (bench_parser, bench), "plot": (plot_parser, plot)}
@@ -218,7 +223,6 @@ def main(argv=None):
     make_parser, run = COMMANDS[command]
     try:
         args = make_parser().parse_args(argv)
-        args.command = command
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

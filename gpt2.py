@@ -16,8 +16,9 @@ follow, and the machinery a first reader can skip lives in files named by what t
     A. Speed tricks for one device: the CPU's chunked loss, the fast sampler, a batch-1 lm_head.
     B. The model from the flags, a checkpoint or a fine-tune's source; the files of machinery.
 
-    Below this file (it imports them): plumbing, weights, parallel, shards, muon, checkpoints,
-    training. Above it: tools (sample, hellaswag, export, bench, plot), cli (the flags).
+    Below this file (it imports them): plumbing, config (the flags, typed), weights, parallel,
+    shards, muon, checkpoints, training. Above it: tools (sample, hellaswag, export, bench,
+    plot), cli (the flags).
 
     python fineweb.py && python gpt2.py    # data, then train; torchrun ... gpt2.py on N GPUs
 
@@ -49,6 +50,7 @@ import parallel
 import shards
 import training
 import weights
+from config import TrainConfig
 from plumbing import (UserError, batch_size_or_auto, float_at_least_0, fraction, gpt2_tokenizer,
                       int_at_least, positive_float, probability)
 
@@ -564,14 +566,15 @@ class ShardedDataLoader:
         self.step_start, self.micro = state["step_start"], state["micro"]
 
 
-def training_data(args, runtime: Runtime, position: dict | None = None):
+def training_data(cfg: TrainConfig, runtime: Runtime, position: dict | None = None):
     """The train loader (at a checkpoint's `position`, if given) and the accumulation steps."""
     # fineweb.py's shards, *train* and *val*, in name order, of a folder it finished
-    train_files, _ = shards.data_files(args.data_dir)
-    grad_accum = training.accumulation_steps(args, runtime.world_size)  # total / (B*T*processes)
-    loader = ShardedDataLoader(train_files, args.batch_size, args.seq_len, grad_accum,
-                               runtime.rank, runtime.world_size, args.seed, vocab_size=VOCAB_SIZE)
-    shards.agree_on_data(loader, args.data_dir, runtime)  # every machine, the same shards
+    train_files, _ = shards.data_files(cfg.logs.data_dir)
+    B, T = cfg.resolved.batch_size, cfg.recipe.seq_len  # B: --batch_size, or what auto chose
+    grad_accum = training.accumulation_steps(cfg.recipe.total_batch_size, B, T, runtime.world_size)
+    loader = ShardedDataLoader(train_files, B, T, grad_accum, runtime.rank, runtime.world_size,
+                               cfg.recipe.seed, vocab_size=VOCAB_SIZE)
+    shards.agree_on_data(loader, cfg.logs.data_dir, runtime)  # every machine, the same shards
     if position is not None:
         loader.load_state_dict(position)
     return loader, grad_accum
@@ -673,12 +676,14 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return muon.MuonAndAdamW(matrices, adamw, lr, **muon_args) if muon_args else adamw
 
 
-# --optimizer's choices: (model, args) -> a torch.optim.Optimizer. A checkpoint's flags say which
-# made it; resuming with another is refused (checkpoints.note_changed_flags).
+# --optimizer's choices: (model, cfg) -> a torch.optim.Optimizer. A checkpoint's flags say which
+# made it; resuming with another is refused (checkpoints.changed_flags).
 OPTIMIZERS = {
-    "adamw": lambda model, args: configure_optimizer(model, args.max_lr, args.weight_decay),
-    "muon": lambda model, args: configure_optimizer(model, args.max_lr, args.weight_decay,
-                                                    muon.muon_settings(args))}
+    "adamw": lambda model, cfg: configure_optimizer(model, cfg.recipe.max_lr,
+                                                    cfg.optimizer.weight_decay),
+    "muon": lambda model, cfg: configure_optimizer(model, cfg.recipe.max_lr,
+                                                   cfg.optimizer.weight_decay,
+                                                   muon.muon_settings(cfg.optimizer))}
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -722,11 +727,12 @@ def evaluate_loss(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int,
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def validation_loss(model: GPT, tokens: np.ndarray, args, runtime: Runtime,
+def validation_loss(model: GPT, tokens: np.ndarray, cfg: TrainConfig, runtime: Runtime,
                     stop: training.StopSignals) -> dict:
     # The chunked loss (appendix A) on GPUs too: the plain one would hold 13 GB of logits.
-    return dict(val_loss=evaluate_loss(model, tokens, args.seq_len, args.batch_size,
-                                       args.val_tokens, runtime, args.loss_chunk or 4096, stop))
+    return dict(val_loss=evaluate_loss(model, tokens, cfg.recipe.seq_len, cfg.resolved.batch_size,
+                                       cfg.recipe.val_tokens, runtime,
+                                       cfg.resolved.loss_chunk or 4096, stop))
 
 
 def all_evaluations() -> list[training.Evaluation]:
@@ -741,15 +747,15 @@ def all_evaluations() -> list[training.Evaluation]:
         training.Evaluation("samples", None, "eval_every", samples_wanted, samples)]  # appendix B
 
 
-def evaluate(state: TrainState, args, runtime: Runtime, evaluations: list, last: bool,
+def evaluate(state: TrainState, cfg: TrainConfig, runtime: Runtime, evaluations: list, last: bool,
              stop: training.StopSignals) -> dict:
     """The evaluation event of this step: each evaluation with data, when due."""
     model = parallel.evaluation_model(state.model, runtime, GPT)  # --fsdp: a plain copy
     event = dict(step=state.step)
     for evaluation, data in evaluations:  # (None: no data, it does not run)
-        if data is not None and (state.step % getattr(args, evaluation.every) == 0 or last):
+        if data is not None and (state.step % getattr(cfg.recipe, evaluation.every) == 0 or last):
             stop.check(runtime)  # a signal during the one before: not a minute more
-            event.update(evaluation.score(model, data, args, runtime, stop))
+            event.update(evaluation.score(model, data, cfg, runtime, stop))
     return event
 
 
@@ -772,13 +778,16 @@ class TrainState:
     loader: ShardedDataLoader | None = None  # made once the micro-batch is known (chapter 9)
     step: int = 0  # optimizer steps taken
     spikes: dict = dataclasses.field(default_factory=dict)  # --skip_spikes' statistics
+    changed_on_resume: list = dataclasses.field(default_factory=list)  # each resume's other flags
 
-    def state_dict(self, args, rng: list[dict]) -> dict:  # rng: every rank's generators
-        # The model's and the optimizer's in one format, sharded (--fsdp) or not.
+    def state_dict(self, cfg: TrainConfig, rng: list[dict]) -> dict:  # rng: every rank's
+        # The model's and the optimizer's in one format, sharded (--fsdp) or not; the flags
+        # under a version (config.py), so that a later gpt2.py still reads them.
         return dict(step=self.step, model=parallel.model_state(self.model),
                     optimizer=checkpoints.optimizer_state(self.model, self.optimizer),
                     scaler=self.scaler.state_dict(), loader=self.loader.state_dict(), rng=rng,
-                    config=asdict(self.model.config), args=vars(args), spikes=self.spikes)
+                    config=asdict(self.model.config), train_config=cfg.to_saved(),
+                    spikes=self.spikes, changed_on_resume=self.changed_on_resume)
 
     def load_state_dict(self, saved: dict, source, runtime: Runtime):
         if GPTConfig.from_saved(saved["config"]) != self.model.config:
@@ -789,49 +798,52 @@ class TrainState:
         checkpoints.load_scaler_state(self.scaler, saved["scaler"])
         checkpoints.restore_rng_states(saved["rng"], runtime, self.model.config.dropout)
         self.step, self.spikes = saved["step"], saved.get("spikes", {})
+        self.changed_on_resume = checkpoints.changed_on_resume(saved)
 
 
-def start_state(args, runtime: Runtime) -> tuple[TrainState, dict | None, nn.Module]:
+def start_state(cfg: TrainConfig, runtime: Runtime):
     """Step 0's state; with --resume, the newest checkpoint's, the same file on every rank.
-    Also the checkpoint's loader position (None for a fresh run), for the loader to come, and
-    the model as training runs it (new_train_state)."""
-    agreed = checkpoints.Checkpoints(args.log_dir).agreed(runtime) if args.resume else None
-    state, train_model = new_train_state(args, runtime, agreed[1] if agreed else None)
+    Also the checkpoint's loader position (None for a fresh run), for the loader to come, the
+    model as training runs it, and cfg with the micro-batch resolved (new_train_state)."""
+    agreed = checkpoints.Checkpoints(cfg.logs.log_dir).agreed(runtime) if cfg.logs.resume else None
+    state, train_model, cfg = new_train_state(cfg, runtime, agreed[1] if agreed else None)
     if not agreed:
-        if args.resume:
-            parallel.say(runtime, f"--resume: no checkpoint in {args.log_dir}, starting from step 0")
-        return state, None, train_model
-    checkpoints.note_changed_flags(args, agreed[1], runtime)  # printed, then used; saved with it
+        if cfg.logs.resume:
+            parallel.say(runtime, f"--resume: no checkpoint in {cfg.logs.log_dir}, "
+                                  f"starting from step 0")
+        return state, None, train_model, cfg
+    changed = checkpoints.changed_flags(cfg, agreed[1], runtime)  # printed, then used; saved
     # Into the raw model, on every rank: DDP's copy of rank 0's weights at its wrap is replaced.
     state.load_state_dict(agreed[1], agreed[0], runtime)
+    state.changed_on_resume += changed
     parallel.say(runtime, f"resumed from {agreed[0]} at step {state.step}")
-    return state, agreed[1]["loader"], train_model
+    return state, agreed[1]["loader"], train_model, cfg
 
 
-def new_train_state(args, runtime: Runtime,
-                    resuming: dict | None = None) -> tuple[TrainState, nn.Module]:
+def new_train_state(cfg: TrainConfig, runtime: Runtime, resuming: dict | None = None):
     """The state of step 0: random weights, or --init_from's; `resuming`, the checkpoint that
     will replace them, if any (a resumed fine-tune then never reads its source again). And the
-    model as training runs it: compiled, on several GPUs (parallel.py)."""
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = initial_model(args, runtime, resuming).to(runtime.device)  # appendix B
+    model as training runs it: compiled, on several GPUs (parallel.py); and cfg, resolved."""
+    torch.manual_seed(cfg.recipe.seed)  # the same initial weights on every rank
+    model = initial_model(cfg, runtime, resuming).to(runtime.device)  # appendix B
     # From here on each rank draws its own random numbers (dropout): the same masks on every
     # GPU would make a batch of n GPUs' micro-batches less random than one GPU's.
-    torch.manual_seed(args.seed + 1 + runtime.rank)
+    torch.manual_seed(cfg.recipe.seed + 1 + runtime.rank)
     # DDP or FSDP, compile, --batch_size auto (appendix B): before the optimizer (FSDP's shards)
-    train_model = parallel.parallelize(model, args, runtime, fitting_batch_size)
-    optimizer = OPTIMIZERS[args.optimizer](model, args)  # chapter 6
+    train_model, batch_size = parallel.parallelize(model, cfg, runtime, fitting_batch_size)
+    cfg = cfg.resolve(batch_size=batch_size)
+    optimizer = OPTIMIZERS[cfg.optimizer.optimizer](model, cfg)  # chapter 6
     # fp16 needs loss scaling (its range is small: gradients underflow); bf16 and fp32 don't.
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.dtype == torch.float16)
-    return TrainState(model, optimizer, scaler), train_model
+    return TrainState(model, optimizer, scaler), train_model, cfg
 
 
-def save_checkpoint(state: TrainState, args, runtime: Runtime):
+def save_checkpoint(state: TrainState, cfg: TrainConfig, runtime: Runtime):
     """Rank 0 writes this step's checkpoint (with every rank's random generators) and drops
     this run's oldest; the other ranks go on."""
     rng = checkpoints.gather_rng_states(runtime)
-    contents = state.state_dict(args, rng)  # on every rank: under --fsdp, gathered from all
-    kept = checkpoints.Checkpoints(args.log_dir, args.keep_checkpoints)
+    contents = state.state_dict(cfg, rng)  # on every rank: under --fsdp, gathered from all
+    kept = checkpoints.Checkpoints(cfg.logs.log_dir, cfg.logs.keep_checkpoints)
     return kept.save(state.step, contents, runtime)
 
 
@@ -842,7 +854,8 @@ def save_checkpoint(state: TrainState, args, runtime: Runtime):
 # for it. The defaults are GPT-2 124M on FineWeb-Edu's 10B tokens, build-nanogpt's settings,
 # which are GPT-3 small's: `torchrun --standalone --nproc_per_node=8 gpt2.py` runs it as is.
 # (The flags that choose the machine rather than the run, and the other commands', are in
-# cli.py.)
+# cli.py.) They reach the run as one frozen `cfg` (config.py), by section: cfg.model, .recipe,
+# .optimizer, .machine, .logs; and cfg.resolved, what the run decides for itself (auto).
 
 def add_recipe_flags(p):
     add_model_flags(p)
@@ -886,21 +899,23 @@ def add_recipe_flags(p):
 # (DDP). Evaluation and generation use the raw one: they need no gradient sync, and a compiled
 # model would recompile for their shapes.
 
-def train(args):
-    """The whole run, in the order things happen."""
-    runtime = setup_distributed(args.device, args.dtype, args.dist_timeout, args.dist_backend)
+def train(cfg: TrainConfig):
+    """The whole run, in the order things happen. cfg: the flags, by section (config.py)."""
+    validate(cfg)  # every refusal the flags earn, before anything starts (appendix B)
+    m = cfg.machine
+    runtime = setup_distributed(m.device, m.dtype, m.dist_timeout, m.dist_backend)
     # Plumbing: a rank that fails stops the others at once, with its
     # message; the run holds its --log_dir alone; SIGTERM (a cluster's notice), SIGUSR1 and
     # Ctrl-C ask it to stop after the current step, with a checkpoint.
-    with (parallel.fail_together(runtime), training.own_log_dir(args, runtime),
+    with (parallel.fail_together(runtime), training.own_log_dir(cfg.logs, runtime),
           training.StopSignals() as stop):
-        training.check_before_start(args, runtime)  # the flags and the data, before anything slow
-        apply_speed_settings(args, runtime.device)  # appendix A
-        run_training(args, runtime, stop)
+        cfg = cfg.resolve(**speed_settings(m.compile, m.loss_chunk, runtime.device))  # appendix A
+        run_training(cfg, runtime, stop)
 
 
-def train_step(state: TrainState, train_model: nn.Module, lr: float, grad_accum: int, args,
-               runtime: Runtime, stop: training.StopSignals) -> tuple[float, float, bool, dict]:
+def train_step(state: TrainState, train_model: nn.Module, lr: float, grad_accum: int,
+               cfg: TrainConfig, runtime: Runtime,
+               stop: training.StopSignals) -> tuple[float, float, bool, dict]:
     """One optimizer step over grad_accum micro-batches: the mean loss, the gradient norm,
     whether a rank asked to stop, and what log.jsonl says of a step the spike guard skipped."""
     for group in state.optimizer.param_groups:  # Muon's groups follow the same curve, scaled
@@ -914,53 +929,54 @@ def train_step(state: TrainState, train_model: nn.Module, lr: float, grad_accum:
         # with no_sync() (entered before the forward pass, which records the intent).
         with training.no_sync_unless(micro == grad_accum - 1, train_model):
             with autocast_context(runtime):
-                _, loss = train_model(x, y, loss_chunk=args.loss_chunk)
+                _, loss = train_model(x, y, loss_chunk=cfg.resolved.loss_chunk)
             # backward() adds each micro-batch's gradients to the last: divided by grad_accum,
             # their sum is the gradient of the mean loss over the step, as if one batch.
             loss = loss / grad_accum
             loss_sum += loss.detach()
             state.scaler.scale(loss).backward()
     state.scaler.unscale_(state.optimizer)  # fp16: the true gradients, before clipping
-    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.recipe.grad_clip)
     loss, norm, stopping = training.step_numbers(loss_sum, norm, stop, runtime)  # agreed, read once
     # A bad step is neither taken nor saved; an outlier (--skip_spikes) is skipped.
-    if not (skipped := training.check_finite(loss, norm, state, args)):
+    if not (skipped := training.check_finite(loss, norm, state, cfg)):
         state.scaler.step(state.optimizer)
     state.scaler.update()
     return loss, norm, stopping, skipped
 
 
-def run_training(args, runtime: Runtime, stop: training.StopSignals):
-    state, position, train_model = start_state(args, runtime)  # chapter 8
-    state.loader, grad_accum = training_data(args, runtime, position)  # chapter 4
-    max_steps = training.run_length(args, state)  # --max_steps, or --num_epochs of the data
-    evaluations = training.load_evaluations(all_evaluations(), args, runtime)  # chapter 7
+def run_training(cfg: TrainConfig, runtime: Runtime, stop: training.StopSignals):
+    # chapter 8; cfg comes back with --batch_size auto's micro-batch resolved
+    state, position, train_model, cfg = start_state(cfg, runtime)
+    state.loader, grad_accum = training_data(cfg, runtime, position)  # chapter 4
+    r = cfg.recipe
+    max_steps = training.run_length(r, state)  # --max_steps, or --num_epochs of the data
+    evaluations = training.load_evaluations(all_evaluations(), cfg, runtime)  # chapter 7
     # log.jsonl and the console, with MFU; a fresh run's first event is its config
-    log = training.EventLog(args, runtime, state, grad_accum, max_steps, stop)
-    stop.on_stop(lambda: save_checkpoint(state, args, runtime))  # mid-evaluation: save at once
+    log = training.EventLog(cfg, runtime, state, grad_accum, max_steps, stop)
+    stop.on_stop(lambda: save_checkpoint(state, cfg, runtime))  # mid-evaluation: save at once
     while True:
         last = state.step >= max_steps
         # Once in a while, evaluate (once a step: a resumed run's log may hold this one).
-        due = training.evaluation_due(state.step, evaluations, args, last)
+        due = training.evaluation_due(state.step, evaluations, r, last)
         if due and not log.evaluated(state.step):
-            log.write(**evaluate(state, args, runtime, evaluations, last, stop))
+            log.write(**evaluate(state, cfg, runtime, evaluations, last, stop))
         if last:
             break
 
         # One optimizer step, timed.
         t0 = time.perf_counter()
-        lr = get_lr(state.step, args.max_lr, args.max_lr * args.min_lr_ratio, args.warmup_steps,
-                    max_steps)
-        loss, norm, stopping, skipped = train_step(state, train_model, lr, grad_accum, args,
+        lr = get_lr(state.step, r.max_lr, r.max_lr * r.min_lr_ratio, r.warmup_steps, max_steps)
+        loss, norm, stopping, skipped = train_step(state, train_model, lr, grad_accum, cfg,
                                                    runtime, stop)
         dt = time.perf_counter() - t0
         state.step += 1
         log.write(step=state.step - 1, loss=loss, lr=lr, norm=norm, ms=1000 * dt,
-                  tokens_per_s=args.total_batch_size / dt, **skipped)
+                  tokens_per_s=r.total_batch_size / dt, **skipped)
 
         # Once in a while, at the end, and when asked to stop, a checkpoint.
-        if state.step % args.checkpoint_every == 0 or state.step == max_steps or stopping:
-            path = save_checkpoint(state, args, runtime)
+        if state.step % r.checkpoint_every == 0 or state.step == max_steps or stopping:
+            path = save_checkpoint(state, cfg, runtime)
         if stopping:
             raise stop.stopped(state.step, path, runtime)
 
@@ -978,18 +994,20 @@ def enable_tf32(device: torch.device):
         torch.set_float32_matmul_precision("high")
 
 
-def apply_speed_settings(args, device: torch.device):
-    """The device-dependent defaults shared by training and `bench`."""
+def speed_settings(compile: str, loss_chunk: int, device: torch.device) -> dict:
+    """--compile and --loss_chunk as this device runs them (shared by training and `bench`):
+    {compile: bool, loss_chunk: int}. Also TF32, on GPUs."""
     enable_tf32(device)
-    if args.loss_chunk < 0:  # auto: the chunked loss below on CPUs; GPUs do better compiled
-        args.loss_chunk = 256 if device.type == "cpu" else 0
-    if args.compile == "auto":
+    if loss_chunk < 0:  # auto: the chunked loss below on CPUs; GPUs do better compiled
+        loss_chunk = 256 if device.type == "cpu" else 0
+    if compile == "auto":
         # The video measured 300 -> 130 ms per step on an A100 from torch.compile (build-nanogpt
         # ships it off); on a CPU it gained nothing here and costs ~20 s (docs/performance.md).
         reason = why_not_compile(device)
-        args.compile = "off" if reason else "on"
+        compile = "off" if reason else "on"
         if reason and device.type == "cuda" and os.environ.get("RANK", "0") == "0":
             print(f"--compile auto: off, {reason}", file=sys.stderr, flush=True)
+    return dict(compile=compile == "on", loss_chunk=loss_chunk)
 
 
 def why_not_compile(device: torch.device) -> str | None:
@@ -1122,13 +1140,14 @@ def lm_head_for_generation(model: GPT, batch_size: int):
 # B. Appendix: the model from the flags, a checkpoint or a fine-tune's source
 #
 # What the story calls that needs the story's own names (GPT, read_shard, generate), and so
-# lives beside it: the config from the flags, a checkpoint's model, a fine-tune's start, the
-# largest micro-batch that fits (tried on the real model), the val split and the samples that
-# chapter 7's evaluations load and take, text in and out of generate(). The rest of the
-# machinery is in files named by their layer, each of which gpt2.py imports and none of which
-# imports gpt2.py:
+# lives beside it: the config from the flags and validate(), every refusal they earn, a
+# checkpoint's model, a fine-tune's start, the largest micro-batch that fits (tried on the
+# real model), the val split and the samples that chapter 7's evaluations load and take, text
+# in and out of generate(). The rest of the machinery is in files named by their layer, each
+# of which gpt2.py imports and none of which imports gpt2.py:
 #
 #   plumbing.py     no torch: the one-line error, flag types, atomic writes, locks, downloads
+#   config.py       no torch: TrainConfig, the flags in frozen sections; what auto resolved
 #   weights.py      safetensors by hand, the hub's files, a state dict copied in with checks
 #   parallel.py     devices, torchrun, the process group, failing together, parallelize, state
 #   shards.py       a data folder's shards, found, checked and agreed on by every process
@@ -1140,30 +1159,31 @@ def lm_head_for_generation(model: GPT, batch_size: int):
 # ===============================================================================================
 
 
-def val_split(args, runtime: Runtime) -> np.ndarray | None:
+def val_split(cfg: TrainConfig, runtime: Runtime) -> np.ndarray | None:
     """The val shard's tokens (None without one), checked to hold a sequence of --seq_len."""
-    val_files = shards.data_files(args.data_dir)[1]  # fineweb.py's *val* shard
+    seq_len = cfg.recipe.seq_len
+    val_files = shards.data_files(cfg.logs.data_dir)[1]  # fineweb.py's *val* shard
     if not val_files:
         return None
     tokens = read_shard(val_files[0])
     shards.check_token_ids(tokens, val_files[0], VOCAB_SIZE)
-    if len(tokens) < args.seq_len + 1:
+    if len(tokens) < seq_len + 1:
         raise UserError(f"{val_files[0]}: {len(tokens)} tokens, fewer than one sequence of "
-                        f"--seq_len {args.seq_len} + 1: write a larger validation split "
+                        f"--seq_len {seq_len} + 1: write a larger validation split "
                         f"(fineweb.py --val_size) or lower --seq_len")
     return tokens
 
 
-def samples_wanted(args, runtime: Runtime) -> int | None:
-    return args.num_samples or None  # --num_samples 0: none
+def samples_wanted(cfg: TrainConfig, runtime: Runtime) -> int | None:
+    return cfg.logs.num_samples or None  # --num_samples 0: none
 
 
-def samples(model: GPT, num_samples: int, args, runtime: Runtime, stop) -> dict:
+def samples(model: GPT, num_samples: int, cfg: TrainConfig, runtime: Runtime, stop) -> dict:
     """Rank 0's samples from --sample_prompt, at the val loss's steps."""
     if not runtime.is_main:
         return {}
-    return dict(samples=sample_texts(model, args.sample_prompt, num_samples, args.sample_tokens,
-                                     runtime.device, args.seed))
+    return dict(samples=sample_texts(model, cfg.logs.sample_prompt, num_samples,
+                                     cfg.logs.sample_tokens, runtime.device, cfg.recipe.seed))
 
 
 def sample_texts(model: GPT, prompt: str, num_samples: int, max_new_tokens: int, device,
@@ -1189,24 +1209,26 @@ def checkpoint_model(saved: dict) -> GPT:
     return model
 
 
-def fitting_batch_size(train_model: nn.Module, args, runtime: Runtime) -> int:
+def fitting_batch_size(train_model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> int:
     """--batch_size auto: the largest micro-batch that divides the step and fits this device
     (tried for real: a forward and backward pass), the smallest over all ranks, so that every
     rank runs the same split. --total_batch_size is kept by accumulation: the same run."""
-    candidates = [b for b in training.micro_batches_that_divide(args.total_batch_size, args.seq_len,
-                                                       runtime.world_size)
-                  if b * args.seq_len <= 2 ** 16]  # 64 x 1024 tokens: more gains little
-    chosen = next((b for b in candidates if micro_batch_fits(train_model, b, args, runtime)), 0)
+    T = cfg.recipe.seq_len
+    candidates = [b for b in training.micro_batches_that_divide(cfg.recipe.total_batch_size, T,
+                                                                runtime.world_size)
+                  if b * T <= 2 ** 16]  # 64 x 1024 tokens: more gains little
+    chosen = next((b for b in candidates if micro_batch_fits(train_model, b, cfg, runtime)), 0)
     chosen = parallel.smallest_over_ranks(chosen, runtime)
     if chosen == 0:
         raise UserError(f"the model does not fit this {runtime.device.type} even at "
-                        f"--batch_size 1 with --seq_len {args.seq_len}: use a smaller model, a "
+                        f"--batch_size 1 with --seq_len {T}: use a smaller model, a "
                         f"shorter --seq_len, or a GPU with more memory")
     parallel.say(runtime, f"--batch_size auto: {chosen} sequences per micro-batch")
     return chosen
 
 
-def micro_batch_fits(train_model: nn.Module, batch_size: int, args, runtime: Runtime) -> bool:
+def micro_batch_fits(train_model: nn.Module, batch_size: int, cfg: TrainConfig,
+                     runtime: Runtime) -> bool:
     """Whether training at this micro-batch fits the GPU: one forward and backward pass on
     random tokens, its peak memory plus AdamW's moments (made at the first step: 8 bytes per
     parameter) within 90% of the GPU. The random generators and the gradients are left as
@@ -1215,13 +1237,13 @@ def micro_batch_fits(train_model: nn.Module, batch_size: int, args, runtime: Run
         return batch_size <= 8
     parameters = [p for p in train_model.parameters() if p.requires_grad]
     moments = 8 * sum(p.numel() for p in parameters)
-    idx = torch.randint(0, VOCAB_SIZE, (batch_size, args.seq_len), device=runtime.device)
+    idx = torch.randint(0, VOCAB_SIZE, (batch_size, cfg.recipe.seq_len), device=runtime.device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(runtime.device)
     try:
         with torch.random.fork_rng(devices=[runtime.device]):
             with autocast_context(runtime):
-                _, loss = train_model(idx, idx, loss_chunk=args.loss_chunk)
+                _, loss = train_model(idx, idx, loss_chunk=cfg.resolved.loss_chunk)
             loss.backward()
         peak = torch.cuda.max_memory_allocated(runtime.device)
     except torch.cuda.OutOfMemoryError:
@@ -1234,31 +1256,54 @@ def micro_batch_fits(train_model: nn.Module, batch_size: int, args, runtime: Run
     return peak + moments <= 0.9 * torch.cuda.get_device_properties(runtime.device).total_memory
 
 
-def initial_model(args, runtime: Runtime, resuming: dict | None) -> GPT:
+def initial_model(cfg: TrainConfig, runtime: Runtime, resuming: dict | None) -> GPT:
     """Step 0's model: random weights of the flags' shape, or --init_from's (rank 0 of each
     machine downloads first), or the shape of the fine-tune a checkpoint resumes."""
-    if args.init_from:
-        refuse_size_flags(args)
-        model = (GPT(finetune_config(args, resuming["config"])) if resuming
-                 else parallel.local_rank0_first(runtime, lambda: pretrained_for_training(args)))
-    else:
-        model = GPT(model_config(args))
-    if args.seq_len > model.config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} > --block_size {model.config.block_size}")
+    m = cfg.model
+    if not m.init_from:
+        return GPT(model_config(m))  # validate() checked its shape
+    model = (GPT(finetune_config(m, resuming["config"])) if resuming
+             else parallel.local_rank0_first(runtime, lambda: pretrained_for_training(m)))
+    check_seq_len(cfg.recipe.seq_len, model.config.block_size)  # the source's, known now
     return model
 
 
-def model_config(args) -> GPTConfig:
-    return GPTConfig.from_preset(args.model or "gpt2", n_layer=args.n_layer, n_head=args.n_head,
-                                 n_embd=args.n_embd, block_size=args.block_size,
-                                 pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
-                                 dropout=args.dropout)
+def model_config(m) -> GPTConfig:
+    """The architecture of the model flags (training's ModelConfig, or bench's flags)."""
+    return GPTConfig.from_preset(m.model or "gpt2", n_layer=m.n_layer, n_head=m.n_head,
+                                 n_embd=m.n_embd, block_size=m.block_size,
+                                 pad_vocab_to_multiple_of=m.pad_vocab_to_multiple_of,
+                                 dropout=m.dropout)
 
 
-def refuse_size_flags(args):
-    if args.model or args.n_layer or args.n_head or args.n_embd:
+def check_seq_len(seq_len: int, block_size: int):
+    if seq_len > block_size:
+        raise UserError(f"--seq_len {seq_len} > --block_size {block_size}")
+
+
+def validate(cfg: TrainConfig):
+    """Every refusal that the flags, torch's version and the data folder earn, in one place,
+    before a process group, a download or a GPU probe: each is one line. (What only the run
+    can see, a checkpoint or a source model that does not fit the flags, is refused where it
+    is read.)"""
+    m, r = cfg.model, cfg.recipe
+    shards.data_files(cfg.logs.data_dir)  # fineweb.py's finished folder
+    if m.init_from and (m.model or m.n_layer or m.n_head or m.n_embd):
         raise UserError("--init_from takes the architecture from its source: drop --model, "
                         "--n_layer, --n_head and --n_embd")
+    if not m.init_from:
+        check_seq_len(r.seq_len, model_config(m).block_size)  # the preset and its shape, too
+    elif m.block_size:
+        check_seq_len(r.seq_len, m.block_size)
+    if r.val_tokens < r.seq_len:
+        raise UserError(f"--val_tokens {r.val_tokens} < --seq_len {r.seq_len}: not one "
+                        f"validation sequence")
+    # the step must split into micro-batches: at --batch_size auto, at least into ones of 1
+    world_size = (parallel.torchrun_variables()[2] or 1)
+    training.accumulation_steps(r.total_batch_size, 1 if r.batch_size == "auto" else r.batch_size,
+                                r.seq_len, world_size)
+    parallel.check_machine_flags(cfg.machine, r.batch_size)  # --fsdp's needs
+    muon.muon_settings(cfg.optimizer)  # --optimizer muon's torch
 
 
 def finetune_model(source: GPT, block_size: int | None, pad_vocab_to_multiple_of: int,
@@ -1281,21 +1326,21 @@ def finetune_model(source: GPT, block_size: int | None, pad_vocab_to_multiple_of
     return model
 
 
-def pretrained_for_training(args) -> GPT:
+def pretrained_for_training(m) -> GPT:
     """--init_from's model: OpenAI's weights (a hub name or a save_pretrained folder) or a
     ckpt_*.pt of ours, weights only, shaped by finetune_model."""
-    source = (load_checkpoint_model(args.init_from) if args.init_from.endswith(".pt")
-              else load_pretrained(args.init_from))
-    return finetune_model(source, args.block_size, args.pad_vocab_to_multiple_of, args.dropout,
-                          args.init_from)
+    source = (load_checkpoint_model(m.init_from) if m.init_from.endswith(".pt")
+              else load_pretrained(m.init_from))
+    return finetune_model(source, m.block_size, m.pad_vocab_to_multiple_of, m.dropout,
+                          m.init_from)
 
 
-def finetune_config(args, saved: dict) -> GPTConfig:
+def finetune_config(m, saved: dict) -> GPTConfig:
     """A resumed fine-tune's architecture: its checkpoint's (the flags that shaped it must still
     agree: TrainState.load_state_dict checks)."""
     saved = GPTConfig.from_saved(saved)
-    return GPTConfig(args.block_size or saved.block_size, saved.vocab_size, saved.n_layer,
-                     saved.n_head, saved.n_embd, args.pad_vocab_to_multiple_of, args.dropout)
+    return GPTConfig(m.block_size or saved.block_size, saved.vocab_size, saved.n_layer,
+                     saved.n_head, saved.n_embd, m.pad_vocab_to_multiple_of, m.dropout)
 
 
 def add_model_flags(p):

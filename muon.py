@@ -1,18 +1,22 @@
 """Muon for the blocks' matrices, AdamW for the rest: chapter 6 of gpt2.py chooses it; here is
 how it runs. torch.optim.Muon (torch >= 2.9) does the maths; this file shares its work over the
 processes (each orthogonalizes its own matrices and sends the results) and keeps Q, K and V
-apart, as three matrices, when --muon_split_qkv asks.
+apart, as three matrices (--muon_qkv split, the default).
 """
 from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from plumbing import UserError, float_at_least_0, fraction, positive_float
 from parallel import torch_version
+
+if TYPE_CHECKING:  # annotations only
+    from config import OptimizerConfig
 
 
 # Muon's work, shared. Newton-Schulz is nearly all of a Muon step's time (five iterations of
@@ -46,15 +50,16 @@ def add_muon_flags(flag):
          "Q, K, V apart (modded-nanogpt's; lower val loss on the README's recipe) or as one matrix")
 
 
-def muon_settings(args) -> dict | None:
-    """--optimizer muon's settings for configure_optimizer; None for AdamW alone."""
-    if args.optimizer != "muon":
+def muon_settings(o: OptimizerConfig) -> dict | None:
+    """--optimizer muon's settings for configure_optimizer; None for AdamW alone. (gpt2.validate
+    calls it first, for its one refusal.)"""
+    if o.optimizer != "muon":
         return None
     if torch_version() < MUON_MIN_TORCH:
         raise UserError(f"--optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
                         f"{torch.__version__}")
-    return dict(muon_lr=args.muon_lr, momentum=args.muon_momentum,
-                weight_decay=args.muon_weight_decay, split_qkv=args.muon_qkv == "split")
+    return dict(muon_lr=o.muon_lr, momentum=o.muon_momentum, weight_decay=o.muon_weight_decay,
+                split_qkv=o.muon_qkv == "split")
 
 
 class MuonAndAdamW(torch.optim.Optimizer):

@@ -25,6 +25,7 @@ import torch.nn as nn
 from plumbing import UserError, os_error_line
 
 if TYPE_CHECKING:  # annotations only: gpt2.py imports this file, never the other way
+    from config import MachineConfig, TrainConfig
     from gpt2 import GPT, Runtime
 
 
@@ -281,8 +282,22 @@ def torch_version() -> tuple[int, int]:
     return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
 
 
-def parallelize(model: GPT, args, runtime: Runtime, fitting_batch_size: Callable) -> nn.Module:
-    """The model as training runs it, made before its optimizer (which must see FSDP's shards):
+def check_machine_flags(machine: MachineConfig, batch_size: int | str):
+    """--fsdp's refusals, for gpt2.validate: before any process group."""
+    if not machine.fsdp:
+        return
+    if torch_version() < FSDP_MIN_TORCH:
+        raise UserError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this "
+                        f"is torch {torch.__version__}")
+    if batch_size == "auto":
+        raise UserError("--fsdp needs a --batch_size: auto tries micro-batches on each GPU "
+                        "alone, which sharded training cannot (every step is collective)")
+
+
+def parallelize(model: GPT, cfg: TrainConfig, runtime: Runtime,
+                fitting_batch_size: Callable) -> tuple[nn.Module, int]:
+    """The model as training runs it, made before its optimizer (which must see FSDP's shards),
+    and the micro-batch it runs (--batch_size, or auto's, which is tried on it):
     --activation_checkpointing; then --fsdp's shards (each block compiled first), or
     torch.compile and DDP around the compiled model (torch's advice: compile handles DDP's
     wrapper poorly, so compile the inner module), with --batch_size auto tried in between,
@@ -290,20 +305,21 @@ def parallelize(model: GPT, args, runtime: Runtime, fitting_batch_size: Callable
     The raw model keeps its parameters and plain state_dict keys; what the rest needs of the
     sharding reads it off the model: model_state and load_model_state (the checkpoint's
     tensors in and out), evaluation_model (a plain copy), and training.memory_per_process."""
-    if args.activation_checkpointing:
+    batch_size, compiled = cfg.recipe.batch_size, cfg.resolved.compile
+    if cfg.machine.activation_checkpointing:
         recompute_activations(model)
-    if args.fsdp:
-        shard_model(model, args, runtime)
-        return model
+    if cfg.machine.fsdp:
+        shard_model(model, compiled, runtime)
+        return model, batch_size  # a number: validate() refused auto
     # dynamic=False: one graph per shape, so the sizes tried never make it compile a slower,
     # shape-generic one.
-    train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
-    if args.batch_size == "auto":
-        args.batch_size = fitting_batch_size(train_model, args, runtime)
+    train_model = torch.compile(model, dynamic=False) if compiled else model
+    if batch_size == "auto":
+        batch_size = fitting_batch_size(train_model, cfg, runtime)
     if runtime.ddp:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=device_ids)
-    return train_model
+    return train_model, batch_size
 
 
 def recompute_activations(model: GPT):
@@ -321,26 +337,20 @@ def recompute_activations(model: GPT):
         block.forward = forward  # this block's own: its parameters keep their names
 
 
-def shard_model(model: GPT, args, runtime: Runtime):
+def shard_model(model: GPT, compiled: bool, runtime: Runtime):
     """--fsdp: FSDP2 (torch.distributed.fsdp.fully_shard), in place. Each Block is a group of its
     own, gathered just before it runs and freed after; then the root, whose group holds the
     rest: the tied wte/lm_head weight (one parameter, so one group: torch refuses a tied
     weight split over two), wpe, ln_f. Under bf16 or fp16 the blocks compute in it
     (MixedPrecisionPolicy) and gradients are reduced in float32; the weights and the optimizer
     stay float32. With --compile each block is compiled first, in place (its keys stay plain)."""
-    if torch_version() < FSDP_MIN_TORCH:
-        raise UserError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this "
-                        f"is torch {torch.__version__}")
-    if args.batch_size == "auto":
-        raise UserError("--fsdp needs a --batch_size: auto tries micro-batches on each GPU "
-                        "alone, which sharded training cannot (every step is collective)")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     half = runtime.dtype if runtime.dtype != torch.float32 else None
     policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32 if half else None)
     for block in model.transformer.h:
-        if args.compile == "on":
+        if compiled:
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -235,7 +235,7 @@ def test_the_card_names_fineweb_edu_when_fineweb_py_made_the_data(trained, tmp_p
     (data / "manifest.json").write_text(json.dumps({
         "params": {"source": {"name": "sample-10BT", "max_files": None}, "shard_size": 100},
         "files": [], "val_tokens": 100, "shards": [], "done": True}))
-    saved["args"]["data_dir"] = str(data)
+    saved["train_config"]["logs"]["data_dir"] = str(data)
     card = tools.model_card(gpt2.load_checkpoint_model(trained / "log/ckpt_00000003.pt"), saved,
                            trained / "log/ckpt_00000003.pt", "hf")
     assert f"- Data: `{data}`: FineWeb-Edu sample-10BT, tokenized by fineweb.py" in card

@@ -3,9 +3,9 @@
 The oracle is Hugging Face transformers' GPT2LMHeadModel, built from a config with random
 weights (nothing is downloaded): if our model computes what GPT-2 computes, the two agree.
 """
-import argparse
 import ast
 import contextlib
+import dataclasses
 import errno
 import gc
 import hashlib
@@ -33,6 +33,7 @@ import transformers
 
 import checkpoints
 import cli
+import config
 import fineweb
 import gpt2
 import muon
@@ -44,6 +45,7 @@ import training
 import weights
 from conftest import (SHARED_RUN, TINY_RUN, assert_one_error_line, copy_run, finish, free_port,
                       run_in_background, run_script, torchrun, train_losses, wait_for_step)
+from config import TrainConfig
 from gpt2 import GPT, GPTConfig
 
 HERE = Path(__file__).resolve().parent
@@ -641,6 +643,65 @@ def test_resume_continues_bit_exactly(shakespeare, shared_run, tmp_path):
     assert a["loader"] == b["loader"]
 
 
+def test_the_flags_are_saved_as_given_under_a_version_and_what_auto_resolved_apart(shared_run):
+    stored = torch.load(checkpoints.Checkpoints(shared_run).path(2), weights_only=True)["train_config"]
+    assert stored["version"] == config.VERSION
+    assert (stored["machine"]["compile"], stored["machine"]["loss_chunk"]) == ("auto", -1)
+    assert stored["resolved"] == {"batch_size": 4, "compile": False, "loss_chunk": 256}  # a CPU's
+    assert stored["recipe"]["max_lr"] == 1e-2 and stored["logs"]["log_dir"] == str(shared_run)
+
+
+def test_a_checkpoint_with_the_flat_flags_of_before_or_lacking_a_flag_resumes_exactly(
+        shakespeare, shared_run, tmp_path, run_main):
+    # The step-2 checkpoint as an older gpt2.py wrote it (the flat flags, resolved values over
+    # them), and as one without a flag that came later and without the resolved values.
+    saved = torch.load(checkpoints.Checkpoints(shared_run).path(2), weights_only=True)
+    stored = saved.pop("train_config")
+    older = {**saved, "args": {**config.stored_flags(stored), "batch_size": 4, "loss_chunk": 256,
+                               "compile": "off", "command": "train", "changed_on_resume": []}}
+    del older["changed_on_resume"]
+    lacking = {**saved, "train_config": {
+        "version": stored["version"], **{name: stored[name] for name in config.SECTIONS},
+        "recipe": {k: v for k, v in stored["recipe"].items() if k != "skip_spikes_limit"}}}
+    for name, state in (("older", older), ("lacking", lacking)):
+        log_dir = tmp_path / name
+        log_dir.mkdir()
+        torch.save(state, checkpoints.Checkpoints(log_dir).path(2))
+        code, out, err = run_main(cli.main, "--data_dir", shakespeare, "--log_dir", log_dir,
+                                  *SHARED_RUN, "--resume")
+        assert code == 0, err
+        assert train_losses(log_dir) == train_losses(shared_run)[2:], name
+        assert all(torch.equal(final_weights(shared_run, 6)[k], v)
+                   for k, v in final_weights(log_dir, 6).items())
+        if name == "lacking":  # what it lacks is not a change (its folder is)
+            assert "--log_dir" in out and "skip_spikes_limit" not in out, out
+
+
+def test_every_training_flag_is_a_field_of_one_frozen_section_and_comes_back_whole():
+    flags = vars(cli.train_parser().parse_args([]))
+    fields = [f.name for kind in config.SECTIONS.values() for f in dataclasses.fields(kind)]
+    assert sorted(fields) == sorted(flags)  # each flag in one section, and no field without one
+    cfg = TrainConfig.from_flags(flags)
+    assert cfg.flags() == flags
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.recipe.batch_size = 8  # a resolved value goes to cfg.resolve, a new config
+    assert cfg.resolve(batch_size=8).resolved.batch_size == 8 and cfg.recipe.batch_size == "auto"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fsdp", "--batch_size", "auto"], "--fsdp needs a --batch_size"),
+    (["--init_from", "gpt2"], "--init_from takes the architecture from its source"),
+    (["--block_size", "32"], "--seq_len 64 > --block_size 32"),
+    (["--n_head", "3"], "n_embd=64 is not divisible by n_head=3"),
+    (["--val_tokens", "10"], "--val_tokens 10 < --seq_len 64"),
+    (["--batch_size", "3"], "--batch_size 2 divides it")])
+def test_each_refusal_of_the_flags_comes_before_the_process_group_and_the_model(
+        shakespeare, tmp_path, run_main, monkeypatch, flags, message):
+    monkeypatch.setattr(gpt2, "setup_distributed", lambda *a, **k: pytest.fail("not validated"))
+    assert_one_error_line(run_main(cli.main, "--data_dir", shakespeare, "--log_dir", tmp_path,
+                                   *TINY_RUN, *flags), message)
+
+
 # -- 7b. Errors a user can cause when training --------------------------------------------------
 
 def test_no_shards_says_run_fineweb_first(tmp_path, run_main):
@@ -791,13 +852,10 @@ def test_compile_defaults_to_on_for_cuda_and_off_elsewhere(monkeypatch):
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda *a: None)
     monkeypatch.setattr(gpt2.importlib.util, "find_spec", lambda name: object())  # Triton is there
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-    for device, expected in [("cuda", "on"), ("cpu", "off"), ("mps", "off")]:
-        args = argparse.Namespace(loss_chunk=-1, compile="auto")
-        gpt2.apply_speed_settings(args, torch.device(device))
-        assert args.compile == expected
+    for device, expected in [("cuda", True), ("cpu", False), ("mps", False)]:
+        assert gpt2.speed_settings("auto", -1, torch.device(device))["compile"] is expected
     args = cli.train_parser().parse_args(["--compile", "off"])
-    gpt2.apply_speed_settings(args, torch.device("cuda"))
-    assert args.compile == "off"
+    assert gpt2.speed_settings(args.compile, args.loss_chunk, torch.device("cuda"))["compile"] is False
 
 
 def test_checkpoints_load_onto_the_cpu_and_restore_the_rng_states(shared_run):
@@ -945,8 +1003,8 @@ def test_each_line_the_video_map_names_defines_what_its_row_says():
             assert above[-1].startswith(f"class {owner[0]}("), (name, number)
 
 
-LAYERS = ["plumbing", "fineweb", "hellaswag", "core", "weights", "parallel", "shards", "muon",
-          "checkpoints", "training", "gpt2", "tools", "cli"]  # each imports only those before it
+LAYERS = ["plumbing", "config", "fineweb", "hellaswag", "core", "weights", "parallel", "shards",
+          "muon", "checkpoints", "training", "gpt2", "tools", "cli"]  # each imports only those before it
 DOORS = ("TYPE_CHECKING", "__name__ == '__main__'")
 
 
@@ -1735,15 +1793,15 @@ def test_the_readme_two_node_command_gets_a_valid_split_of_16_processes(monkeypa
     line = next(line for line in (HERE / "README.md").read_text().splitlines() if "--nnodes=2" in line)
     command = line[line.index("torchrun"):].strip("` ")
     flags = command.split()[command.split().index("gpt2.py") + 1:]
-    args = cli.train_parser().parse_args(flags)
+    cfg = TrainConfig.from_flags(vars(cli.train_parser().parse_args(flags)))
     nodes = int(re.search(r"--nnodes=(\d+)", command)[1])
     world = nodes * int(re.search(r"--nproc_per_node=(\d+)", command)[1])
     assert world == 16
     monkeypatch.setattr(gpt2, "micro_batch_fits", fits_up_to(64))  # an 80 GB GPU
     monkeypatch.setattr(parallel, "smallest_over_ranks", lambda value, runtime: value)  # no 16 ranks here
-    args.batch_size = gpt2.fitting_batch_size(None, args, gpt2.Runtime(world_size=world))
-    assert args.batch_size * args.seq_len * world * training.accumulation_steps(args, world) == 2 ** 19
-    assert args.batch_size == 32  # 64 would make 2**20 tokens a step
+    B, T = gpt2.fitting_batch_size(None, cfg, gpt2.Runtime(world_size=world)), cfg.recipe.seq_len
+    assert B * T * world * training.accumulation_steps(cfg.recipe.total_batch_size, B, T, world) == 2 ** 19
+    assert B == 32  # 64 would make 2**20 tokens a step
 
 
 def test_a_micro_batch_that_does_not_divide_the_step_is_refused_with_one_that_does(shakespeare,
@@ -1789,9 +1847,7 @@ def test_compile_auto_is_off_where_triton_cannot_run(monkeypatch, capsys, triton
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda *a: None)
     monkeypatch.setattr(gpt2.importlib.util, "find_spec", lambda name: object() if triton else None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    args = argparse.Namespace(loss_chunk=-1, compile="auto")
-    gpt2.apply_speed_settings(args, torch.device("cuda"))
-    assert args.compile == ("off" if expected else "on")
+    assert gpt2.speed_settings("auto", -1, torch.device("cuda"))["compile"] is (expected is None)
     err = capsys.readouterr().err
     assert (expected in err) if expected else err == ""
 
@@ -1997,11 +2053,15 @@ def test_muon_step_split_3_is_torchs_step_on_q_k_and_v_as_three_parameters():
 def test_the_checkpoint_names_its_optimizer_and_resuming_with_another_is_refused_in_one_line():
     # --optimizer in the checkpoint's flags decides, whatever its state looks like; a
     # checkpoint from before the flag existed was AdamW's.
-    for saved, trained_with, ours in (({"optimizer": "adamw"}, "adamw", "muon"), ({}, "adamw", "muon"),
-                                      ({"optimizer": "muon"}, "muon", "adamw")):
-        args = argparse.Namespace(optimizer=ours, max_lr=1e-3)
+    # Both layouts: the sections (config.py) and the flat flags of older checkpoints.
+    for saved, trained_with, ours in (
+            ({"args": {"optimizer": "adamw"}}, "adamw", "muon"), ({"args": {}}, "adamw", "muon"),
+            ({"args": {"optimizer": "muon"}}, "muon", "adamw"),
+            ({"train_config": {"version": 1, "optimizer": {"optimizer": "muon"}}}, "muon", "adamw"),
+            ({"train_config": {"version": 1}}, "adamw", "muon")):
+        cfg = TrainConfig.from_flags(vars(cli.train_parser().parse_args(["--optimizer", ours])))
         with pytest.raises(plumbing.UserError, match=f"trained with --optimizer {trained_with}: resume"):
-            checkpoints.note_changed_flags(args, {"args": saved, "step": 3}, gpt2.Runtime())
+            checkpoints.changed_flags(cfg, {**saved, "step": 3}, gpt2.Runtime())
     assert list(gpt2.OPTIMIZERS) == cli.train_parser()._option_string_actions["--optimizer"].choices
 
 

@@ -120,8 +120,8 @@ def test_flags_changed_on_resume_are_printed_and_their_param_group_values_are_us
         assert fragment in changed, changed
     saved = torch.load(checkpoints.Checkpoints(tmp_path).path(4), weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.0  # the flag, not the old
-    assert saved["args"]["weight_decay"] == 0.0
-    assert saved["args"]["changed_on_resume"] == [
+    assert saved["train_config"]["optimizer"]["weight_decay"] == 0.0
+    assert saved["changed_on_resume"] == [
         {"step": 2, "max_steps": [2, 4], "weight_decay": [0.1, 0.0], "grad_clip": [1.0, 0.5]}]
     card = tools.model_card(gpt2.load_checkpoint_model(checkpoints.Checkpoints(tmp_path).path(4)), saved,
                            checkpoints.Checkpoints(tmp_path).path(4), "tiny")

@@ -3,6 +3,7 @@ They sit above gpt2.py and use its story's code (the model, the generator, the l
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -18,14 +19,15 @@ import torch
 import torch.distributed as dist
 
 import hellaswag
+from config import saved_flags
 from plumbing import UserError, atomic_write, gpt2_tokenizer
 from weights import write_safetensors
 from parallel import pick_device, pick_dtype, recompute_activations, torch_version
 from muon import MUON_MIN_TORCH
-from checkpoints import Checkpoints
+from checkpoints import Checkpoints, changed_on_resume
 from training import datasheet_peak_flops, flops_per_token, peak_memory_mib, read_events, rusage
 from gpt2 import (CONV1D_WEIGHTS, EOT, GPT, Runtime, ShardedDataLoader, VOCAB_SIZE,
-                  all_evaluations, apply_speed_settings, autocast_context, checkpoint_model,
+                  all_evaluations, speed_settings, autocast_context, checkpoint_model,
                   configure_optimizer, enable_tf32, generate, load_checkpoint_model,
                   load_pretrained, model_config, setup_distributed)
 
@@ -196,7 +198,7 @@ def data_description(data_dir) -> str:
 def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
     """README.md of an export: what made the model, on what data, how far it trained and how
     well it did, from the checkpoint and the run's log.jsonl beside it (when it is there)."""
-    c, flags, step = model.config, saved.get("args") or {}, saved.get("step")
+    c, flags, step = model.config, saved_flags(saved), saved.get("step")
     params = model.num_params() - (c.padded_vocab_size - c.vocab_size) * c.n_embd  # as exported
     log = checkpoint.parent / "log.jsonl"
     events = read_events(log.parent) if log.exists() and step is not None else []
@@ -215,7 +217,8 @@ def model_card(model: GPT, saved: dict, checkpoint: Path, name: str) -> str:
     rows = (f"the first {limit:,} rows of {rows}" if limit else
             f"all of {rows}" if flags.get("hellaswag_file") else "its 10,042 val rows")
     data = data_description(flags["data_dir"]) if flags.get("data_dir") else "unknown"
-    shown = {k: v for k, v in flags.items() if k != "command"}
+    changes = changed_on_resume(saved)  # each resume's other flags
+    shown = {**flags, **({"changed_on_resume": changes} if changes else {})}
     detail = {"hellaswag": f" (completion style, {rows})"}
     figures = [f"- {e.label}{detail.get(e.key, '')}: {newest(e.key)}" for e in all_evaluations()
                if e.label and flags.get(e.every, 1)]  # those the run had (all: flags unknown)
@@ -595,7 +598,9 @@ def bench(args):
         return bench_optimizer_per_process(args)
     runtime = tool_runtime(args.device, args.dtype)
     device = runtime.device
-    apply_speed_settings(args, device)
+    speed = speed_settings(args.compile, args.loss_chunk, device)  # bench's flags, as run
+    args = argparse.Namespace(**{**vars(args), "compile": "on" if speed["compile"] else "off",
+                                 "loss_chunk": speed["loss_chunk"]})
     torch.manual_seed(0)
     model = GPT(model_config(args)).to(device)
     result, rows = bench_training(model, args, runtime)

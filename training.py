@@ -5,7 +5,6 @@ memory per process.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -27,10 +26,10 @@ import hellaswag
 
 from plumbing import UserError, atomic_write, exclusive_lock
 from parallel import Stopped, all_reduce_sum, local_rank0_first, say
-from shards import data_files
 from checkpoints import Checkpoints, optimizer_tensors
 
 if TYPE_CHECKING:  # annotations only: gpt2.py imports this file, never the other way
+    from config import LogsConfig, RecipeConfig, TrainConfig
     from gpt2 import GPT, GPTConfig, Runtime, TrainState
 
 
@@ -38,7 +37,7 @@ LEFTOVER_NAME = re.compile(r"(ckpt_\d{8}\.pt|log\.jsonl)\.\d+\.[0-9a-f]{8}\.tmp"
 
 
 @contextlib.contextmanager
-def own_log_dir(args, runtime: Runtime):
+def own_log_dir(logs: LogsConfig, runtime: Runtime):
     """--log_dir, held by this run alone for its life (rank 0 writes everything in it).
 
     A fresh run (no --resume) in a folder that holds a run is refused, unless --overwrite says
@@ -49,7 +48,7 @@ def own_log_dir(args, runtime: Runtime):
     if not runtime.is_main:
         yield
         return
-    log_dir = Path(args.log_dir)
+    log_dir = Path(logs.log_dir)
     if log_dir.exists() and not log_dir.is_dir():
         raise UserError(f"--log_dir {log_dir} is a file, not a folder")
     try:
@@ -62,8 +61,8 @@ def own_log_dir(args, runtime: Runtime):
             if LEFTOVER_NAME.fullmatch(leftover.name):
                 leftover.unlink(missing_ok=True)
         held = [p for p in [log_dir / "log.jsonl", *Checkpoints(log_dir).list()] if p.exists()]
-        if held and not args.resume:
-            if not args.overwrite:
+        if held and not logs.resume:
+            if not logs.overwrite:
                 raise UserError(f"{log_dir} holds a run ({', '.join(p.name for p in held[:3])}"
                                 f"{', ...' if len(held) > 3 else ''}): continue it with "
                                 f"--resume, or start over with --overwrite (deletes them)")
@@ -153,16 +152,17 @@ class EventLog:
     """Each event of the run: one JSON object a line in <log_dir>/log.jsonl (rank 0 only), and
     one line on the console. A fresh run's first event is its configuration."""
 
-    def __init__(self, args, runtime: Runtime, state: TrainState, grad_accum: int, max_steps: int,
-                 stop: StopSignals):
-        self.path, self.runtime, self.state = Path(args.log_dir) / "log.jsonl", runtime, state
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, state: TrainState, grad_accum: int,
+                 max_steps: int, stop: StopSignals):
+        self.path, self.runtime, self.state = Path(cfg.logs.log_dir) / "log.jsonl", runtime, state
+        r = cfg.recipe
         self.stop, self.evaluated_steps = stop, set()
         # With a fresh run's first step, what each process holds once all of it exists (a resumed
         # run keeps that event, and its log stays the uninterrupted run's).
         self.memory_logged = state.step > 0
         # MFU: the model's FLOPs per second over the hardware's peak, of every GPU together
-        peak = args.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
-        self.mfu_per_token_s = (flops_per_token(state.model.config, args.seq_len) /
+        peak = cfg.machine.peak_flops or datasheet_peak_flops(runtime.device, runtime.dtype)
+        self.mfu_per_token_s = (flops_per_token(state.model.config, r.seq_len) /
                                 (peak * runtime.world_size)) if peak else 0
         if runtime.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,13 +179,13 @@ class EventLog:
                 self.path.unlink(missing_ok=True)  # a fresh run (own_log_dir allowed it)
         say(runtime, f"{state.model.num_params():,} parameters | {runtime.world_size} x "
                      f"{runtime.device.type} {str(runtime.dtype).removeprefix('torch.')} | "
-                     f"{args.total_batch_size:,} tokens/step = {args.batch_size} x "
-                     f"{args.seq_len} x {grad_accum} accum x {runtime.world_size} | "
+                     f"{r.total_batch_size:,} tokens/step = {cfg.resolved.batch_size} x "
+                     f"{r.seq_len} x {grad_accum} accum x {runtime.world_size} | "
                      f"{max_steps} steps ({state.loader.steps_per_epoch} per epoch)")
-        self.dashboards = Dashboards(args, runtime, state.step)  # this file's end
+        self.dashboards = Dashboards(cfg, runtime, state.step)  # this file's end
         if state.step == 0:
-            self.write(step=0, model=args.init_from or args.model or "gpt2",
-                       config=asdict(state.model.config), total_batch_size=args.total_batch_size,
+            self.write(step=0, model=cfg.model.init_from or cfg.model.model or "gpt2",
+                       config=asdict(state.model.config), total_batch_size=r.total_batch_size,
                        world_size=runtime.world_size)
 
     def write(self, **event):
@@ -290,7 +290,7 @@ def step_numbers(loss_sum: torch.Tensor, norm: torch.Tensor, stop: StopSignals,
     return loss, norm, bool(stopping)
 
 
-def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
+def check_finite(loss: float, norm: float, state: TrainState, cfg: TrainConfig) -> dict:
     """Stop before the optimizer applies a non-finite loss or gradient, so that no NaN weight
     is ever stepped, saved, or rotated in place of a good checkpoint. (fp16's gradient scaler
     skips a step with an inf gradient itself and lowers its scale: that is its job.) Then the
@@ -299,8 +299,8 @@ def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
     if bad[0] == "gradient norm" and not math.isfinite(norm) and state.scaler.is_enabled():
         return {}
     if math.isfinite(bad[1]):
-        return skip_spike(loss, norm, state.spikes, state.step, args)
-    last = Checkpoints(args.log_dir).list()
+        return skip_spike(loss, norm, state.spikes, state.step, cfg.recipe)
+    last = Checkpoints(cfg.logs.log_dir).list()
     raise UserError(f"{bad[0]} is {bad[1]} at step {state.step}: stopping before the optimizer "
                     f"step. Lower --max_lr or check the data; last good checkpoint: "
                     f"{last[-1] if last else 'none'}")
@@ -318,23 +318,23 @@ def check_finite(loss: float, norm: float, state: TrainState, args) -> dict:
 SPIKE_WINDOW, SPIKE_WARMUP = 128, 32
 
 
-def skip_spike(loss: float, norm: float, stats: dict, step: int, args) -> dict:
-    if not args.skip_spikes:
+def skip_spike(loss: float, norm: float, stats: dict, step: int, r: RecipeConfig) -> dict:
+    if not r.skip_spikes:
         return {}
     values = {"loss": loss, "gradient norm": norm}
     outliers = [f"{name} {value:.4g} is {z:.1f} standard deviations above the mean "
                 f"{np.mean(stats[name]):.4g} of the last {len(stats[name])} steps"
                 for name, value in values.items()
-                if (z := spike_z(stats.get(name, []), value)) > args.skip_spikes]
+                if (z := spike_z(stats.get(name, []), value)) > r.skip_spikes]
     if not outliers:
         for name, value in values.items():
             stats[name] = [*stats.get(name, []), value][-SPIKE_WINDOW:]
         stats["in_a_row"] = 0
         return {}
     stats["in_a_row"] = stats.get("in_a_row", 0) + 1
-    if stats["in_a_row"] >= args.skip_spikes_limit:
+    if stats["in_a_row"] >= r.skip_spikes_limit:
         raise UserError(f"step {step}: {stats['in_a_row']} steps in a row skipped as spikes "
-                        f"(--skip_spikes {args.skip_spikes}), the last as its {outliers[0]}: "
+                        f"(--skip_spikes {r.skip_spikes}), the last as its {outliers[0]}: "
                         f"the run itself has changed; lower --max_lr, or check the data")
     return {"skipped": "; ".join(outliers)}
 
@@ -426,50 +426,37 @@ def evaluation_batches(n_seq: int, batch_size: int, stop: StopSignals | None, ru
             yield mine
 
 
-def evaluation_due(step: int, evaluations: list[tuple], args, last: bool) -> bool:
+def evaluation_due(step: int, evaluations: list[tuple], r: RecipeConfig, last: bool) -> bool:
     """An evaluation at this step: on any evaluation's schedule (--eval_every's, HellaSwag's,
     CORE's), whether it runs or not, and at the end."""
     return last or any(every and step % every == 0
-                       for every in {getattr(args, e.every) for e, _ in evaluations})
+                       for every in {getattr(r, e.every) for e, _ in evaluations})
 
 
-def run_length(args, state: TrainState) -> int:
+def run_length(r: RecipeConfig, state: TrainState) -> int:
     """The run's steps: --max_steps, else --num_epochs of the data. Never fewer than a resumed
     run has taken: it would train past its end for ever, rotating away what it resumed from."""
-    max_steps = args.max_steps or args.num_epochs * state.loader.steps_per_epoch
+    max_steps = r.max_steps or r.num_epochs * state.loader.steps_per_epoch
     if state.step > max_steps:
-        asked = (f"--max_steps {args.max_steps}" if args.max_steps else
-                 f"--num_epochs {args.num_epochs} ({max_steps} steps)")
+        asked = (f"--max_steps {r.max_steps}" if r.max_steps else
+                 f"--num_epochs {r.num_epochs} ({max_steps} steps)")
         raise UserError(f"{asked} is below the checkpoint's step {state.step}: that run is "
                         f"further already; resume with --max_steps {state.step} or more")
     return max_steps
 
 
-def check_before_start(args, runtime: Runtime):
-    """What the flags and the data folder alone refuse, refused before anything slow: building
-    the model, reading a checkpoint, trying micro-batches on the GPU (--batch_size auto)."""
-    data_files(args.data_dir)
-    if args.val_tokens < args.seq_len:
-        raise UserError(f"--val_tokens {args.val_tokens} < --seq_len {args.seq_len}: not one "
-                        f"validation sequence")
-    # the step must split into micro-batches: at --batch_size auto, at least into ones of 1
-    smallest = 1 if args.batch_size == "auto" else args.batch_size
-    accumulation_steps(argparse.Namespace(**{**vars(args), "batch_size": smallest}),
-                       runtime.world_size)
-
-
-def accumulation_steps(args, world_size: int) -> int:
-    """Micro-batches per optimizer step, for --total_batch_size tokens a step."""
-    B, T, W = args.batch_size, args.seq_len, world_size
-    if args.total_batch_size % (B * T * W):
-        fits = micro_batches_that_divide(args.total_batch_size, T, W)
+def accumulation_steps(total_batch_size: int, B: int, T: int, W: int) -> int:
+    """Micro-batches per optimizer step, for --total_batch_size tokens a step, B sequences of
+    T tokens a micro-batch, W processes."""
+    if total_batch_size % (B * T * W):
+        fits = micro_batches_that_divide(total_batch_size, T, W)
         hint = (f"--batch_size {max(b for b in fits if b <= B) if min(fits) <= B else min(fits)} "
                 f"divides it (or --batch_size auto)" if fits else
                 f"--total_batch_size must be a multiple of seq_len * world_size = {T * W}")
-        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by "
+        raise UserError(f"--total_batch_size {total_batch_size} is not divisible by "
                         f"batch_size * seq_len * world_size = {B} * {T} * {W} = {B * T * W}: "
                         f"{hint}")
-    return args.total_batch_size // (B * T * W)
+    return total_batch_size // (B * T * W)
 
 
 def micro_batches_that_divide(total_batch_size: int, seq_len: int, world_size: int) -> list[int]:
@@ -489,38 +476,42 @@ class Evaluation:
     key: str
     label: str | None
     every: str
-    load: Callable  # (args, runtime) -> its data, or None
-    score: Callable  # (model, data, args, runtime, stop) -> what the event gets
+    load: Callable  # (cfg, runtime) -> its data, or None
+    score: Callable  # (model, data, cfg, runtime, stop) -> what the event gets
 
 
-def load_evaluations(evaluations: list[Evaluation], args, runtime: Runtime) -> list[tuple]:
+def load_evaluations(evaluations: list[Evaluation], cfg: TrainConfig,
+                     runtime: Runtime) -> list[tuple]:
     """Each evaluation with its data (None: it does not run)."""
-    return [(evaluation, evaluation.load(args, runtime)) for evaluation in evaluations]
+    return [(evaluation, evaluation.load(cfg, runtime)) for evaluation in evaluations]
 
 
-def load_hellaswag(args, runtime: Runtime):
+def load_hellaswag(cfg: TrainConfig, runtime: Runtime):
     """HellaSwag's val examples for the training hook (None without it)."""
-    return evaluation_data("HellaSwag", "--hellaswag_every", args.hellaswag_every, runtime,
-                           lambda: hellaswag.load_examples(file=args.hellaswag_file,
-                                                           limit=args.hellaswag_limit or None))
+    logs = cfg.logs
+    return evaluation_data("HellaSwag", "--hellaswag_every", cfg.recipe.hellaswag_every, runtime,
+                           lambda: hellaswag.load_examples(file=logs.hellaswag_file,
+                                                           limit=logs.hellaswag_limit or None))
 
 
-def hellaswag_score(model: GPT, examples, args, runtime: Runtime, stop: StopSignals) -> dict:
+def hellaswag_score(model: GPT, examples, cfg: TrainConfig, runtime: Runtime,
+                    stop: StopSignals) -> dict:
     """HellaSwag's acc_norm; each rank scores its share."""
     return dict(hellaswag=hellaswag.evaluate(model, examples, runtime.device, rank=runtime.rank,
                                              world_size=runtime.world_size,
                                              autocast_dtype=runtime.dtype)["acc_norm"])
 
 
-def load_core(args, runtime: Runtime) -> list | None:
+def load_core(cfg: TrainConfig, runtime: Runtime) -> list | None:
     """CORE's tasks for the training hook (core.py; None without it)."""
     def load():
         import core  # only when CORE is asked for
-        return core.load_tasks(args.core_bundle, max_per_task=args.core_max_per_task or None)
-    return evaluation_data("CORE", "--core_every", args.core_every, runtime, load)
+        logs = cfg.logs
+        return core.load_tasks(logs.core_bundle, max_per_task=logs.core_max_per_task or None)
+    return evaluation_data("CORE", "--core_every", cfg.recipe.core_every, runtime, load)
 
 
-def core_score(model: GPT, tasks, args, runtime: Runtime, stop: StopSignals) -> dict:
+def core_score(model: GPT, tasks, cfg: TrainConfig, runtime: Runtime, stop: StopSignals) -> dict:
     """CORE and each task's centered accuracy, every rank scoring its share."""
     import core
     result = core.evaluate(model, tasks, runtime.device, rank=runtime.rank,
@@ -570,36 +561,38 @@ class Dashboards:
     """The run's --tensorboard and --wandb mirrors of log.jsonl (none but on rank 0); `step`:
     the step the run starts at."""
 
-    def __init__(self, args, runtime: Runtime, step: int):
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, step: int):
         self.tensorboard = self.wandb = self.wandb_table = None
         if not runtime.is_main:
             return
-        if args.tensorboard:
+        logs = cfg.logs
+        if logs.tensorboard:
             dashboard_package("--tensorboard", "tensorboard")  # torch's writer needs it
             from torch.utils.tensorboard import SummaryWriter
             try:
-                self.tensorboard = SummaryWriter(args.tensorboard, purge_step=step)
+                self.tensorboard = SummaryWriter(logs.tensorboard, purge_step=step)
             except OSError as e:
-                raise UserError(f"--tensorboard {args.tensorboard}: cannot write there "
+                raise UserError(f"--tensorboard {logs.tensorboard}: cannot write there "
                                 f"({e.strerror or e})") from None
-            resumed_log = Path(args.log_dir) / "log.jsonl" if step else None
-            for event in read_events(args.log_dir) if resumed_log and resumed_log.exists() else []:
+            resumed_log = Path(logs.log_dir) / "log.jsonl" if step else None
+            for event in read_events(logs.log_dir) if resumed_log and resumed_log.exists() else []:
                 if event["step"] == step:
                     self.to_tensorboard(event)  # what purge_step hid and log.jsonl kept
-        if args.wandb:
+        if logs.wandb:
             wandb = dashboard_package("--wandb", "wandb")
-            self.wandb, self.wandb_table = self.start_wandb(wandb, args, step), wandb.Table
+            self.wandb, self.wandb_table = self.start_wandb(wandb, cfg, step), wandb.Table
 
     @staticmethod
-    def start_wandb(wandb, args, step: int):
-        id_file = Path(args.log_dir) / "wandb_run_id"
+    def start_wandb(wandb, cfg: TrainConfig, step: int):
+        logs = cfg.logs
+        id_file = Path(logs.log_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if step and id_file.exists() else None
         try:
-            run = wandb.init(project=args.wandb, config=vars(args), id=run_id,
+            run = wandb.init(project=logs.wandb, config=cfg.flags(), id=run_id,
                              resume="allow" if run_id else None,
-                             dir=os.environ.get("WANDB_DIR", args.log_dir))  # beside the log
+                             dir=os.environ.get("WANDB_DIR", logs.log_dir))  # beside the log
         except wandb.Error as e:
-            raise UserError(f"--wandb {args.wandb}: {e} (or WANDB_MODE=offline)") from None
+            raise UserError(f"--wandb {logs.wandb}: {e} (or WANDB_MODE=offline)") from None
         with atomic_write(id_file) as f:
             f.write(run.id.encode())
         return run
