@@ -1304,6 +1304,7 @@ def validate(cfg: TrainConfig):
                                 r.seq_len, world_size)
     parallel.check_machine_flags(cfg.machine, r.batch_size)  # --fsdp's needs
     muon.muon_settings(cfg.optimizer)  # --optimizer muon's torch
+    training.check_dashboard_packages(cfg.logs)  # --tensorboard's and --wandb's packages
 
 
 def finetune_model(source: GPT, block_size: int | None, pad_vocab_to_multiple_of: int,

@@ -550,6 +550,14 @@ def evaluation_data(name: str, flag: str, every: int, runtime: Runtime, load):
 # numbers, since resume is exact.
 
 
+def check_dashboard_packages(logs: LogsConfig):
+    """A dashboard's flag without its package: one line, from gpt2.validate."""
+    for flag, name, wanted in (("--tensorboard", "tensorboard", logs.tensorboard),
+                               ("--wandb", "wandb", logs.wandb)):
+        if wanted:
+            dashboard_package(flag, name)
+
+
 def dashboard_package(flag: str, name: str):
     try:
         return importlib.import_module(name)
