@@ -10,7 +10,7 @@ follow, and the machinery a first reader can skip lives in files named by what t
                          all over the data, each once per epoch, for any number of processes.
     5. The machine       what torchrun gives each process, device and precision, DDP, FSDP.
     6. Optimization      AdamW's parameter groups, Muon for the blocks' matrices, the schedule.
-    7. Evaluation        validation loss over a fixed token budget, samples, HellaSwag.
+    7. Evaluation        validation loss over a fixed token budget, samples, HellaSwag, CORE.
     8. Checkpoints       what the training state holds, and exact resume.
     9. Training          the recipe (every hyperparameter, its default and why), then the loop.
     A. Speed tricks for one device: the CPU's chunked loss, the fast sampler, a batch-1 lm_head.
